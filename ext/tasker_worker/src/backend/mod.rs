@@ -1,0 +1,45 @@
+//! Where tasks and steps live. The engine loop is the same for every backend.
+
+pub mod memory;
+
+use crate::error::EngineResult;
+use crate::events::{AttemptOutcome, InFlight, StepExecutionEvent, TaskSnapshot};
+use crate::template::TaskTemplate;
+use crossbeam_channel::Sender;
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::Instant;
+use uuid::Uuid;
+
+pub type SnapshotReply = Sender<EngineResult<TaskSnapshot>>;
+
+/// Storage and scheduling of tasks. Every method runs on the engine thread.
+#[allow(async_fn_in_trait)]
+pub trait Backend: Send + 'static {
+    /// Connect, migrate, load: everything that can fail before the worker is "running".
+    async fn start(&mut self) -> EngineResult<()>;
+
+    async fn create_task(&mut self, template: Arc<TaskTemplate>, context: Value) -> EngineResult<Uuid>;
+
+    async fn task_status(&mut self, task_uuid: Uuid) -> EngineResult<TaskSnapshot>;
+
+    /// Answer `reply` when the task finishes (at once if it already has).
+    async fn wait_for_task(&mut self, task_uuid: Uuid, reply: SnapshotReply);
+
+    /// Up to `max` ready attempts, already marked in progress (attempts counted).
+    async fn claim(&mut self, max: usize, now: Instant) -> EngineResult<Vec<(StepExecutionEvent, InFlight)>>;
+
+    /// Record attempts that ended: results, retries with backoff, successors, task completion.
+    async fn record(&mut self, outcomes: Vec<(InFlight, AttemptOutcome)>, now: Instant) -> EngineResult<()>;
+
+    /// Attempts dispatched but never taken by a Ruby thread (shutdown): make them ready again.
+    async fn release(&mut self, unstarted: Vec<InFlight>);
+
+    /// When `claim` may find new work without any message arriving (a retry falls due, a poll).
+    fn next_wakeup(&self) -> Option<Instant>;
+
+    /// Connection pool (size, idle); (0, 0) without a database.
+    fn pool_stats(&self) -> (u32, u32) {
+        (0, 0)
+    }
+}

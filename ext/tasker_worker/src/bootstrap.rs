@@ -1,0 +1,286 @@
+//! Starting and stopping the worker system. `WorkerBootstrap::start` spawns the engine thread
+//! (which owns the tokio runtime and the backend) and returns a handle at once; the caller
+//! waits on [`WorkerSystemHandle::started`] and [`WorkerSystemHandle::stopped`] however
+//! suits it (the Ruby bridge waits with the GVL released).
+
+use crate::backend::memory::MemoryBackend;
+use crate::backend::Backend;
+use crate::config::{BackendKind, WorkerConfig};
+use crate::dispatch::{self, DispatchPort, InFlightRegistry};
+use crate::engine::{Engine, EngineMessage};
+use crate::error::{EngineError, EngineResult};
+use crate::events::{StepExecutionCompletionEvent, TaskSnapshot};
+use crate::status::{Shared, WorkerState, WorkerSystemStatus};
+use crate::template::{TaskTemplate, TemplateRegistry};
+use crossbeam_channel::Receiver;
+use serde_json::Value;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
+use tracing::warn;
+use uuid::Uuid;
+
+pub struct WorkerBootstrap;
+
+impl WorkerBootstrap {
+    /// Validate templates and namespaces, then start the engine thread.
+    pub fn start(config: WorkerConfig) -> EngineResult<WorkerSystemHandle> {
+        if let Some(level) = config.log_level {
+            crate::logging::set_level(level);
+        }
+        let templates = Arc::new(TemplateRegistry::load(&config.templates)?);
+        let namespaces = match &config.namespaces {
+            Some(list) => {
+                if config.backend == BackendKind::Memory {
+                    let known = templates.namespaces();
+                    if let Some(missing) = list.iter().find(|n| !known.contains(n)) {
+                        return Err(EngineError::config(format!(
+                            "namespaces: no template in namespace {missing:?} (templates loaded: {})",
+                            templates.describe_known()
+                        )));
+                    }
+                }
+                list.clone()
+            }
+            None => templates.namespaces(),
+        };
+        let shared = Arc::new(Shared::new(
+            config.worker_id.clone(),
+            config.environment.clone(),
+            config.backend,
+            config.deployment_mode,
+            config.concurrency,
+            namespaces,
+        ));
+        match config.backend {
+            BackendKind::Memory => {
+                let backend = MemoryBackend::new(config.task_retention);
+                Self::spawn(backend, config, templates, shared)
+            }
+            BackendKind::Postgres => Err(EngineError::Bootstrap(
+                "backend \"postgres\" is not available in this build yet".into(),
+            )),
+        }
+    }
+
+    fn spawn<B: Backend>(
+        backend: B,
+        config: WorkerConfig,
+        templates: Arc<TemplateRegistry>,
+        shared: Arc<Shared>,
+    ) -> EngineResult<WorkerSystemHandle> {
+        // Room for every handler thread to find its next step waiting, and no more: steps
+        // stay in the backend (ordered, recallable) until a thread is about to need them.
+        let capacity = config.concurrency * 2;
+        let (dispatch_tx, dispatch_rx) = dispatch::channel(capacity);
+        let (closed_tx, closed_rx) = crossbeam_channel::bounded::<()>(0);
+        let (started_tx, started_rx) = crossbeam_channel::bounded(1);
+        let (inbox_tx, inbox_rx) = unbounded_channel();
+        let registry = Arc::new(InFlightRegistry::default());
+        let engine = Engine {
+            backend,
+            shared: Arc::clone(&shared),
+            registry: Arc::clone(&registry),
+            inbox: inbox_rx,
+            dispatch: dispatch_tx,
+            recall: dispatch_rx.clone(),
+            dispatch_capacity: capacity,
+            shutdown_timeout: config.shutdown_timeout,
+            closed: Some(closed_tx),
+        };
+        let needs_io = config.backend != BackendKind::Memory;
+        let thread_shared = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("tasker-engine".into())
+            .spawn(move || {
+                let mut builder = tokio::runtime::Builder::new_current_thread();
+                builder.enable_time();
+                if needs_io {
+                    builder.enable_io();
+                }
+                let runtime = match builder.build() {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        thread_shared.set_state(WorkerState::Error);
+                        let _ = started_tx.send(Err(EngineError::Bootstrap(format!("cannot start tokio runtime: {e}"))));
+                        return;
+                    }
+                };
+                let run = std::panic::AssertUnwindSafe(|| runtime.block_on(engine.run(started_tx)));
+                if std::panic::catch_unwind(run).is_err() {
+                    thread_shared.set_state(WorkerState::Error);
+                    tracing::error!("the engine thread panicked; the worker is in state error");
+                }
+            })
+            .map_err(|e| EngineError::Bootstrap(format!("cannot spawn the engine thread: {e}")))?;
+
+        Ok(WorkerSystemHandle {
+            shared,
+            inbox: inbox_tx,
+            port: DispatchPort::new(dispatch_rx, closed_rx.clone()),
+            registry,
+            templates,
+            started: started_rx,
+            stopped: closed_rx,
+            thread: Some(thread),
+            pid: std::process::id(),
+        })
+    }
+}
+
+/// What happened to a completion handed to [`WorkerSystemHandle::complete`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum CompletionVerdict {
+    Accepted,
+    /// Unknown, late (timed out, worker stopped) or already completed: nothing changed.
+    Refused(String),
+}
+
+pub struct WorkerSystemHandle {
+    shared: Arc<Shared>,
+    inbox: UnboundedSender<EngineMessage>,
+    port: DispatchPort,
+    registry: Arc<InFlightRegistry>,
+    templates: Arc<TemplateRegistry>,
+    started: Receiver<EngineResult<()>>,
+    stopped: Receiver<()>,
+    thread: Option<JoinHandle<()>>,
+    pid: u32,
+}
+
+impl WorkerSystemHandle {
+    /// Receives once: `Ok` when the engine runs, or why it could not start.
+    pub fn started(&self) -> &Receiver<EngineResult<()>> {
+        &self.started
+    }
+
+    /// Disconnects when the engine loop has ended.
+    pub fn stopped(&self) -> &Receiver<()> {
+        &self.stopped
+    }
+
+    /// The process that started this worker (a forked child must not use it).
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    pub fn is_running(&self) -> bool {
+        matches!(self.shared.state(), WorkerState::Running | WorkerState::ShuttingDown)
+    }
+
+    pub fn state(&self) -> WorkerState {
+        self.shared.state()
+    }
+
+    pub fn status(&self) -> WorkerSystemStatus {
+        self.shared.status()
+    }
+
+    pub fn port(&self) -> &DispatchPort {
+        &self.port
+    }
+
+    pub fn templates(&self) -> &TemplateRegistry {
+        &self.templates
+    }
+
+    fn send(&self, message: EngineMessage) -> EngineResult<()> {
+        self.inbox.send(message).map_err(|_| EngineError::NotInitialized)
+    }
+
+    /// Stop dispatching; in-flight steps finish and are recorded.
+    pub fn transition_to_graceful_shutdown(&self) -> EngineResult<()> {
+        self.send(EngineMessage::GracefulShutdown)
+    }
+
+    /// Ask the engine to drain and stop; wait on [`Self::stopped`], then call [`Self::join`].
+    pub fn request_stop(&self) {
+        let _ = self.send(EngineMessage::Stop);
+    }
+
+    /// Join the engine thread (immediate once [`Self::stopped`] has disconnected).
+    pub fn join(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                warn!("engine thread ended by panic");
+            }
+        }
+    }
+
+    /// Accept or refuse a completion without blocking (never waits for the engine).
+    pub fn complete(&self, completion: StepExecutionCompletionEvent) -> CompletionVerdict {
+        let event_id = completion.event_id;
+        let Some(flight) = self.registry.get(event_id) else {
+            return CompletionVerdict::Refused(format!(
+                "completion for unknown, late or already completed event {event_id}"
+            ));
+        };
+        if flight.task_uuid != completion.task_uuid || flight.step_uuid != completion.step_uuid {
+            return CompletionVerdict::Refused(format!(
+                "completion for event {event_id} names task {} / step {}, but the event belongs to task {} / step {}",
+                completion.task_uuid, completion.step_uuid, flight.task_uuid, flight.step_uuid
+            ));
+        }
+        let Some(flight) = self.registry.take(event_id) else {
+            return CompletionVerdict::Refused(format!("completion for event {event_id} arrived after its timeout"));
+        };
+        match self.send(EngineMessage::Completion(flight, Box::new(completion))) {
+            Ok(()) => CompletionVerdict::Accepted,
+            Err(_) => CompletionVerdict::Refused(format!("completion for event {event_id} arrived after the worker stopped")),
+        }
+    }
+
+    /// Look up the template now (so a bad name fails at once) and ask the engine to create the task.
+    pub fn request_create_task(
+        &self,
+        namespace: &str,
+        name: &str,
+        version: &str,
+        context: Value,
+    ) -> EngineResult<Receiver<EngineResult<Uuid>>> {
+        let template: Arc<TaskTemplate> = match self.templates.get(namespace, name, version) {
+            Some(t) => Arc::clone(t),
+            None => {
+                return Err(EngineError::config(format!(
+                    "unknown template {namespace}/{name}@{version} (known: {})",
+                    self.templates.describe_known()
+                )))
+            }
+        };
+        if !self.shared.namespaces.iter().any(|n| n == namespace) {
+            return Err(EngineError::config(format!(
+                "namespace {namespace:?} is not handled by this worker (namespaces: {:?})",
+                self.shared.namespaces
+            )));
+        }
+        if !context.is_object() {
+            return Err(EngineError::config("context: must be a Hash"));
+        }
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        self.send(EngineMessage::CreateTask { template, context, reply })?;
+        Ok(answer)
+    }
+
+    pub fn request_task_status(&self, task_uuid: Uuid) -> EngineResult<Receiver<EngineResult<TaskSnapshot>>> {
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        self.send(EngineMessage::TaskStatus { task_uuid, reply })?;
+        Ok(answer)
+    }
+
+    pub fn request_wait_for_task(&self, task_uuid: Uuid) -> EngineResult<Receiver<EngineResult<TaskSnapshot>>> {
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        self.send(EngineMessage::WaitForTask { task_uuid, reply })?;
+        Ok(answer)
+    }
+}
+
+impl Drop for WorkerSystemHandle {
+    fn drop(&mut self) {
+        // Never leave an engine thread behind: stop it and wait (bounded by shutdown_timeout).
+        if self.thread.is_some() && self.pid == std::process::id() {
+            self.request_stop();
+            let _ = self.stopped.recv();
+            self.join();
+        }
+    }
+}

@@ -1,0 +1,367 @@
+//! Worker configuration: parsed from the loosely typed map Ruby hands over, validated
+//! key by key so that every error names the key and the problem.
+
+use crate::error::{EngineError, EngineResult};
+use serde_json::{Map, Value};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    Memory,
+    Postgres,
+}
+
+impl BackendKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Memory => "memory",
+            Self::Postgres => "postgres",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeploymentMode {
+    EventDriven,
+    Polling,
+    Hybrid,
+}
+
+impl DeploymentMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::EventDriven => "EventDriven",
+            Self::Polling => "Polling",
+            Self::Hybrid => "Hybrid",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LogLevel {
+    Trace,
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+impl LogLevel {
+    pub fn parse(value: &str) -> Option<Self> {
+        Some(match value {
+            "trace" => Self::Trace,
+            "debug" => Self::Debug,
+            "info" => Self::Info,
+            "warn" => Self::Warn,
+            "error" => Self::Error,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Trace => "trace",
+            Self::Debug => "debug",
+            Self::Info => "info",
+            Self::Warn => "warn",
+            Self::Error => "error",
+        }
+    }
+}
+
+/// Every key `bootstrap_worker` accepts. Anything else is rejected by name.
+pub const CONFIG_KEYS: &[&str] = &[
+    "worker_id",
+    "namespaces",
+    "backend",
+    "database_url",
+    "deployment_mode",
+    "concurrency",
+    "templates",
+    "log_level",
+    "enable_web_api",
+    "event_driven_enabled",
+    "environment",
+    "poll_interval",
+    "shutdown_timeout",
+    "task_retention",
+    "database_pool_size",
+];
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub worker_id: String,
+    /// `None`: every namespace that has a template.
+    pub namespaces: Option<Vec<String>>,
+    pub backend: BackendKind,
+    pub database_url: Option<String>,
+    pub deployment_mode: DeploymentMode,
+    /// Number of Ruby handler threads; also sizes the dispatch buffer.
+    pub concurrency: usize,
+    pub templates: Vec<PathBuf>,
+    pub log_level: Option<LogLevel>,
+    pub event_driven_enabled: bool,
+    pub environment: String,
+    /// How often the postgres backend claims without a notification (Polling and Hybrid).
+    pub poll_interval: Duration,
+    /// How long a stop waits for in-flight steps before giving up on them.
+    pub shutdown_timeout: Duration,
+    /// Finished tasks kept for `task_status` (memory backend); older ones are forgotten.
+    pub task_retention: usize,
+    pub database_pool_size: u32,
+}
+
+impl WorkerConfig {
+    /// Parse and validate. `env` looks up environment variables (injected so tests stay hermetic).
+    pub fn from_map(map: &Map<String, Value>, env: impl Fn(&str) -> Option<String>) -> EngineResult<Self> {
+        if let Some(unknown) = map.keys().find(|k| !CONFIG_KEYS.contains(&k.as_str())) {
+            return Err(EngineError::config(format!(
+                "unknown config key `{unknown}` (known keys: {})",
+                CONFIG_KEYS.join(", ")
+            )));
+        }
+        let get = |key: &str| map.get(key).filter(|v| !v.is_null());
+
+        let worker_id = match get("worker_id") {
+            Some(v) => non_empty_string("worker_id", v)?,
+            None => format!("worker-{}", uuid::Uuid::new_v4()),
+        };
+        let namespaces = get("namespaces").map(|v| string_list("namespaces", v)).transpose()?;
+        let backend = match get("backend").map(|v| string("backend", v)).transpose()?.as_deref() {
+            None | Some("memory") => BackendKind::Memory,
+            Some("postgres") => BackendKind::Postgres,
+            Some(other) => return Err(bad_value("backend", other, "\"memory\" or \"postgres\"")),
+        };
+        let database_url = match get("database_url") {
+            Some(v) => Some(non_empty_string("database_url", v)?),
+            None => env("DATABASE_URL").filter(|s| !s.is_empty()),
+        };
+        let deployment_mode = match get("deployment_mode").map(|v| string("deployment_mode", v)).transpose()?.as_deref() {
+            None | Some("Hybrid") => DeploymentMode::Hybrid,
+            Some("EventDriven") => DeploymentMode::EventDriven,
+            Some("Polling") => DeploymentMode::Polling,
+            Some(other) => {
+                return Err(bad_value("deployment_mode", other, "\"Hybrid\", \"EventDriven\" or \"Polling\""))
+            }
+        };
+        let concurrency = match get("concurrency") {
+            Some(v) => integer_in("concurrency", v, 1, 1024)? as usize,
+            None => 4,
+        };
+        let templates = match get("templates") {
+            Some(v) => path_list("templates", v)?,
+            None => env("TASKER_TEMPLATE_PATH")
+                .map(|s| std::env::split_paths(&s).filter(|p| !p.as_os_str().is_empty()).collect())
+                .unwrap_or_default(),
+        };
+        let log_level = match get("log_level") {
+            Some(v) => {
+                let s = string("log_level", v)?;
+                Some(LogLevel::parse(&s).ok_or_else(|| bad_value("log_level", &s, "trace, debug, info, warn or error"))?)
+            }
+            None => None,
+        };
+        if let Some(v) = get("enable_web_api") {
+            if boolean("enable_web_api", v)? {
+                return Err(EngineError::config(
+                    "enable_web_api: true is not supported: tasker_core has no web API yet (use worker_status)",
+                ));
+            }
+        }
+        let event_driven_enabled = match get("event_driven_enabled") {
+            Some(v) => boolean("event_driven_enabled", v)?,
+            None => deployment_mode != DeploymentMode::Polling,
+        };
+        if !event_driven_enabled && deployment_mode == DeploymentMode::EventDriven {
+            return Err(EngineError::config(
+                "event_driven_enabled: false contradicts deployment_mode: \"EventDriven\"",
+            ));
+        }
+        if event_driven_enabled && deployment_mode == DeploymentMode::Polling && get("event_driven_enabled").is_some() {
+            return Err(EngineError::config(
+                "event_driven_enabled: true contradicts deployment_mode: \"Polling\"",
+            ));
+        }
+        let environment = match get("environment") {
+            Some(v) => non_empty_string("environment", v)?,
+            None => ["TASKER_ENV", "RAILS_ENV", "RACK_ENV"]
+                .iter()
+                .find_map(|k| env(k).filter(|s| !s.is_empty()))
+                .unwrap_or_else(|| "development".to_string()),
+        };
+        let poll_interval = match get("poll_interval") {
+            Some(v) => seconds_in("poll_interval", v, 0.001, 3600.0)?,
+            None => Duration::from_millis(500),
+        };
+        let shutdown_timeout = match get("shutdown_timeout") {
+            Some(v) => seconds_in("shutdown_timeout", v, 0.0, 86_400.0)?,
+            None => Duration::from_secs(30),
+        };
+        let task_retention = match get("task_retention") {
+            Some(v) => integer_in("task_retention", v, 0, 100_000_000)? as usize,
+            None => 10_000,
+        };
+        let database_pool_size = match get("database_pool_size") {
+            Some(v) => integer_in("database_pool_size", v, 1, 1000)? as u32,
+            None => 8,
+        };
+
+        if backend == BackendKind::Memory {
+            if get("database_url").is_some() {
+                return Err(EngineError::config(
+                    "database_url is set but backend is \"memory\": add backend: \"postgres\" to use the database",
+                ));
+            }
+            if deployment_mode != DeploymentMode::Hybrid {
+                return Err(EngineError::config(format!(
+                    "deployment_mode: {:?} applies to the postgres backend only (the memory backend always dispatches \
+                     on events)",
+                    deployment_mode.as_str()
+                )));
+            }
+        }
+        if backend == BackendKind::Postgres && database_url.is_none() {
+            return Err(EngineError::config(
+                "database_url: required with backend: \"postgres\" (or set DATABASE_URL)",
+            ));
+        }
+
+        Ok(Self {
+            worker_id,
+            namespaces,
+            backend,
+            database_url: if backend == BackendKind::Postgres { database_url } else { None },
+            deployment_mode,
+            concurrency,
+            templates,
+            log_level,
+            event_driven_enabled,
+            environment,
+            poll_interval,
+            shutdown_timeout,
+            task_retention,
+            database_pool_size,
+        })
+    }
+}
+
+fn bad_value(key: &str, got: &str, expected: &str) -> EngineError {
+    EngineError::config(format!("{key}: invalid value {got:?} (expected {expected})"))
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "nil",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "hash",
+    }
+}
+
+fn string(key: &str, v: &Value) -> EngineResult<String> {
+    v.as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| EngineError::config(format!("{key}: expected a string, got a {}", type_name(v))))
+}
+
+fn non_empty_string(key: &str, v: &Value) -> EngineResult<String> {
+    let s = string(key, v)?;
+    if s.trim().is_empty() {
+        return Err(EngineError::config(format!("{key}: must not be empty")));
+    }
+    Ok(s)
+}
+
+fn boolean(key: &str, v: &Value) -> EngineResult<bool> {
+    v.as_bool()
+        .ok_or_else(|| EngineError::config(format!("{key}: expected true or false, got a {}", type_name(v))))
+}
+
+fn integer_in(key: &str, v: &Value, min: i64, max: i64) -> EngineResult<i64> {
+    let n = v
+        .as_i64()
+        .ok_or_else(|| EngineError::config(format!("{key}: expected an integer, got {v}")))?;
+    if n < min || n > max {
+        return Err(EngineError::config(format!("{key}: {n} is out of range ({min}..={max})")));
+    }
+    Ok(n)
+}
+
+fn seconds_in(key: &str, v: &Value, min: f64, max: f64) -> EngineResult<Duration> {
+    let n = v
+        .as_f64()
+        .ok_or_else(|| EngineError::config(format!("{key}: expected a number of seconds, got {v}")))?;
+    if !(min..=max).contains(&n) {
+        return Err(EngineError::config(format!("{key}: {n} seconds is out of range ({min}..={max})")));
+    }
+    Ok(Duration::from_secs_f64(n))
+}
+
+fn string_list(key: &str, v: &Value) -> EngineResult<Vec<String>> {
+    match v {
+        Value::String(s) => Ok(vec![s.clone()]),
+        Value::Array(items) => items.iter().map(|item| non_empty_string(key, item)).collect(),
+        other => Err(EngineError::config(format!(
+            "{key}: expected a string or an array of strings, got a {}",
+            type_name(other)
+        ))),
+    }
+}
+
+fn path_list(key: &str, v: &Value) -> EngineResult<Vec<PathBuf>> {
+    Ok(string_list(key, v)?.into_iter().map(PathBuf::from).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(v: Value) -> EngineResult<WorkerConfig> {
+        WorkerConfig::from_map(v.as_object().unwrap(), |_| None)
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(json!({})).unwrap();
+        assert_eq!(c.backend, BackendKind::Memory);
+        assert_eq!(c.deployment_mode, DeploymentMode::Hybrid);
+        assert_eq!(c.concurrency, 4);
+        assert_eq!(c.environment, "development");
+        assert!(c.worker_id.starts_with("worker-"));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = parse(json!({"colour": "red"})).unwrap_err().to_string();
+        assert!(err.contains("unknown config key `colour`"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        for (cfg, needle) in [
+            (json!({"log_level": "loud"}), "log_level"),
+            (json!({"concurrency": 0}), "concurrency"),
+            (json!({"concurrency": "4"}), "concurrency"),
+            (json!({"backend": "redis"}), "backend"),
+            (json!({"deployment_mode": "Sometimes"}), "deployment_mode"),
+            (json!({"backend": "postgres"}), "database_url"),
+            (json!({"enable_web_api": true}), "enable_web_api"),
+        ] {
+            let err = parse(cfg.clone()).unwrap_err();
+            assert!(matches!(err, EngineError::Configuration(_)));
+            assert!(err.to_string().starts_with(needle), "{cfg}: {err}");
+        }
+    }
+
+    #[test]
+    fn environment_falls_back_through_env_vars() {
+        let c = WorkerConfig::from_map(&Map::new(), |k| (k == "RACK_ENV").then(|| "staging".into())).unwrap();
+        assert_eq!(c.environment, "staging");
+        let c = WorkerConfig::from_map(&Map::new(), |k| (k != "RACK_ENV").then(|| format!("from-{k}"))).unwrap();
+        assert_eq!(c.environment, "from-TASKER_ENV");
+    }
+}

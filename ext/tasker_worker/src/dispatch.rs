@@ -1,0 +1,162 @@
+//! The hand-off between the engine and the Ruby handler threads.
+//!
+//! The engine pushes ready attempts into a small bounded channel; Ruby threads take them
+//! (the bridge waits with the GVL released). Every dispatched attempt is recorded in the
+//! [`InFlightRegistry`], a lock-free map, so that a completion can be accepted or refused
+//! on the Ruby thread without a lock and without a round trip to the engine.
+
+use crate::events::{InFlight, StepExecutionEvent};
+use crossbeam_channel::{Receiver, Select, Sender, TryRecvError};
+use crossbeam_skiplist::SkipMap;
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+/// Attempts handed out and not yet completed or timed out, keyed by event id.
+#[derive(Default)]
+pub struct InFlightRegistry {
+    entries: SkipMap<u128, InFlight>,
+}
+
+impl InFlightRegistry {
+    pub fn insert(&self, event_id: Uuid, entry: InFlight) {
+        self.entries.insert(event_id.as_u128(), entry);
+    }
+
+    pub fn get(&self, event_id: Uuid) -> Option<InFlight> {
+        self.entries.get(&event_id.as_u128()).map(|e| e.value().clone())
+    }
+
+    /// Exactly one caller wins the removal of an entry (completion vs timeout vs recall).
+    pub fn take(&self, event_id: Uuid) -> Option<InFlight> {
+        self.entries.remove(&event_id.as_u128()).map(|e| e.value().clone())
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Event ids whose deadline has passed, and the earliest deadline still pending.
+    pub fn expired(&self, now: Instant) -> (Vec<Uuid>, Option<Instant>) {
+        let mut expired = Vec::new();
+        let mut next: Option<Instant> = None;
+        for entry in self.entries.iter() {
+            let deadline = entry.value().deadline;
+            if deadline <= now {
+                expired.push(Uuid::from_u128(*entry.key()));
+            } else {
+                next = Some(next.map_or(deadline, |n| n.min(deadline)));
+            }
+        }
+        (expired, next)
+    }
+}
+
+/// What a waiting Ruby thread gets back.
+#[derive(Debug)]
+pub enum Take {
+    Event(Box<StepExecutionEvent>),
+    /// The wait was cut short (interrupt, `Thread#wakeup`, signal) or timed out: nothing taken.
+    Nothing,
+    /// The worker is stopping: the thread should leave its loop.
+    Closed,
+}
+
+/// The receiving side, cloned into the bridge. `closed` disconnects when the worker stops.
+#[derive(Clone)]
+pub struct DispatchPort {
+    events: Receiver<StepExecutionEvent>,
+    closed: Receiver<()>,
+}
+
+impl DispatchPort {
+    pub(crate) fn new(events: Receiver<StepExecutionEvent>, closed: Receiver<()>) -> Self {
+        Self { events, closed }
+    }
+
+    /// Take an event already queued, without blocking.
+    pub fn try_take(&self) -> Take {
+        match self.events.try_recv() {
+            Ok(event) => Take::Event(Box::new(event)),
+            Err(TryRecvError::Empty) if self.is_closed() => Take::Closed,
+            Err(TryRecvError::Empty) => Take::Nothing,
+            Err(TryRecvError::Disconnected) => Take::Closed,
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        matches!(self.closed.try_recv(), Err(TryRecvError::Disconnected))
+    }
+
+    /// Block until an event arrives, the worker closes, `cancel` receives (an unblocking
+    /// function fired), or `timeout` passes.
+    pub fn take(&self, cancel: &Receiver<()>, timeout: Option<Duration>) -> Take {
+        let mut select = Select::new();
+        let events = select.recv(&self.events);
+        let closed = select.recv(&self.closed);
+        let cancelled = select.recv(cancel);
+        let op = match timeout {
+            Some(t) => match select.select_timeout(t) {
+                Ok(op) => op,
+                Err(_) => return Take::Nothing,
+            },
+            None => select.select(),
+        };
+        match op.index() {
+            i if i == events => match op.recv(&self.events) {
+                Ok(event) => Take::Event(Box::new(event)),
+                Err(_) => Take::Closed,
+            },
+            i if i == closed => {
+                let _ = op.recv(&self.closed);
+                // Closing is a disconnect; anything still queued was recalled by the engine.
+                Take::Closed
+            }
+            i if i == cancelled => {
+                let _ = op.recv(cancel);
+                Take::Nothing
+            }
+            _ => unreachable!("select returned an operation that was not registered"),
+        }
+    }
+}
+
+/// Wait for a reply from the engine, interruptibly (used by the bridge with the GVL released).
+pub fn wait_reply<T>(reply: &Receiver<T>, cancel: &Receiver<()>, timeout: Option<Duration>) -> Reply<T> {
+    let mut select = Select::new();
+    let answer = select.recv(reply);
+    select.recv(cancel);
+    let op = match timeout {
+        Some(t) => match select.select_timeout(t) {
+            Ok(op) => op,
+            Err(_) => return Reply::TimedOut,
+        },
+        None => select.select(),
+    };
+    if op.index() == answer {
+        match op.recv(reply) {
+            Ok(value) => Reply::Value(value),
+            Err(_) => Reply::EngineGone,
+        }
+    } else {
+        let _ = op.recv(cancel);
+        Reply::Interrupted
+    }
+}
+
+#[derive(Debug)]
+pub enum Reply<T> {
+    Value(T),
+    Interrupted,
+    TimedOut,
+    /// The engine stopped before answering.
+    EngineGone,
+}
+
+pub(crate) fn channel(capacity: usize) -> (Sender<StepExecutionEvent>, Receiver<StepExecutionEvent>) {
+    crossbeam_channel::bounded(capacity)
+}
+

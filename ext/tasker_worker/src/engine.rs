@@ -1,0 +1,219 @@
+//! The engine loop: one task on the engine thread's tokio runtime. It owns the backend,
+//! feeds the dispatch channel, records completions and timeouts, and drives shutdown.
+
+use crate::backend::{Backend, SnapshotReply};
+use crate::dispatch::InFlightRegistry;
+use crate::error::{EngineError, EngineResult};
+use crate::events::{AttemptOutcome, InFlight, StepExecutionCompletionEvent, StepExecutionEvent};
+use crate::status::{Shared, WorkerState};
+use crate::template::TaskTemplate;
+use crossbeam_channel::{Receiver, Sender};
+use serde_json::Value;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::UnboundedReceiver;
+use tracing::{error, info, warn};
+use uuid::Uuid;
+
+/// Everything that reaches the engine thread, in the order it was sent.
+pub enum EngineMessage {
+    Completion(InFlight, Box<StepExecutionCompletionEvent>),
+    CreateTask { template: Arc<TaskTemplate>, context: Value, reply: Sender<EngineResult<Uuid>> },
+    TaskStatus { task_uuid: Uuid, reply: SnapshotReply },
+    WaitForTask { task_uuid: Uuid, reply: SnapshotReply },
+    GracefulShutdown,
+    Stop,
+}
+
+/// The most messages handled before the dispatch channel is refilled.
+const BATCH: usize = 256;
+
+pub(crate) struct Engine<B: Backend> {
+    pub backend: B,
+    pub shared: Arc<Shared>,
+    pub registry: Arc<InFlightRegistry>,
+    pub inbox: UnboundedReceiver<EngineMessage>,
+    pub dispatch: Sender<StepExecutionEvent>,
+    /// The engine's own handle on the dispatch channel: recalls untaken events at shutdown.
+    pub recall: Receiver<StepExecutionEvent>,
+    pub dispatch_capacity: usize,
+    pub shutdown_timeout: Duration,
+    /// Dropped when the loop ends: wakes every Ruby thread waiting for work.
+    pub closed: Option<Sender<()>>,
+}
+
+struct LoopState {
+    accepting: bool,
+    stop_by: Option<Instant>,
+    next_sweep: Option<Instant>,
+    outcomes: Vec<(InFlight, AttemptOutcome)>,
+}
+
+impl<B: Backend> Engine<B> {
+    pub async fn run(mut self, started: Sender<EngineResult<()>>) {
+        if let Err(e) = self.backend.start().await {
+            self.shared.set_state(WorkerState::Error);
+            let _ = started.send(Err(e));
+            return;
+        }
+        self.shared.set_state(WorkerState::Running);
+        self.shared.set_pool_stats(self.backend.pool_stats());
+        let _ = started.send(Ok(()));
+        info!(
+            worker_id = %self.shared.worker_id,
+            backend = self.shared.backend.as_str(),
+            "worker running"
+        );
+
+        let mut st = LoopState { accepting: true, stop_by: None, next_sweep: None, outcomes: Vec::new() };
+        loop {
+            let wake = [self.backend.next_wakeup(), st.next_sweep, st.stop_by].into_iter().flatten().min();
+            let first = match wake {
+                Some(at) => tokio::select! {
+                    m = self.inbox.recv() => m,
+                    _ = tokio::time::sleep_until(at.into()) => None,
+                },
+                None => self.inbox.recv().await,
+            };
+            if let Some(message) = first {
+                self.handle(message, &mut st).await;
+                for _ in 1..BATCH {
+                    match self.inbox.try_recv() {
+                        Ok(message) => self.handle(message, &mut st).await,
+                        Err(_) => break,
+                    }
+                }
+            }
+            self.sweep_timeouts(&mut st);
+            self.flush(&mut st).await;
+            if st.accepting {
+                self.fill(&mut st).await;
+            }
+            if let Some(stop_by) = st.stop_by {
+                let in_flight = self.shared.in_flight.load(Ordering::Acquire);
+                if in_flight == 0 {
+                    break;
+                }
+                if Instant::now() >= stop_by {
+                    warn!(in_flight, "shutdown timeout reached with steps still running; they are abandoned");
+                    break;
+                }
+            }
+        }
+        self.shared.set_state(WorkerState::Stopped);
+        self.closed.take();
+        info!(worker_id = %self.shared.worker_id, "worker stopped");
+    }
+
+    async fn handle(&mut self, message: EngineMessage, st: &mut LoopState) {
+        match message {
+            EngineMessage::Completion(flight, completion) => {
+                st.outcomes.push((flight, AttemptOutcome::Completed(completion)));
+                return;
+            }
+            _ => self.flush(st).await,
+        }
+        match message {
+            EngineMessage::Completion(..) => unreachable!("handled above"),
+            EngineMessage::CreateTask { template, context, reply } => {
+                let result = if st.accepting {
+                    self.backend.create_task(template, context).await
+                } else {
+                    Err(EngineError::NotInitialized)
+                };
+                let _ = reply.try_send(result);
+            }
+            EngineMessage::TaskStatus { task_uuid, reply } => {
+                let _ = reply.try_send(self.backend.task_status(task_uuid).await);
+            }
+            EngineMessage::WaitForTask { task_uuid, reply } => self.backend.wait_for_task(task_uuid, reply).await,
+            EngineMessage::GracefulShutdown => self.begin_shutdown(st).await,
+            EngineMessage::Stop => {
+                self.begin_shutdown(st).await;
+                st.stop_by.get_or_insert(Instant::now() + self.shutdown_timeout);
+            }
+        }
+    }
+
+    /// Record the outcomes gathered so far, in one backend call.
+    async fn flush(&mut self, st: &mut LoopState) {
+        if st.outcomes.is_empty() {
+            return;
+        }
+        let outcomes = std::mem::take(&mut st.outcomes);
+        let ended = outcomes.len() as u64;
+        let failed = outcomes
+            .iter()
+            .filter(|(_, o)| !matches!(o, AttemptOutcome::Completed(c) if c.success))
+            .count() as u64;
+        if let Err(e) = self.backend.record(outcomes, Instant::now()).await {
+            error!(error = %e, "recording step outcomes failed");
+        }
+        self.shared.steps_processed.fetch_add(ended, Ordering::AcqRel);
+        self.shared.steps_failed.fetch_add(failed, Ordering::AcqRel);
+        self.shared.in_flight.fetch_sub(ended, Ordering::AcqRel);
+    }
+
+    fn sweep_timeouts(&mut self, st: &mut LoopState) {
+        let now = Instant::now();
+        if st.next_sweep.is_none_or(|at| at > now) {
+            return;
+        }
+        let (expired, next) = self.registry.expired(now);
+        st.next_sweep = next;
+        for event_id in expired {
+            if let Some(flight) = self.registry.take(event_id) {
+                warn!(%event_id, task_uuid = %flight.task_uuid, attempt = flight.attempt, "step attempt timed out");
+                st.outcomes.push((flight, AttemptOutcome::TimedOut));
+            }
+        }
+    }
+
+    /// Claim as many ready attempts as the dispatch channel has room for.
+    async fn fill(&mut self, st: &mut LoopState) {
+        let room = self.dispatch_capacity.saturating_sub(self.dispatch.len());
+        if room == 0 {
+            return;
+        }
+        let claimed = match self.backend.claim(room, Instant::now()).await {
+            Ok(claimed) => claimed,
+            Err(e) => {
+                error!(error = %e, "claiming ready steps failed");
+                return;
+            }
+        };
+        for (event, flight) in claimed {
+            st.next_sweep = Some(st.next_sweep.map_or(flight.deadline, |at| at.min(flight.deadline)));
+            self.registry.insert(event.event_id, flight);
+            self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
+            if let Err(e) = self.dispatch.try_send(event) {
+                // Only the engine sends, and it sent no more than the room it saw.
+                error!("dispatch channel refused an event: {e}");
+            }
+        }
+    }
+
+    /// Stop taking new work; attempts still queued for Ruby go back to the backend.
+    async fn begin_shutdown(&mut self, st: &mut LoopState) {
+        if !st.accepting {
+            return;
+        }
+        st.accepting = false;
+        self.shared.set_state(WorkerState::ShuttingDown);
+        let mut unstarted = Vec::new();
+        while let Ok(event) = self.recall.try_recv() {
+            if let Some(flight) = self.registry.take(event.event_id) {
+                unstarted.push(flight);
+            }
+        }
+        if !unstarted.is_empty() {
+            self.shared.in_flight.fetch_sub(unstarted.len() as u64, Ordering::AcqRel);
+            self.backend.release(unstarted).await;
+        }
+        info!(
+            in_flight = self.shared.in_flight.load(Ordering::Acquire),
+            "graceful shutdown: no new steps start, in-flight steps finish"
+        );
+    }
+}

@@ -1,0 +1,139 @@
+//! The data that crosses between the engine and the Ruby bridge: plain Rust, `Send`, no Ruby values.
+
+use crate::template::StepDefinition;
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+/// The task a step belongs to; shared by every event of the task.
+#[derive(Debug)]
+pub struct TaskInfo {
+    pub task_uuid: Uuid,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+    pub version: Arc<str>,
+    pub context: Arc<Value>,
+}
+
+/// One step attempt handed to a Ruby handler.
+#[derive(Debug, Clone)]
+pub struct StepExecutionEvent {
+    pub event_id: Uuid,
+    pub step_uuid: Uuid,
+    pub task: Arc<TaskInfo>,
+    pub definition: Arc<StepDefinition>,
+    /// The number of this attempt: 1 on the first run.
+    pub attempt: u32,
+    /// Each dependency's name and result.
+    pub dependency_results: Vec<(Arc<str>, Arc<Value>)>,
+}
+
+impl StepExecutionEvent {
+    pub fn task_uuid(&self) -> Uuid {
+        self.task.task_uuid
+    }
+}
+
+/// A completion as Ruby reports it (validated by the bridge).
+#[derive(Debug, Clone)]
+pub struct StepExecutionCompletionEvent {
+    pub event_id: Uuid,
+    pub task_uuid: Uuid,
+    pub step_uuid: Uuid,
+    pub success: bool,
+    pub result: Value,
+    pub metadata: Value,
+    pub error_message: Option<String>,
+    pub error_class: Option<String>,
+    /// Whether a failure may be retried (default true).
+    pub retryable: bool,
+    pub retry_after: Option<Duration>,
+    pub completed_at: Option<String>,
+}
+
+/// What the engine remembers about a dispatched attempt until its completion or timeout.
+#[derive(Debug, Clone)]
+pub struct InFlight {
+    pub task_uuid: Uuid,
+    pub step_uuid: Uuid,
+    /// Position of the step in its template (the memory backend's address for it).
+    pub step_index: usize,
+    pub attempt: u32,
+    pub deadline: Instant,
+    pub timeout: Duration,
+}
+
+/// Why an attempt ended without a handler's completion.
+#[derive(Debug, Clone)]
+pub enum AttemptOutcome {
+    Completed(Box<StepExecutionCompletionEvent>),
+    TimedOut,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskStatus {
+    Pending,
+    InProgress,
+    Complete,
+    Error,
+}
+
+impl TaskStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::InProgress => "in_progress",
+            Self::Complete => "complete",
+            Self::Error => "error",
+        }
+    }
+
+    pub fn is_finished(self) -> bool {
+        matches!(self, Self::Complete | Self::Error)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepStatus {
+    Pending,
+    Enqueued,
+    InProgress,
+    Complete,
+    Error,
+    WaitingForRetry,
+}
+
+impl StepStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Enqueued => "enqueued",
+            Self::InProgress => "in_progress",
+            Self::Complete => "complete",
+            Self::Error => "error",
+            Self::WaitingForRetry => "waiting_for_retry",
+        }
+    }
+}
+
+/// A task and all of its steps, as `task_status` reports them.
+#[derive(Debug, Clone)]
+pub struct TaskSnapshot {
+    pub task_uuid: Uuid,
+    pub namespace: String,
+    pub name: String,
+    pub version: String,
+    pub status: TaskStatus,
+    pub steps: Vec<StepSnapshot>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StepSnapshot {
+    pub step_uuid: Uuid,
+    pub name: String,
+    pub status: StepStatus,
+    pub attempts: u32,
+    pub result: Option<Arc<Value>>,
+    pub error_message: Option<String>,
+}

@@ -1,0 +1,23 @@
+//! `tasker_worker`: the workflow engine behind the `tasker_core` gem, in pure Rust.
+//!
+//! Templates (YAML DAGs) → tasks → ready steps → a dispatch channel that handler threads
+//! (Ruby, through the bridge crate) take from → completions → retries, successors, task
+//! completion. No Ruby here: `cargo test` exercises it all.
+
+pub mod backend;
+pub mod bootstrap;
+pub mod config;
+pub mod dispatch;
+mod engine;
+pub mod error;
+pub mod events;
+pub mod logging;
+pub mod status;
+pub mod template;
+
+pub use bootstrap::{CompletionVerdict, WorkerBootstrap, WorkerSystemHandle};
+pub use config::{BackendKind, DeploymentMode, LogLevel, WorkerConfig};
+pub use dispatch::{DispatchPort, Reply, Take};
+pub use error::{EngineError, EngineResult};
+pub use events::{StepExecutionCompletionEvent, StepExecutionEvent, TaskSnapshot};
+pub use status::{WorkerState, WorkerSystemStatus};

@@ -1,0 +1,137 @@
+//! Worker state and counters, shared lock-free between the engine thread and status readers.
+
+use crate::config::{BackendKind, DeploymentMode};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::time::Instant;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum WorkerState {
+    Starting = 0,
+    Running = 1,
+    ShuttingDown = 2,
+    Stopped = 3,
+    Error = 4,
+}
+
+impl WorkerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Running => "running",
+            Self::ShuttingDown => "shutting_down",
+            Self::Stopped => "stopped",
+            Self::Error => "error",
+        }
+    }
+
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => Self::Starting,
+            1 => Self::Running,
+            2 => Self::ShuttingDown,
+            3 => Self::Stopped,
+            _ => Self::Error,
+        }
+    }
+}
+
+pub struct Shared {
+    pub worker_id: String,
+    pub environment: String,
+    pub backend: BackendKind,
+    pub deployment_mode: DeploymentMode,
+    pub concurrency: usize,
+    pub namespaces: Vec<String>,
+    pub started_at: Instant,
+    state: AtomicU8,
+    /// Attempts that ended (completed, failed or timed out) and were recorded.
+    pub steps_processed: AtomicU64,
+    /// Of those, the ones that did not succeed (including attempts that were retried).
+    pub steps_failed: AtomicU64,
+    /// Attempts handed to Ruby (or queued for it) and not yet recorded.
+    pub in_flight: AtomicU64,
+    pool_size: AtomicU32,
+    pool_idle: AtomicU32,
+}
+
+impl Shared {
+    pub fn new(
+        worker_id: String,
+        environment: String,
+        backend: BackendKind,
+        deployment_mode: DeploymentMode,
+        concurrency: usize,
+        namespaces: Vec<String>,
+    ) -> Self {
+        Self {
+            worker_id,
+            environment,
+            backend,
+            deployment_mode,
+            concurrency,
+            namespaces,
+            started_at: Instant::now(),
+            state: AtomicU8::new(WorkerState::Starting as u8),
+            steps_processed: AtomicU64::new(0),
+            steps_failed: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            pool_size: AtomicU32::new(0),
+            pool_idle: AtomicU32::new(0),
+        }
+    }
+
+    pub fn state(&self) -> WorkerState {
+        WorkerState::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    pub fn set_state(&self, state: WorkerState) {
+        self.state.store(state as u8, Ordering::Release);
+    }
+
+    pub fn set_pool_stats(&self, (size, idle): (u32, u32)) {
+        self.pool_size.store(size, Ordering::Relaxed);
+        self.pool_idle.store(idle, Ordering::Relaxed);
+    }
+
+    pub fn status(&self) -> WorkerSystemStatus {
+        let state = self.state();
+        WorkerSystemStatus {
+            running: matches!(state, WorkerState::Running | WorkerState::ShuttingDown),
+            state,
+            worker_id: self.worker_id.clone(),
+            environment: self.environment.clone(),
+            backend: self.backend.as_str(),
+            deployment_mode: self.deployment_mode.as_str(),
+            concurrency: self.concurrency,
+            uptime_seconds: self.started_at.elapsed().as_secs_f64(),
+            steps_processed: self.steps_processed.load(Ordering::Acquire),
+            steps_failed: self.steps_failed.load(Ordering::Acquire),
+            steps_in_flight: self.in_flight.load(Ordering::Acquire),
+            supported_namespaces: self.namespaces.clone(),
+            web_api_enabled: false,
+            database_pool_size: self.pool_size.load(Ordering::Relaxed),
+            database_pool_idle: self.pool_idle.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// What `worker_status` reports.
+#[derive(Debug, Clone)]
+pub struct WorkerSystemStatus {
+    pub running: bool,
+    pub state: WorkerState,
+    pub worker_id: String,
+    pub environment: String,
+    pub backend: &'static str,
+    pub deployment_mode: &'static str,
+    pub concurrency: usize,
+    pub uptime_seconds: f64,
+    pub steps_processed: u64,
+    pub steps_failed: u64,
+    pub steps_in_flight: u64,
+    pub supported_namespaces: Vec<String>,
+    pub web_api_enabled: bool,
+    pub database_pool_size: u32,
+    pub database_pool_idle: u32,
+}
