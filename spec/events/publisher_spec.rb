@@ -387,7 +387,7 @@ RSpec.describe TaskerCore::Events::Publisher do
     end
 
     it "knows subscribed blocks" do
-      block = proc { nil }
+      block = proc {}
       publisher.subscribe("bridge.error", &block)
       expect(publisher.subscribed?(block)).to be(true)
     end
@@ -446,7 +446,7 @@ RSpec.describe TaskerCore::Events::Publisher do
       end
       publishing = Thread.new { publisher.publish("bridge.error") }
       entered.pop
-      extra = proc { nil }
+      extra = proc {}
       Timeout.timeout(5) { publisher.subscribe("step.completion.sent", &extra) }
       release << true
       Timeout.timeout(5) { publishing.value }
@@ -457,29 +457,31 @@ RSpec.describe TaskerCore::Events::Publisher do
   describe "concurrency" do
     let(:publishers) { 4 }
     let(:publishes_per_thread) { 2_000 }
+    let(:stop) { [false] } # shared flag the churners poll
+    let(:churn_cycles) { Queue.new }
 
-    it "delivers exactly once per publish to a stable subscriber while others churn" do
-      counter = Queue.new # thread-safe append; size is the delivery count
-      publisher.subscribe("step.execution.received") { |_event| counter << 1 }
-      stop = false
-      churn_cycles = Queue.new
-
-      churners = Array.new(3) do |i|
+    # Threads that keep subscribing and unsubscribing listener objects and blocks (some filtered).
+    def start_churners(count)
+      Array.new(count) do |i|
         Thread.new do
-          until stop
-            listener = listener_class.new
-            block = proc { |_event| Thread.pass }
-            publisher.subscribe(listener, i.even? ? {} : { step_uuid: [1, 2] })
-            publisher.subscribe("step.execution.received", &block)
-            Thread.pass
-            publisher.unsubscribe(listener)
-            publisher.unsubscribe(block)
-            churn_cycles << 1
-          end
+          churn(i.even? ? {} : { step_uuid: [1, 2] }) until stop.first
         end
       end
+    end
 
-      workers = Array.new(publishers) do |i|
+    def churn(filter)
+      listener = listener_class.new
+      block = proc { |_event| Thread.pass }
+      publisher.subscribe(listener, filter)
+      publisher.subscribe("step.execution.received", &block)
+      Thread.pass
+      publisher.unsubscribe(listener)
+      publisher.unsubscribe(block)
+      churn_cycles << 1
+    end
+
+    def start_publishers
+      Array.new(publishers) do |i|
         Thread.new do
           publishes_per_thread.times do |n|
             publisher.publish("step.execution.received", step_uuid: n % 3, thread: i)
@@ -487,9 +489,14 @@ RSpec.describe TaskerCore::Events::Publisher do
           end
         end
       end
+    end
 
-      Timeout.timeout(60) { workers.each(&:value) }
-      stop = true
+    it "delivers exactly once per publish to a stable subscriber while others churn" do
+      counter = Queue.new # thread-safe append; size is the delivery count
+      publisher.subscribe("step.execution.received") { |_event| counter << 1 }
+      churners = start_churners(3)
+      Timeout.timeout(60) { start_publishers.each(&:value) }
+      stop[0] = true
       Timeout.timeout(10) { churners.each(&:value) }
 
       expect(churn_cycles.size).to be > 10

@@ -1,1 +1,17 @@
-//! placeholder
+//! The magnus bridge: `TaskerCore::FFI`. Converts, maps errors, waits without the GVL.
+//! No workflow logic lives here; that is the `tasker_worker` crate.
+
+mod bridge;
+mod convert;
+mod errors;
+mod gvl;
+mod logging;
+
+use magnus::{Error, Ruby};
+
+#[magnus::init]
+fn init(ruby: &Ruby) -> Result<(), Error> {
+    let module = ruby.define_module("TaskerCore")?;
+    errors::define(ruby, module)?;
+    bridge::init(ruby, module)
+}

@@ -14,7 +14,7 @@ use crate::status::{Shared, WorkerState, WorkerSystemStatus};
 use crate::template::{TaskTemplate, TemplateRegistry};
 use crossbeam_channel::Receiver;
 use serde_json::Value;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 use tracing::warn;
@@ -122,7 +122,7 @@ impl WorkerBootstrap {
             templates,
             started: started_rx,
             stopped: closed_rx,
-            thread: Some(thread),
+            thread: Mutex::new(Some(thread)),
             pid: std::process::id(),
         })
     }
@@ -144,7 +144,7 @@ pub struct WorkerSystemHandle {
     templates: Arc<TemplateRegistry>,
     started: Receiver<EngineResult<()>>,
     stopped: Receiver<()>,
-    thread: Option<JoinHandle<()>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
     pid: u32,
 }
 
@@ -199,8 +199,9 @@ impl WorkerSystemHandle {
     }
 
     /// Join the engine thread (immediate once [`Self::stopped`] has disconnected).
-    pub fn join(&mut self) {
-        if let Some(thread) = self.thread.take() {
+    pub fn join(&self) {
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(thread) = thread {
             if thread.join().is_err() {
                 warn!("engine thread ended by panic");
             }
@@ -276,11 +277,10 @@ impl WorkerSystemHandle {
 
 impl Drop for WorkerSystemHandle {
     fn drop(&mut self) {
-        // Never leave an engine thread behind: stop it and wait (bounded by shutdown_timeout).
-        if self.thread.is_some() && self.pid == std::process::id() {
+        // Never leave an engine thread running unowned: ask it to stop. Not waiting here,
+        // since the last owner may be a thread that must not block (the bridge waits explicitly).
+        if self.pid == std::process::id() {
             self.request_stop();
-            let _ = self.stopped.recv();
-            self.join();
         }
     }
 }

@@ -28,7 +28,9 @@ pub fn init() {
             .and_then(|v| LogLevel::parse(v.trim()))
             .unwrap_or(LogLevel::Info);
         let (filter, handle) = reload::Layer::new(to_filter(level));
-        let subscriber = Registry::default().with(filter).with(fmt::layer().with_writer(std::io::stderr));
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let subscriber =
+            Registry::default().with(filter).with(fmt::layer().with_writer(std::io::stderr).with_ansi(ansi));
         tracing::subscriber::set_global_default(subscriber).ok().map(|_| handle)
     });
 }

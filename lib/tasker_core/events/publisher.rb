@@ -254,12 +254,12 @@ module TaskerCore
       # Adds the listener to every registered event it has an on_<event> method for.
       # @raise [InvalidSubscriberError] if it has none
       def attach(listener, filter)
-        handled = handled_events(listener)
-        raise InvalidSubscriberError, listener if handled.empty?
+        subscriptions = listener_subscriptions(listener, filter)
+        raise InvalidSubscriberError, listener if subscriptions.empty?
 
         update do |channels|
-          handled.each_with_object(channels.dup) do |(id, method_name), copy|
-            copy[id] = copy[id].add(Subscription.new(listener, listener.method(method_name), filter)) if copy.key?(id)
+          subscriptions.each_with_object(channels.dup) do |(id, subscription), copy|
+            copy[id] = copy[id].add(subscription) if copy.key?(id)
           end
         end
       end
@@ -286,10 +286,10 @@ module TaskerCore
 
       # @return [Hash] a frozen copy, so later changes by the caller do not leak into events
       def self.freeze_defaults(defaults)
-        return EMPTY_HASH if defaults.nil? || defaults.empty?
+        return EMPTY_HASH if defaults.nil?
         raise ArgumentError, "default payload must be a Hash, got #{defaults.class}" unless defaults.is_a?(Hash)
 
-        defaults.dup.freeze
+        defaults.empty? ? EMPTY_HASH : defaults.dup.freeze
       end
 
       private
@@ -299,11 +299,13 @@ module TaskerCore
         @channels[event_id.name] if event_id.is_a?(Symbol)
       end
 
-      # The listener's respond_to? runs outside the lock (it is user code).
-      # @return [Array<Array(String, Symbol)>] event ids and the listener method to call for each
-      def handled_events(listener)
+      # Built outside the lock, as respond_to? and method are the listener's (user) code.
+      # @return [Array<Array(String, Subscription)>] one subscription per registered event the listener answers
+      def listener_subscriptions(listener, filter)
         @channels.each_value.filter_map do |channel|
-          [channel.id, channel.listener_method] if listener.respond_to?(channel.listener_method)
+          next unless listener.respond_to?(channel.listener_method)
+
+          [channel.id, Subscription.new(listener, listener.method(channel.listener_method), filter)]
         end
       end
 

@@ -1,0 +1,40 @@
+# frozen_string_literal: true
+
+# Writes a Makefile that builds the Rust extension with cargo. Only mkmf-free Ruby is used:
+# the rb_sys gem is not required (rb-sys the crate finds Ruby through `RUBY`/RbConfig).
+
+require "rbconfig"
+
+ext_dir = __dir__
+root = File.expand_path("../..", ext_dir)
+dlext = RbConfig::CONFIG["DLEXT"]
+profile = ENV.fetch("TASKER_CORE_CARGO_PROFILE", "release")
+# `gem install` builds in the extension's own directory: build into a scratch target dir and
+# delete it afterwards so the installed gem does not keep hundreds of MB of build output.
+# `rake compile` builds elsewhere and keeps the workspace target dir for incremental builds.
+installing = File.expand_path(Dir.pwd) == File.expand_path(ext_dir)
+target_dir = ENV["CARGO_TARGET_DIR"] || (installing ? File.join(ext_dir, "target-build") : File.join(root, "target"))
+artifact = File.join(target_dir, profile == "dev" ? "debug" : profile, "libtasker_core.so")
+ruby = File.join(RbConfig::CONFIG["bindir"], RbConfig::CONFIG["ruby_install_name"])
+
+File.write("Makefile", <<~MAKE)
+  CARGO ?= cargo
+  SO = tasker_core.#{dlext}
+  sitearchdir ?= #{File.join(root, 'lib')}
+
+  all: $(SO)
+
+  $(SO): FORCE
+  \tcd #{root} && RUBY=#{ruby} $(CARGO) build --locked --profile #{profile} -p tasker_core --target-dir #{target_dir}
+  \tcp #{artifact} $(SO)
+
+  install: $(SO)
+  \tmkdir -p $(DESTDIR)$(sitearchdir)/tasker_core
+  \tcp $(SO) $(DESTDIR)$(sitearchdir)/tasker_core/$(SO)
+  #{installing && !ENV['CARGO_TARGET_DIR'] ? "\trm -rf #{target_dir}" : ''}
+
+  clean:
+  \trm -f $(SO)
+
+  .PHONY: all install clean FORCE
+MAKE

@@ -1,0 +1,360 @@
+//! `TaskerCore::FFI`: the global worker handle and the functions Ruby calls.
+//!
+//! Invariant for `WORKER_SYSTEM`: the mutex is only locked by Ruby threads holding the GVL,
+//! for a clone or a swap, with no Ruby call and no GVL release inside. Since the GVL
+//! serialises those sections, the lock is never contended and never waits.
+
+use crate::convert::{self, fetch};
+use crate::errors;
+use crate::gvl::{check_interrupts, without_gvl};
+use magnus::{function, prelude::*, Error, RHash, RModule, RString, Ruby, Value};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tasker_worker::dispatch::wait_reply;
+use tasker_worker::{
+    CompletionVerdict, EngineError, Reply, Take, WorkerBootstrap, WorkerConfig, WorkerState, WorkerSystemHandle,
+};
+use tracing::warn;
+use uuid::Uuid;
+
+/// The running worker, as the bridge holds it.
+pub struct RubyBridgeHandle {
+    pub handle_id: String,
+    pub system: Arc<WorkerSystemHandle>,
+}
+
+static WORKER_SYSTEM: Mutex<Option<RubyBridgeHandle>> = Mutex::new(None);
+/// Set while a bootstrap runs without the GVL, so that a second one fails instead of racing.
+static BOOTSTRAPPING: AtomicBool = AtomicBool::new(false);
+
+fn slot() -> MutexGuard<'static, Option<RubyBridgeHandle>> {
+    // A poisoned lock only means a panic elsewhere; the Option inside is still consistent.
+    WORKER_SYSTEM.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The current worker, if one was started by this process (a forked child's copy is dropped
+/// without touching the parent's threads, which do not exist in the child).
+fn current() -> Option<Arc<WorkerSystemHandle>> {
+    let mut slot = slot();
+    if let Some(bridge) = slot.as_ref() {
+        if bridge.system.pid() != std::process::id() {
+            if let Some(stale) = slot.take() {
+                std::mem::forget(stale);
+            }
+            return None;
+        }
+    }
+    slot.as_ref().map(|bridge| Arc::clone(&bridge.system))
+}
+
+fn require_worker(ruby: &Ruby) -> Result<Arc<WorkerSystemHandle>, Error> {
+    current().ok_or_else(|| errors::engine(ruby, EngineError::NotInitialized))
+}
+
+pub fn init(ruby: &Ruby, module: RModule) -> Result<(), Error> {
+    let ffi = module.define_module("FFI")?;
+    ffi.define_singleton_method("bootstrap_worker", function!(bootstrap_worker, -1))?;
+    ffi.define_singleton_method("stop_worker", function!(stop_worker, 0))?;
+    ffi.define_singleton_method("worker_status", function!(worker_status, 0))?;
+    ffi.define_singleton_method("transition_to_graceful_shutdown", function!(transition_to_graceful_shutdown, 0))?;
+    ffi.define_singleton_method("send_step_completion_event", function!(send_step_completion_event, 1))?;
+    ffi.define_singleton_method("next_step_event", function!(next_step_event, -1))?;
+    ffi.define_singleton_method("create_task", function!(create_task, 1))?;
+    ffi.define_singleton_method("task_status", function!(task_status, 1))?;
+    ffi.define_singleton_method("wait_for_task", function!(wait_for_task, 2))?;
+    ffi.define_singleton_method("__provoke_panic", function!(provoke_panic, 1))?;
+    crate::logging::init(ruby, ffi)?;
+    Ok(())
+}
+
+fn bootstrap_worker(ruby: &Ruby, args: &[Value]) -> Result<RHash, Error> {
+    errors::guard(ruby, || {
+        let config = match args {
+            [] => ruby.qnil().as_value(),
+            [config] => *config,
+            _ => return Err(errors::argument(ruby, format!("wrong number of arguments (given {}, expected 0..1)", args.len()))),
+        };
+        let map = convert::config_map(ruby, config)?;
+        let config = WorkerConfig::from_map(&map, |key| std::env::var(key).ok()).map_err(|e| errors::engine(ruby, e))?;
+        if let Some(running) = current() {
+            return Err(errors::bootstrap(
+                ruby,
+                format!(
+                    "worker already running (worker_id {}, state {}): call TaskerCore::FFI.stop_worker first",
+                    running.status().worker_id,
+                    running.state().as_str()
+                ),
+            ));
+        }
+        if BOOTSTRAPPING.swap(true, Ordering::AcqRel) {
+            return Err(errors::bootstrap(ruby, "worker already running (another bootstrap is in progress)"));
+        }
+        let result = start(ruby, config);
+        BOOTSTRAPPING.store(false, Ordering::Release);
+        result
+    })
+}
+
+fn start(ruby: &Ruby, config: WorkerConfig) -> Result<RHash, Error> {
+    let system = match without_gvl(ruby, |_| WorkerBootstrap::start(config))? {
+        Some(Ok(system)) => Arc::new(system),
+        Some(Err(e)) => return Err(bootstrap_failure(ruby, e)),
+        None => {
+            check_interrupts(ruby)?;
+            return Err(errors::bootstrap(ruby, "bootstrap interrupted"));
+        }
+    };
+    let handle_id = Uuid::new_v4().to_string();
+    *slot() = Some(RubyBridgeHandle { handle_id: handle_id.clone(), system: Arc::clone(&system) });
+
+    // Wait for the engine to report running (backends may connect and migrate first).
+    let started = without_gvl(ruby, |cancel| wait_reply(system.started(), cancel, None))?;
+    let failure = match started {
+        Some(Reply::Value(Ok(()))) => None,
+        Some(Reply::Value(Err(e))) => Some(bootstrap_failure(ruby, e)),
+        Some(Reply::EngineGone) => Some(errors::bootstrap(ruby, "the engine thread ended during bootstrap")),
+        Some(Reply::Interrupted | Reply::TimedOut) | None => Some(errors::bootstrap(ruby, "bootstrap interrupted")),
+    };
+    if let Some(error) = failure {
+        discard(ruby, &system)?;
+        check_interrupts(ruby)?;
+        return Err(error);
+    }
+
+    let status = system.status();
+    let hash = ruby.hash_new();
+    hash.aset(ruby.to_symbol("success"), true)?;
+    hash.aset(ruby.to_symbol("handle_id"), handle_id)?;
+    hash.aset(ruby.to_symbol("worker_id"), status.worker_id)?;
+    hash.aset(ruby.to_symbol("status"), status.state.as_str())?;
+    hash.aset(ruby.to_symbol("concurrency"), status.concurrency)?;
+    Ok(hash)
+}
+
+fn bootstrap_failure(ruby: &Ruby, e: EngineError) -> Error {
+    match e {
+        EngineError::Configuration(_) => errors::engine(ruby, e),
+        other => errors::bootstrap(ruby, format!("worker bootstrap failed: {other}")),
+    }
+}
+
+/// Stop the engine, wait for it with the GVL released, and forget it.
+fn discard(ruby: &Ruby, system: &Arc<WorkerSystemHandle>) -> Result<(), Error> {
+    system.request_stop();
+    let stopped = without_gvl(ruby, |cancel| {
+        let finished = matches!(wait_reply(system.stopped(), cancel, None), Reply::EngineGone | Reply::Value(_));
+        if finished {
+            system.join();
+        }
+        finished
+    })?;
+    if stopped == Some(true) {
+        let mut slot = slot();
+        if slot.as_ref().is_some_and(|b| Arc::ptr_eq(&b.system, system)) {
+            *slot = None;
+        }
+        return Ok(());
+    }
+    check_interrupts(ruby)?;
+    Err(errors::ffi(ruby, "stopping the worker was interrupted; call stop_worker again"))
+}
+
+fn stop_worker(ruby: &Ruby) -> Result<bool, Error> {
+    errors::guard(ruby, || {
+        let system = require_worker(ruby)?;
+        discard(ruby, &system)?;
+        Ok(true)
+    })
+}
+
+fn worker_status(ruby: &Ruby) -> Result<RHash, Error> {
+    errors::guard(ruby, || match current() {
+        Some(system) => convert::status_to_ruby(ruby, &system.status()),
+        None => convert::stopped_status(ruby),
+    })
+}
+
+fn transition_to_graceful_shutdown(ruby: &Ruby) -> Result<bool, Error> {
+    errors::guard(ruby, || {
+        let system = require_worker(ruby)?;
+        system.transition_to_graceful_shutdown().map_err(|e| errors::engine(ruby, e))?;
+        Ok(true)
+    })
+}
+
+fn send_step_completion_event(ruby: &Ruby, completion: Value) -> Result<bool, Error> {
+    errors::guard(ruby, || {
+        let completion = convert::completion_from_ruby(ruby, completion)?;
+        let verdict = match current() {
+            Some(system) => system.complete(completion),
+            None => CompletionVerdict::Refused(format!(
+                "completion for event {} arrived with no worker running",
+                completion.event_id
+            )),
+        };
+        match verdict {
+            CompletionVerdict::Accepted => Ok(true),
+            CompletionVerdict::Refused(why) => {
+                warn!("{why}; ignored");
+                Ok(false)
+            }
+        }
+    })
+}
+
+thread_local! {
+    /// Events this Ruby thread took in a row without releasing the GVL.
+    static FAST_STREAK: Cell<u32> = const { Cell::new(0) };
+}
+
+/// After this many events taken with the GVL held, release it once so other threads run.
+const FAST_STREAK_LIMIT: u32 = 16;
+
+/// `next_step_event(timeout = nil)`: the next step execution event Hash; `false` when the wait
+/// timed out or was interrupted without an exception; `nil` once the worker has stopped (the
+/// calling thread should leave its loop).
+fn next_step_event(ruby: &Ruby, args: &[Value]) -> Result<Value, Error> {
+    errors::guard(ruby, || {
+        let timeout = match args {
+            [] => None,
+            [t] if t.is_nil() => None,
+            [t] => Some(seconds(ruby, *t, "timeout")?),
+            _ => return Err(errors::argument(ruby, "wrong number of arguments (expected 0..1)")),
+        };
+        let Some(system) = current() else { return Ok(ruby.qnil().as_value()) };
+        let port = system.port();
+
+        // Fast path: an event is already waiting; take it without the GVL round trip.
+        if FAST_STREAK.get() < FAST_STREAK_LIMIT {
+            if let Take::Event(event) = port.try_take() {
+                FAST_STREAK.set(FAST_STREAK.get() + 1);
+                return Ok(convert::event_to_ruby(ruby, &event)?.as_value());
+            }
+        }
+        FAST_STREAK.set(0);
+        let taken = without_gvl(ruby, |cancel| port.take(cancel, timeout))?;
+        match taken {
+            Some(Take::Event(event)) => Ok(convert::event_to_ruby(ruby, &event)?.as_value()),
+            Some(Take::Closed) => Ok(ruby.qnil().as_value()),
+            Some(Take::Nothing) | None => {
+                check_interrupts(ruby)?;
+                Ok(ruby.qfalse().as_value())
+            }
+        }
+    })
+}
+
+fn seconds(ruby: &Ruby, value: Value, what: &str) -> Result<Duration, Error> {
+    match convert::ruby_to_json(ruby, value, what)?.as_f64() {
+        Some(s) if s.is_finite() && s >= 0.0 => Ok(Duration::from_secs_f64(s)),
+        _ => Err(errors::argument(ruby, format!("{what} must be a non-negative number of seconds"))),
+    }
+}
+
+/// Wait for an engine reply with the GVL released; interrupts raise (or resume the wait).
+fn await_reply<T: Send>(
+    ruby: &Ruby,
+    reply: crossbeam_channel::Receiver<T>,
+    timeout: Option<Duration>,
+) -> Result<Option<T>, Error> {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    loop {
+        let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        match without_gvl(ruby, |cancel| wait_reply(&reply, cancel, remaining))? {
+            Some(Reply::Value(value)) => return Ok(Some(value)),
+            Some(Reply::TimedOut) => return Ok(None),
+            Some(Reply::EngineGone) => {
+                return Err(errors::not_initialized(ruby, "the worker stopped before answering"))
+            }
+            Some(Reply::Interrupted) | None => check_interrupts(ruby)?,
+        }
+    }
+}
+
+fn create_task(ruby: &Ruby, request: RHash) -> Result<RString, Error> {
+    errors::guard(ruby, || {
+        let system = require_worker(ruby)?;
+        let text = |key: &convert::Key, default: Option<&str>| -> Result<String, Error> {
+            let name = key.name;
+            match fetch(ruby, request, key) {
+                Some(v) => match RString::from_value(v).map(|s| s.to_string()) {
+                    Some(Ok(s)) if !s.is_empty() => Ok(s),
+                    _ => Err(errors::configuration(ruby, format!("{name}: must be a non-empty String"))),
+                },
+                None => default
+                    .map(str::to_owned)
+                    .ok_or_else(|| errors::configuration(ruby, format!("{name}: required to create a task"))),
+            }
+        };
+        let namespace = text(&convert::NAMESPACE, None)?;
+        let name = text(&convert::NAME, None)?;
+        let version = text(&convert::VERSION, Some("1.0.0"))?;
+        let context = match fetch(ruby, request, &convert::CONTEXT) {
+            None => serde_json::Value::Object(Default::default()),
+            Some(v) => convert::ruby_to_json(ruby, v, "context").map_err(|e| errors::configuration(ruby, e.to_string()))?,
+        };
+        let reply = system
+            .request_create_task(&namespace, &name, &version, context)
+            .map_err(|e| errors::engine(ruby, e))?;
+        match await_reply(ruby, reply, None)? {
+            Some(Ok(uuid)) => Ok(convert::uuid_str(ruby, uuid)),
+            Some(Err(e)) => Err(errors::engine(ruby, e)),
+            None => unreachable!("no timeout was given"),
+        }
+    })
+}
+
+fn parse_task_uuid(ruby: &Ruby, value: Value) -> Result<Uuid, Error> {
+    let text = RString::from_value(value)
+        .and_then(|s| s.to_string().ok())
+        .ok_or_else(|| errors::argument(ruby, "task uuid must be a String"))?;
+    Uuid::parse_str(&text).map_err(|_| errors::ffi(ruby, format!("unknown task {text:?}: not a UUID")))
+}
+
+fn task_status(ruby: &Ruby, task_uuid: Value) -> Result<RHash, Error> {
+    errors::guard(ruby, || {
+        let system = require_worker(ruby)?;
+        let uuid = parse_task_uuid(ruby, task_uuid)?;
+        let reply = system.request_task_status(uuid).map_err(|e| errors::engine(ruby, e))?;
+        match await_reply(ruby, reply, None)? {
+            Some(Ok(snapshot)) => convert::snapshot_to_ruby(ruby, &snapshot),
+            Some(Err(e)) => Err(errors::engine(ruby, e)),
+            None => unreachable!("no timeout was given"),
+        }
+    })
+}
+
+/// `wait_for_task(uuid, timeout_seconds_or_nil)`: the final task status Hash, or nil on timeout.
+fn wait_for_task(ruby: &Ruby, task_uuid: Value, timeout: Value) -> Result<Option<RHash>, Error> {
+    errors::guard(ruby, || {
+        let system = require_worker(ruby)?;
+        let uuid = parse_task_uuid(ruby, task_uuid)?;
+        let timeout = if timeout.is_nil() { None } else { Some(seconds(ruby, timeout, "timeout")?) };
+        let reply = system.request_wait_for_task(uuid).map_err(|e| errors::engine(ruby, e))?;
+        match await_reply(ruby, reply, timeout)? {
+            Some(Ok(snapshot)) => Ok(Some(convert::snapshot_to_ruby(ruby, &snapshot)?)),
+            Some(Err(e)) => Err(errors::engine(ruby, e)),
+            None => Ok(None),
+        }
+    })
+}
+
+/// For the specs: panic inside the bridge ("gvl") or inside a GVL-released section ("no_gvl"),
+/// to show that a panic reaches Ruby as `TaskerCore::FFIError` and nothing worse.
+fn provoke_panic(ruby: &Ruby, place: String) -> Result<(), Error> {
+    errors::guard(ruby, || match place.as_str() {
+        "gvl" => panic!("provoked panic with the GVL held"),
+        "no_gvl" => {
+            without_gvl(ruby, |_| -> () { panic!("provoked panic without the GVL") })?;
+            Ok(())
+        }
+        other => Err(errors::argument(ruby, format!("unknown place {other:?} (gvl or no_gvl)"))),
+    })
+}
+
+#[allow(dead_code)]
+fn state_name(state: WorkerState) -> &'static str {
+    state.as_str()
+}

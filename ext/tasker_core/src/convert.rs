@@ -1,0 +1,400 @@
+//! Conversions between Ruby values and engine data, written by hand with cached symbol keys:
+//! serde_magnus allocates a temporary String per key, and these run once per step.
+
+use crate::errors;
+use magnus::{
+    prelude::*, r_hash::ForEach, value::LazyId, Error, Float, Integer, RArray, RHash, RString, Ruby, Symbol, Value,
+};
+use serde_json::{Map, Number, Value as Json};
+use std::time::Duration;
+use tasker_worker::events::{StepSnapshot, TaskSnapshot};
+use tasker_worker::{StepExecutionCompletionEvent, StepExecutionEvent, WorkerSystemStatus};
+use uuid::Uuid;
+
+/// A symbol key, interned once, that also knows its name (for string-key lookups and messages).
+pub struct Key {
+    id: LazyId,
+    pub name: &'static str,
+}
+
+impl std::ops::Deref for Key {
+    type Target = magnus::value::OpaqueId;
+    fn deref(&self) -> &Self::Target {
+        std::ops::Deref::deref(&self.id)
+    }
+}
+
+macro_rules! keys {
+    ($($name:ident = $text:literal),* $(,)?) => { $(pub static $name: Key = Key { id: LazyId::new($text), name: $text };)* };
+}
+
+/// `Ruby#hash_new_capa` needs Ruby 3.2; this keeps call sites honest about sizes anyway.
+trait HashNew {
+    fn hash_new_capa_(&self, capacity: usize) -> RHash;
+}
+
+impl HashNew for Ruby {
+    fn hash_new_capa_(&self, _capacity: usize) -> RHash {
+        self.hash_new()
+    }
+}
+
+keys! {
+    EVENT_ID = "event_id", TASK_UUID = "task_uuid", STEP_UUID = "step_uuid",
+    TASK_SEQUENCE_STEP = "task_sequence_step", TASK = "task", NAMESPACE = "namespace", NAME = "name",
+    VERSION = "version", CONTEXT = "context", WORKFLOW_STEP = "workflow_step", ATTEMPTS = "attempts",
+    MAX_ATTEMPTS = "max_attempts", RETRYABLE = "retryable", DEPENDENCY_RESULTS = "dependency_results",
+    STEP_DEFINITION = "step_definition", HANDLER = "handler", CALLABLE = "callable",
+    INITIALIZATION = "initialization", DEPENDENCIES = "dependencies", RETRY = "retry", BACKOFF = "backoff",
+    BACKOFF_BASE_MS = "backoff_base_ms", MAX_BACKOFF_MS = "max_backoff_ms", TIMEOUT_SECONDS = "timeout_seconds",
+    SUCCESS = "success", RESULT = "result", METADATA = "metadata", ERROR_MESSAGE = "error_message",
+    ERROR_CLASS = "error_class", RETRY_AFTER = "retry_after", COMPLETED_AT = "completed_at",
+    STATUS = "status", STEPS = "steps", RUNNING = "running", STATE = "state", WORKER_ID = "worker_id",
+    ENVIRONMENT = "environment", BACKEND = "backend", DEPLOYMENT_MODE = "deployment_mode",
+    CONCURRENCY = "concurrency", UPTIME_SECONDS = "uptime_seconds", STEPS_PROCESSED = "steps_processed",
+    STEPS_FAILED = "steps_failed", STEPS_IN_FLIGHT = "steps_in_flight",
+    SUPPORTED_NAMESPACES = "supported_namespaces", WEB_API_ENABLED = "web_api_enabled",
+    DATABASE_POOL_SIZE = "database_pool_size", DATABASE_POOL_IDLE = "database_pool_idle",
+}
+
+const MAX_DEPTH: usize = 128;
+
+pub fn uuid_str(ruby: &Ruby, id: Uuid) -> RString {
+    let mut buf = Uuid::encode_buffer();
+    ruby.str_new(id.hyphenated().encode_lower(&mut buf))
+}
+
+/// JSON → Ruby, object keys as Strings (users' data keeps JSON's string keys).
+pub fn json_to_ruby(ruby: &Ruby, json: &Json) -> Result<Value, Error> {
+    Ok(match json {
+        Json::Null => ruby.qnil().as_value(),
+        Json::Bool(true) => ruby.qtrue().as_value(),
+        Json::Bool(false) => ruby.qfalse().as_value(),
+        Json::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                ruby.integer_from_i64(i).as_value()
+            } else if let Some(u) = n.as_u64() {
+                ruby.integer_from_u64(u).as_value()
+            } else {
+                ruby.float_from_f64(n.as_f64().unwrap_or(f64::NAN)).as_value()
+            }
+        }
+        Json::String(s) => ruby.str_new(s).as_value(),
+        Json::Array(items) => {
+            let array = ruby.ary_new_capa(items.len());
+            for item in items {
+                array.push(json_to_ruby(ruby, item)?)?;
+            }
+            array.as_value()
+        }
+        Json::Object(map) => {
+            let hash = ruby.hash_new_capa_(map.len());
+            for (k, v) in map {
+                hash.aset(ruby.str_new(k), json_to_ruby(ruby, v)?)?;
+            }
+            hash.as_value()
+        }
+    })
+}
+
+/// Ruby → JSON. Hash keys may be Strings or Symbols; anything not JSON-able is an error
+/// naming `what` and the offending class.
+pub fn ruby_to_json(ruby: &Ruby, value: Value, what: &str) -> Result<Json, Error> {
+    to_json(ruby, value, what, 0)
+}
+
+fn to_json(ruby: &Ruby, value: Value, what: &str, depth: usize) -> Result<Json, Error> {
+    if depth > MAX_DEPTH {
+        return Err(errors::argument(ruby, format!("{what}: nested more than {MAX_DEPTH} levels (a cycle?)")));
+    }
+    if value.is_nil() {
+        return Ok(Json::Null);
+    }
+    if value.is_kind_of(ruby.class_true_class()) {
+        return Ok(Json::Bool(true));
+    }
+    if value.is_kind_of(ruby.class_false_class()) {
+        return Ok(Json::Bool(false));
+    }
+    if let Some(s) = RString::from_value(value) {
+        return Ok(Json::String(string(ruby, s, what)?));
+    }
+    if let Some(sym) = Symbol::from_value(value) {
+        return Ok(Json::String(sym.name()?.into_owned()));
+    }
+    if let Some(i) = Integer::from_value(value) {
+        return match i.to_i64() {
+            Ok(n) => Ok(Json::from(n)),
+            Err(_) => i
+                .to_u64()
+                .map(Json::from)
+                .map_err(|_| errors::argument(ruby, format!("{what}: integer {i} does not fit in 64 bits"))),
+        };
+    }
+    if let Some(f) = Float::from_value(value) {
+        return Number::from_f64(f.to_f64())
+            .map(Json::Number)
+            .ok_or_else(|| errors::argument(ruby, format!("{what}: {} is not a JSON number", f.to_f64())));
+    }
+    if let Some(array) = RArray::from_value(value) {
+        let mut items = Vec::with_capacity(array.len());
+        for item in array.into_iter() {
+            items.push(to_json(ruby, item, what, depth + 1)?);
+        }
+        return Ok(Json::Array(items));
+    }
+    if let Some(hash) = RHash::from_value(value) {
+        let mut map = Map::new();
+        let mut failure = None;
+        hash.foreach(|k: Value, v: Value| {
+            let key = match key_string(ruby, k, what) {
+                Ok(key) => key,
+                Err(e) => {
+                    failure = Some(e);
+                    return Ok(ForEach::Stop);
+                }
+            };
+            match to_json(ruby, v, what, depth + 1) {
+                Ok(json) => {
+                    map.insert(key, json);
+                    Ok(ForEach::Continue)
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    Ok(ForEach::Stop)
+                }
+            }
+        })?;
+        return match failure {
+            Some(e) => Err(e),
+            None => Ok(Json::Object(map)),
+        };
+    }
+    Err(errors::argument(
+        ruby,
+        format!("{what}: a {} is not JSON-able (use Hash, Array, String, Symbol, Integer, Float, true, false or nil)", unsafe { value.classname() }),
+    ))
+}
+
+fn key_string(ruby: &Ruby, key: Value, what: &str) -> Result<String, Error> {
+    if let Some(s) = RString::from_value(key) {
+        return string(ruby, s, what);
+    }
+    if let Some(sym) = Symbol::from_value(key) {
+        return Ok(sym.name()?.into_owned());
+    }
+    Err(errors::argument(ruby, format!("{what}: hash keys must be Strings or Symbols, got a {}", unsafe { key.classname() })))
+}
+
+fn string(ruby: &Ruby, s: RString, what: &str) -> Result<String, Error> {
+    s.to_string().map_err(|_| errors::argument(ruby, format!("{what}: string is not valid UTF-8")))
+}
+
+/// A value under a Symbol key, or else under the String key (hashes from Ruby may use either).
+pub fn fetch(ruby: &Ruby, hash: RHash, key: &Key) -> Option<Value> {
+    hash.get(**key).or_else(|| hash.get(ruby.str_new(key.name))).filter(|v| !v.is_nil())
+}
+
+/// The config Hash → a JSON map keyed by strings.
+pub fn config_map(ruby: &Ruby, config: Value) -> Result<Map<String, Json>, Error> {
+    if config.is_nil() {
+        return Ok(Map::new());
+    }
+    let Some(hash) = RHash::from_value(config) else {
+        return Err(errors::configuration(ruby, format!("config must be a Hash, got a {}", unsafe { config.classname() })));
+    };
+    match ruby_to_json(ruby, hash.as_value(), "config") {
+        Ok(Json::Object(map)) => Ok(map),
+        Ok(_) => unreachable!("a Hash converts to an object"),
+        Err(e) => Err(errors::configuration(ruby, e.to_string())),
+    }
+}
+
+/// A step execution event as the contract describes it (symbol keys; users' data string-keyed).
+pub fn event_to_ruby(ruby: &Ruby, event: &StepExecutionEvent) -> Result<RHash, Error> {
+    let task = &event.task;
+    let definition = &event.definition;
+
+    let task_hash = ruby.hash_new_capa_(5);
+    task_hash.aset(*TASK_UUID, uuid_str(ruby, task.task_uuid))?;
+    task_hash.aset(*NAMESPACE, ruby.str_new(&task.namespace))?;
+    task_hash.aset(*NAME, ruby.str_new(&task.name))?;
+    task_hash.aset(*VERSION, ruby.str_new(&task.version))?;
+    task_hash.aset(*CONTEXT, json_to_ruby(ruby, &task.context)?)?;
+
+    let retry = &definition.retry;
+    let workflow_step = ruby.hash_new_capa_(5);
+    workflow_step.aset(*STEP_UUID, uuid_str(ruby, event.step_uuid))?;
+    workflow_step.aset(*NAME, ruby.str_new(&definition.name))?;
+    workflow_step.aset(*ATTEMPTS, event.attempt)?;
+    workflow_step.aset(*MAX_ATTEMPTS, retry.max_attempts)?;
+    workflow_step.aset(*RETRYABLE, retry.retryable)?;
+
+    let dependency_results = ruby.hash_new_capa_(event.dependency_results.len());
+    for (name, result) in &event.dependency_results {
+        dependency_results.aset(ruby.str_new(name), json_to_ruby(ruby, result)?)?;
+    }
+
+    let handler = ruby.hash_new_capa_(2);
+    handler.aset(*CALLABLE, ruby.str_new(&definition.callable))?;
+    handler.aset(*INITIALIZATION, json_to_ruby(ruby, &definition.initialization)?)?;
+    let retry_hash = ruby.hash_new_capa_(5);
+    retry_hash.aset(*RETRYABLE, retry.retryable)?;
+    retry_hash.aset(*MAX_ATTEMPTS, retry.max_attempts)?;
+    retry_hash.aset(*BACKOFF, ruby.str_new(retry.backoff.as_str()))?;
+    retry_hash.aset(*BACKOFF_BASE_MS, retry.backoff_base_ms)?;
+    retry_hash.aset(*MAX_BACKOFF_MS, retry.max_backoff_ms)?;
+    let dependencies = ruby.ary_new_capa(definition.dependencies.len());
+    for d in &definition.dependencies {
+        dependencies.push(ruby.str_new(d))?;
+    }
+    let step_definition = ruby.hash_new_capa_(5);
+    step_definition.aset(*NAME, ruby.str_new(&definition.name))?;
+    step_definition.aset(*HANDLER, handler)?;
+    step_definition.aset(*DEPENDENCIES, dependencies)?;
+    step_definition.aset(*RETRY, retry_hash)?;
+    step_definition.aset(*TIMEOUT_SECONDS, definition.timeout.as_secs_f64())?;
+
+    let tss = ruby.hash_new_capa_(4);
+    tss.aset(*TASK, task_hash)?;
+    tss.aset(*WORKFLOW_STEP, workflow_step)?;
+    tss.aset(*DEPENDENCY_RESULTS, dependency_results)?;
+    tss.aset(*STEP_DEFINITION, step_definition)?;
+
+    let hash = ruby.hash_new_capa_(4);
+    hash.aset(*EVENT_ID, uuid_str(ruby, event.event_id))?;
+    hash.aset(*TASK_UUID, uuid_str(ruby, task.task_uuid))?;
+    hash.aset(*STEP_UUID, uuid_str(ruby, event.step_uuid))?;
+    hash.aset(*TASK_SEQUENCE_STEP, tss)?;
+    Ok(hash)
+}
+
+fn required_uuid(ruby: &Ruby, hash: RHash, key: &Key) -> Result<Uuid, Error> {
+    let value = fetch(ruby, hash, key).expect("presence checked first");
+    let name = key.name;
+    let text = RString::from_value(value)
+        .ok_or_else(|| errors::argument(ruby, format!("{name} must be a UUID String, got a {}", unsafe { value.classname() })))?;
+    let text = string(ruby, text, name)?;
+    Uuid::parse_str(&text).map_err(|_| errors::argument(ruby, format!("{name} must be a UUID, got {text:?}")))
+}
+
+fn optional_string(ruby: &Ruby, hash: RHash, key: &Key) -> Result<Option<String>, Error> {
+    let Some(value) = fetch(ruby, hash, key) else { return Ok(None) };
+    let name = key.name;
+    match RString::from_value(value) {
+        Some(s) => string(ruby, s, name).map(Some),
+        None => Err(errors::argument(ruby, format!("{name} must be a String, got a {}", unsafe { value.classname() }))),
+    }
+}
+
+fn optional_bool(ruby: &Ruby, hash: RHash, key: &Key) -> Result<Option<bool>, Error> {
+    let Some(value) = fetch(ruby, hash, key) else { return Ok(None) };
+    match to_json(ruby, value, "", 0) {
+        Ok(Json::Bool(b)) => Ok(Some(b)),
+        _ => Err(errors::argument(ruby, format!("{} must be true or false", key.name))),
+    }
+}
+
+/// Validate a completion Hash; missing or ill-typed fields raise `ArgumentError` naming them.
+pub fn completion_from_ruby(ruby: &Ruby, value: Value) -> Result<StepExecutionCompletionEvent, Error> {
+    let Some(hash) = RHash::from_value(value) else {
+        return Err(errors::argument(ruby, format!("completion must be a Hash, got a {}", unsafe { value.classname() })));
+    };
+    let required = [&EVENT_ID, &TASK_UUID, &STEP_UUID, &SUCCESS];
+    let missing: Vec<&str> =
+        required.iter().filter(|k| fetch(ruby, hash, k).is_none()).map(|k| k.name).collect();
+    if !missing.is_empty() {
+        return Err(errors::argument(ruby, format!("Missing required fields in completion: {}", missing.join(", "))));
+    }
+    let success = optional_bool(ruby, hash, &SUCCESS)?.expect("presence checked");
+    let retry_after = match fetch(ruby, hash, &RETRY_AFTER) {
+        None => None,
+        Some(v) => match to_json(ruby, v, "retry_after", 0)?.as_f64() {
+            Some(s) if s.is_finite() && s >= 0.0 => Some(Duration::from_secs_f64(s)),
+            _ => return Err(errors::argument(ruby, "retry_after must be a non-negative number of seconds")),
+        },
+    };
+    let metadata = match fetch(ruby, hash, &METADATA) {
+        None => Json::Object(Map::new()),
+        Some(v) => match ruby_to_json(ruby, v, "metadata")? {
+            object @ Json::Object(_) => object,
+            _ => return Err(errors::argument(ruby, "metadata must be a Hash")),
+        },
+    };
+    Ok(StepExecutionCompletionEvent {
+        event_id: required_uuid(ruby, hash, &EVENT_ID)?,
+        task_uuid: required_uuid(ruby, hash, &TASK_UUID)?,
+        step_uuid: required_uuid(ruby, hash, &STEP_UUID)?,
+        success,
+        result: match fetch(ruby, hash, &RESULT) {
+            None => Json::Null,
+            Some(v) => ruby_to_json(ruby, v, "result")?,
+        },
+        metadata,
+        error_message: optional_string(ruby, hash, &ERROR_MESSAGE)?,
+        error_class: optional_string(ruby, hash, &ERROR_CLASS)?,
+        retryable: optional_bool(ruby, hash, &RETRYABLE)?.unwrap_or(true),
+        retry_after,
+        completed_at: optional_string(ruby, hash, &COMPLETED_AT)?,
+    })
+}
+
+pub fn snapshot_to_ruby(ruby: &Ruby, snapshot: &TaskSnapshot) -> Result<RHash, Error> {
+    let hash = ruby.hash_new_capa_(6);
+    hash.aset(*TASK_UUID, uuid_str(ruby, snapshot.task_uuid))?;
+    hash.aset(*NAMESPACE, ruby.str_new(&snapshot.namespace))?;
+    hash.aset(*NAME, ruby.str_new(&snapshot.name))?;
+    hash.aset(*VERSION, ruby.str_new(&snapshot.version))?;
+    hash.aset(*STATUS, ruby.str_new(snapshot.status.as_str()))?;
+    let steps = ruby.ary_new_capa(snapshot.steps.len());
+    for step in &snapshot.steps {
+        steps.push(step_to_ruby(ruby, step)?)?;
+    }
+    hash.aset(*STEPS, steps)?;
+    Ok(hash)
+}
+
+fn step_to_ruby(ruby: &Ruby, step: &StepSnapshot) -> Result<RHash, Error> {
+    let hash = ruby.hash_new_capa_(6);
+    hash.aset(*STEP_UUID, uuid_str(ruby, step.step_uuid))?;
+    hash.aset(*NAME, ruby.str_new(&step.name))?;
+    hash.aset(*STATUS, ruby.str_new(step.status.as_str()))?;
+    hash.aset(*ATTEMPTS, step.attempts)?;
+    hash.aset(*RESULT, match &step.result {
+        Some(result) => json_to_ruby(ruby, result)?,
+        None => ruby.qnil().as_value(),
+    })?;
+    hash.aset(*ERROR_MESSAGE, step.error_message.as_deref().map(|m| ruby.str_new(m)))?;
+    Ok(hash)
+}
+
+pub fn status_to_ruby(ruby: &Ruby, status: &WorkerSystemStatus) -> Result<RHash, Error> {
+    let hash = ruby.hash_new_capa_(16);
+    hash.aset(*RUNNING, status.running)?;
+    hash.aset(*STATE, ruby.str_new(status.state.as_str()))?;
+    hash.aset(*WORKER_ID, ruby.str_new(&status.worker_id))?;
+    hash.aset(*ENVIRONMENT, ruby.str_new(&status.environment))?;
+    hash.aset(*BACKEND, ruby.str_new(status.backend))?;
+    hash.aset(*DEPLOYMENT_MODE, ruby.str_new(status.deployment_mode))?;
+    hash.aset(*CONCURRENCY, status.concurrency)?;
+    hash.aset(*UPTIME_SECONDS, status.uptime_seconds)?;
+    hash.aset(*STEPS_PROCESSED, status.steps_processed)?;
+    hash.aset(*STEPS_FAILED, status.steps_failed)?;
+    hash.aset(*STEPS_IN_FLIGHT, status.steps_in_flight)?;
+    let namespaces = ruby.ary_new_capa(status.supported_namespaces.len());
+    for ns in &status.supported_namespaces {
+        namespaces.push(ruby.str_new(ns))?;
+    }
+    hash.aset(*SUPPORTED_NAMESPACES, namespaces)?;
+    hash.aset(*WEB_API_ENABLED, status.web_api_enabled)?;
+    hash.aset(*DATABASE_POOL_SIZE, status.database_pool_size)?;
+    hash.aset(*DATABASE_POOL_IDLE, status.database_pool_idle)?;
+    Ok(hash)
+}
+
+pub fn stopped_status(ruby: &Ruby) -> Result<RHash, Error> {
+    let hash = ruby.hash_new_capa_(2);
+    hash.aset(*RUNNING, false)?;
+    hash.aset(*STATE, ruby.str_new("stopped"))?;
+    Ok(hash)
+}

@@ -1,0 +1,85 @@
+//! The contract's error classes, defined here so they exist as soon as the extension loads,
+//! and the mapping from engine errors to them.
+
+use magnus::{exception::ExceptionClass, prelude::*, value::Lazy, Error, RModule, Ruby};
+use tasker_worker::EngineError;
+
+fn tasker_error(ruby: &Ruby, name: &str) -> ExceptionClass {
+    let module: RModule = ruby.class_object().const_get("TaskerCore").expect("TaskerCore is defined at init");
+    module.const_get(name).expect("error classes are defined at init")
+}
+
+static WORKER_NOT_INITIALIZED: Lazy<ExceptionClass> = Lazy::new(|ruby| tasker_error(ruby, "WorkerNotInitializedError"));
+static WORKER_BOOTSTRAP: Lazy<ExceptionClass> = Lazy::new(|ruby| tasker_error(ruby, "WorkerBootstrapError"));
+static CONFIGURATION: Lazy<ExceptionClass> = Lazy::new(|ruby| tasker_error(ruby, "ConfigurationError"));
+static FFI: Lazy<ExceptionClass> = Lazy::new(|ruby| tasker_error(ruby, "FFIError"));
+
+pub fn define(ruby: &Ruby, module: RModule) -> Result<(), Error> {
+    let base = module.define_error("Error", ruby.exception_standard_error())?;
+    for name in [
+        "WorkerNotInitializedError",
+        "WorkerBootstrapError",
+        "ConfigurationError",
+        "FFIError",
+        "RetryableError",
+        "PermanentError",
+    ] {
+        module.define_error(name, base)?;
+    }
+    // Resolve now, on the loading thread, so later lookups cannot fail.
+    for class in [&WORKER_NOT_INITIALIZED, &WORKER_BOOTSTRAP, &CONFIGURATION, &FFI] {
+        Lazy::force(class, ruby);
+    }
+    Ok(())
+}
+
+pub fn not_initialized(ruby: &Ruby, message: impl Into<String>) -> Error {
+    Error::new(ruby.get_inner(&WORKER_NOT_INITIALIZED), message.into())
+}
+
+pub fn bootstrap(ruby: &Ruby, message: impl Into<String>) -> Error {
+    Error::new(ruby.get_inner(&WORKER_BOOTSTRAP), message.into())
+}
+
+pub fn configuration(ruby: &Ruby, message: impl Into<String>) -> Error {
+    Error::new(ruby.get_inner(&CONFIGURATION), message.into())
+}
+
+pub fn ffi(ruby: &Ruby, message: impl Into<String>) -> Error {
+    Error::new(ruby.get_inner(&FFI), message.into())
+}
+
+pub fn argument(ruby: &Ruby, message: impl Into<String>) -> Error {
+    Error::new(ruby.exception_arg_error(), message.into())
+}
+
+/// Engine error → the contract's Ruby class.
+pub fn engine(ruby: &Ruby, e: EngineError) -> Error {
+    let message = e.to_string();
+    match e {
+        EngineError::Configuration(_) => configuration(ruby, message),
+        EngineError::Bootstrap(_) => bootstrap(ruby, message),
+        EngineError::NotInitialized => not_initialized(ruby, message),
+        EngineError::InvalidArgument(_) => argument(ruby, message),
+        EngineError::UnknownTask(_) | EngineError::Internal(_) => ffi(ruby, message),
+    }
+}
+
+/// A caught panic → `TaskerCore::FFIError` (never unwinds into Ruby).
+pub fn panic_error(ruby: &Ruby, panic: Box<dyn std::any::Any + Send>) -> Error {
+    let detail = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic payload".to_string());
+    tracing::error!(%detail, "internal panic caught at the FFI boundary");
+    ffi(ruby, format!("internal error in tasker_core (a Rust panic was caught): {detail}"))
+}
+
+/// Run an FFI body, turning a panic into `FFIError` before magnus would turn it into `fatal`.
+pub fn guard<T>(ruby: &Ruby, body: impl FnOnce() -> Result<T, Error>) -> Result<T, Error> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+        Ok(result) => result,
+        Err(panic) => Err(panic_error(ruby, panic)),
+    }
+}

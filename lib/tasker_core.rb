@@ -1,0 +1,26 @@
+# frozen_string_literal: true
+
+require "json"
+require "securerandom"
+require "singleton"
+require "time"
+require "timeout"
+
+require_relative "tasker_core/version"
+# The native extension defines TaskerCore::FFI and the error classes.
+require "tasker_core/tasker_core"
+require_relative "tasker_core/errors"
+require_relative "tasker_core/logger"
+require_relative "tasker_core/events/publisher"
+require_relative "tasker_core/models/task_sequence_step_wrapper"
+require_relative "tasker_core/step_handler/base"
+require_relative "tasker_core/registry/handler_registry"
+require_relative "tasker_core/worker/event_bridge"
+require_relative "tasker_core/worker/step_execution_subscriber"
+require_relative "tasker_core/worker/bootstrap"
+require_relative "tasker_core/client"
+
+# Workflow steps run by a Rust engine inside this process. Requiring the gem starts nothing:
+# see TaskerCore::Worker::Bootstrap.start! and TaskerCore.create_task.
+module TaskerCore
+end

@@ -1,0 +1,19 @@
+# frozen_string_literal: true
+
+# The classes themselves are defined by the native extension (so Rust can raise them as soon as
+# it loads); this file adds what handlers need on top.
+module TaskerCore
+  # Raised by a handler: the attempt failed and may be retried, optionally not before `retry_after` seconds.
+  class RetryableError
+    attr_reader :retry_after
+
+    def initialize(message = nil, retry_after: nil)
+      super(message)
+      @retry_after = retry_after
+    end
+  end
+
+  # Raised by a handler: the step fails now, whatever attempts remain.
+  class PermanentError
+  end
+end

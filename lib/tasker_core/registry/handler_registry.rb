@@ -1,0 +1,76 @@
+# frozen_string_literal: true
+
+module TaskerCore
+  module Registry
+    # Maps a template's `handler.callable` to a handler class. Classes are registered explicitly
+    # or found by constant name on first use (autoload); lookups read a frozen Hash without locking.
+    class HandlerRegistry
+      include Singleton
+
+      def initialize
+        @mutex = Mutex.new
+        @handlers = {}.freeze
+      end
+
+      # @return [Hash{String => Class}] the handlers known so far
+      def handlers
+        @handlers
+      end
+
+      def register(callable_name, klass)
+        validate!(callable_name, klass)
+        @mutex.synchronize { @handlers = @handlers.merge(callable_name.to_s => klass).freeze }
+        klass
+      end
+
+      def unregister(callable_name)
+        @mutex.synchronize do
+          rest = @handlers.dup
+          rest.delete(callable_name.to_s)
+          @handlers = rest.freeze
+        end
+      end
+
+      # @return [Class, nil] the handler class, or nil when no such constant exists
+      def resolve(callable_name)
+        name = callable_name.to_s
+        @handlers[name] || autoload(name)
+      end
+
+      def registered?(callable_name)
+        !resolve(callable_name).nil?
+      end
+
+      # Kept for seed compatibility: nothing to preload, handlers resolve lazily.
+      def bootstrap_handlers!
+        self
+      end
+
+      def clear!
+        @mutex.synchronize { @handlers = {}.freeze }
+      end
+
+      private
+
+      def autoload(name)
+        klass = Object.const_get(name)
+        return nil unless handler_class?(klass)
+
+        register(name, klass)
+      rescue NameError
+        nil
+      end
+
+      def handler_class?(klass)
+        klass.is_a?(Class) && klass.method_defined?(:call)
+      end
+
+      def validate!(callable_name, klass)
+        raise ArgumentError, "callable name must be a non-empty String" if callable_name.to_s.empty?
+        return if handler_class?(klass)
+
+        raise ArgumentError, "#{klass.inspect} is not a handler class (a Class defining #call(task, sequence, step))"
+      end
+    end
+  end
+end

@@ -1,0 +1,158 @@
+# frozen_string_literal: true
+
+module TaskerCore
+  module Worker
+    # Starts and stops the worker: the Rust engine (TaskerCore::FFI), the EventBridge
+    # subscription, and the `concurrency` Ruby threads that take steps from the engine.
+    #
+    #   TaskerCore::Worker::Bootstrap.start!(templates: "config/tasks", concurrency: 8)
+    #   ...
+    #   TaskerCore::Worker::Bootstrap.instance.shutdown!
+    #
+    # INT and TERM shut down gracefully (in-flight steps finish) and then exit; so does at_exit.
+    class Bootstrap
+      include Singleton
+
+      SIGNALS = %w[INT TERM].freeze
+
+      attr_reader :logger, :config
+
+      def self.start!(config = {})
+        instance.start!(config)
+      end
+
+      def initialize
+        @logger = TaskerCore::Logger.new("tasker_core")
+        @mutex = Mutex.new
+        @status = :stopped
+        @threads = []
+        @shutdown_handlers = []
+        @hooks_installed = false
+      end
+
+      def start!(config = {})
+        @mutex.synchronize do
+          raise WorkerBootstrapError, "worker already running: call shutdown! first" if @status == :running
+
+          @config = config.dup
+          EventBridge.instance.start!
+          @subscription = EventBridge.instance.subscribe_to_step_execution { |event| subscriber.call(event) }
+          begin
+            result = TaskerCore::FFI.bootstrap_worker(@config)
+          rescue Exception # rubocop:disable Lint/RescueException
+            EventBridge.instance.unsubscribe(@subscription)
+            raise
+          end
+          @threads = Array.new(result.fetch(:concurrency)) { |i| start_thread(i) }
+          install_hooks
+          @status = :running
+          logger.info("worker started", worker_id: result[:worker_id], concurrency: @threads.size)
+        end
+        self
+      end
+
+      def running?
+        @status == :running && TaskerCore::FFI.worker_status[:running] == true
+      end
+
+      # Rust's status merged with the Ruby side's.
+      def status
+        TaskerCore::FFI.worker_status.merge(
+          event_bridge_active: EventBridge.instance.active?,
+          handler_registry_size: Registry::HandlerRegistry.instance.handlers.size,
+          handler_threads_alive: @threads.count(&:alive?)
+        )
+      end
+
+      # Graceful and idempotent: nothing new starts, in-flight steps finish and are recorded,
+      # handler threads leave, on_shutdown hooks run.
+      def shutdown!
+        # From a handler thread the drain would wait for this very step: hand it off instead.
+        return Thread.new { shutdown! } && nil if @threads.include?(Thread.current)
+
+        @mutex.synchronize do
+          return false unless @status == :running
+
+          @status = :shutting_down
+          stop_engine
+          @threads.each { |t| t.join(5) || t.kill }
+          @threads = []
+          EventBridge.instance.unsubscribe(@subscription) if @subscription
+          EventBridge.instance.stop!
+          @status = :stopped
+        end
+        run_shutdown_handlers
+        true
+      end
+
+      def on_shutdown(&block)
+        raise ArgumentError, "on_shutdown needs a block" unless block
+
+        @mutex.synchronize { @shutdown_handlers << block }
+        self
+      end
+
+      private
+
+      def subscriber
+        @subscriber ||= StepExecutionSubscriber.new(logger: logger)
+      end
+
+      def stop_engine
+        TaskerCore::FFI.transition_to_graceful_shutdown
+        TaskerCore::FFI.stop_worker
+      rescue TaskerCore::WorkerNotInitializedError
+        nil
+      end
+
+      # Each thread waits inside Rust with the GVL released; `nil` means the worker stopped.
+      def start_thread(index)
+        bridge = EventBridge.instance
+        Thread.new do
+          Thread.current.name = "tasker-handler-#{index}"
+          Thread.current.report_on_exception = true
+          while (event = TaskerCore::FFI.next_step_event)
+            dispatch(bridge, event)
+          end
+        end
+      end
+
+      def dispatch(bridge, event)
+        return if event == false # woken without work (a signal, Thread#wakeup)
+
+        bridge.publish_step_execution(event)
+      rescue SignalException, SystemExit
+        raise
+      rescue Exception => e # rubocop:disable Lint/RescueException
+        # A listener raised: report it and keep the thread (the step itself was completed or times out).
+        logger.error("subscriber raised", error: e.class.name, message: e.message.to_s)
+        bridge.publish_bridge_error(e, event_id: event[:event_id]) if event.is_a?(Hash)
+      end
+
+      def run_shutdown_handlers
+        handlers = @mutex.synchronize { @shutdown_handlers.dup }
+        handlers.each do |handler|
+          handler.call
+        rescue StandardError => e
+          logger.error("on_shutdown hook raised", error: e.class.name, message: e.message.to_s)
+        end
+      end
+
+      def install_hooks
+        return if @hooks_installed
+
+        @hooks_installed = true
+        SIGNALS.each do |signal|
+          # Trap context may not take a Mutex: shut down on a thread, then exit from the main thread.
+          Signal.trap(signal) do
+            Thread.new do
+              shutdown!
+              Thread.main.raise(SystemExit.new(0, "tasker_core: exiting after SIG#{signal}"))
+            end
+          end
+        end
+        at_exit { shutdown! }
+      end
+    end
+  end
+end

@@ -1,0 +1,92 @@
+# frozen_string_literal: true
+
+module TaskerCore
+  module Worker
+    # The in-process event bus between the engine and Ruby handlers (dry-events' Publisher API).
+    #
+    #   step.execution.received  a step to run: {event_id:, task_uuid:, step_uuid:, task_sequence_step:}
+    #   step.completion.sent     a completion handed to the engine: the completion plus `accepted:`
+    #   bridge.error             a subscriber raised while handling an event: {error:, event_id:}
+    class EventBridge
+      include Singleton
+      include TaskerCore::Events::Publisher
+
+      STEP_EXECUTION = "step.execution.received"
+      STEP_COMPLETION = "step.completion.sent"
+      BRIDGE_ERROR = "bridge.error"
+      REQUIRED_COMPLETION_FIELDS = %i[event_id task_uuid step_uuid success].freeze
+
+      def initialize
+        @active = true
+        register_event(STEP_EXECUTION)
+        register_event(STEP_COMPLETION)
+        register_event(BRIDGE_ERROR)
+      end
+
+      def active?
+        @active
+      end
+
+      def start!
+        @active = true
+      end
+
+      def stop!
+        @active = false
+      end
+
+      # Entry point for events taken from the engine: wrap and publish to subscribers.
+      # @return [Hash, nil] the published event data, nil when the bridge is stopped
+      def publish_step_execution(event_data)
+        return unless @active
+
+        wrapped = {
+          event_id: event_data[:event_id],
+          task_uuid: event_data[:task_uuid],
+          step_uuid: event_data[:step_uuid],
+          task_sequence_step: wrap_sequence_step(event_data[:task_sequence_step])
+        }
+        publish(STEP_EXECUTION, wrapped)
+        wrapped
+      end
+
+      def subscribe_to_step_execution(&block)
+        subscribe(STEP_EXECUTION, &block)
+      end
+
+      # Validate, hand to the engine, then publish step.completion.sent.
+      # @return [Boolean] whether the engine accepted it (false: unknown, late or already completed)
+      def publish_step_completion(completion_data)
+        completion = normalize_completion(completion_data)
+        accepted = TaskerCore::FFI.send_step_completion_event(completion)
+        publish(STEP_COMPLETION, completion.merge(accepted: accepted))
+        accepted
+      end
+
+      # Report a failure inside a subscriber without losing the worker thread.
+      def publish_bridge_error(error, event_id: nil)
+        publish(BRIDGE_ERROR, error: error, event_id: event_id)
+      end
+
+      private
+
+      def wrap_sequence_step(data)
+        return data if data.is_a?(Models::TaskSequenceStepWrapper)
+
+        Models::TaskSequenceStepWrapper.new(data)
+      end
+
+      def normalize_completion(data)
+        raise ArgumentError, "completion must be a Hash, got #{data.class}" unless data.is_a?(Hash)
+
+        missing = REQUIRED_COMPLETION_FIELDS.reject { |k| data.key?(k) || data.key?(k.to_s) }
+        raise ArgumentError, "Missing required fields in completion: #{missing.join(', ')}" unless missing.empty?
+
+        completion = data.transform_keys(&:to_sym)
+        completion[:metadata] ||= {}
+        completion[:completed_at] ||= Time.now.utc.iso8601(6)
+        completion
+      end
+    end
+  end
+end

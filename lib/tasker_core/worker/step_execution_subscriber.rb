@@ -1,0 +1,83 @@
+# frozen_string_literal: true
+
+module TaskerCore
+  module Worker
+    # Runs one step: resolves the handler, calls it, turns its return value or exception into a
+    # completion and publishes that completion. Never lets a handler's failure escape.
+    class StepExecutionSubscriber
+      def initialize(handler_registry: Registry::HandlerRegistry.instance, event_bridge: EventBridge.instance,
+                     logger: TaskerCore::Logger.new)
+        @registry = handler_registry
+        @bridge = event_bridge
+        @logger = logger
+      end
+
+      # Subscriber entry point: `event` is the published Event (or its payload Hash).
+      def call(event)
+        data = event.respond_to?(:payload) ? event.payload : event
+        @bridge.publish_step_completion(execute(data))
+      rescue ArgumentError => e
+        # The completion itself was refused (e.g. a result that is not JSON-able): fail the step.
+        @bridge.publish_step_completion(failure(data, e, retryable: false))
+      end
+
+      private
+
+      def execute(data)
+        sequence = data[:task_sequence_step]
+        callable = sequence.step_definition.callable
+        klass = @registry.resolve(callable)
+        return missing_handler(data, callable) unless klass
+
+        handler = klass.new(config: sequence.step_definition.initialization)
+        success(data, handler.call(sequence.task, sequence, sequence.workflow_step))
+      rescue TaskerCore::PermanentError => e
+        failure(data, e, retryable: false)
+      rescue TaskerCore::RetryableError => e
+        failure(data, e, retryable: true, retry_after: e.retry_after)
+      rescue StandardError => e
+        failure(data, e, retryable: true)
+      rescue SignalException, SystemExit
+        raise
+      rescue Exception => e # rubocop:disable Lint/RescueException
+        # NotImplementedError, SystemStackError, NoMemoryError...: fail the step, keep the thread.
+        failure(data, e, retryable: false)
+      end
+
+      def success(data, returned)
+        result, metadata = if returned.is_a?(StepHandler::StepResult)
+                             [returned.result, returned.metadata || {}]
+                           else
+                             [returned, {}]
+                           end
+        base(data).merge!(success: true, result: result, metadata: metadata)
+      end
+
+      def failure(data, error, retryable:, retry_after: nil)
+        log_failure(data, error, retryable)
+        completion = base(data).merge!(
+          success: false, retryable: retryable, error_class: error.class.name, error_message: error.message.to_s,
+          metadata: { "backtrace" => Array(error.backtrace).first(10) }
+        )
+        completion[:retry_after] = retry_after if retry_after
+        completion
+      end
+
+      def missing_handler(data, callable)
+        error = NameError.new("handler class #{callable} not found: define it, or register it with " \
+                              "TaskerCore::Registry::HandlerRegistry.instance.register")
+        failure(data, error, retryable: false)
+      end
+
+      def base(data)
+        { event_id: data[:event_id], task_uuid: data[:task_uuid], step_uuid: data[:step_uuid] }
+      end
+
+      def log_failure(data, error, retryable)
+        step = data[:task_sequence_step]&.workflow_step
+        @logger.warn("step failed", step: step&.name, attempt: step&.attempts, error: error.class.name,
+                                    message: error.message.to_s, retryable: retryable)
+      end
+    end
+  end
+end

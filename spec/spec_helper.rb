@@ -1,0 +1,28 @@
+# frozen_string_literal: true
+
+# Specs run against the extension built in place (`rake compile`).
+$LOAD_PATH.unshift(File.expand_path("../lib", __dir__))
+
+FIXTURES = File.expand_path("fixtures", __dir__)
+ENV["TASKER_ENV"] = "test"
+ENV["TASKER_TEMPLATE_PATH"] ||= File.join(FIXTURES, "templates")
+ENV["TASKER_LOG_LEVEL"] ||= "error"
+
+require "tasker_core"
+Dir[File.join(__dir__, "support", "**", "*.rb")].sort.each { |f| require f }
+
+RSpec.configure do |config|
+  config.expect_with(:rspec) { |c| c.syntax = :expect }
+  config.disable_monkey_patching!
+  config.order = :defined
+  config.example_status_persistence_file_path = ".rspec_status"
+  config.include SpecHelpers
+
+  # Every example starts and ends with no worker, whatever it did.
+  config.after do
+    TaskerCore::Worker::Bootstrap.instance.shutdown!
+    TaskerCore::FFI.stop_worker if TaskerCore::FFI.worker_status[:running]
+  rescue TaskerCore::WorkerNotInitializedError
+    nil
+  end
+end
