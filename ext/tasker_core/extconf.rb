@@ -20,7 +20,7 @@ ruby = File.join(RbConfig::CONFIG["bindir"], RbConfig::CONFIG["ruby_install_name
 File.write("Makefile", <<~MAKE)
   CARGO ?= cargo
   SO = tasker_core.#{dlext}
-  sitearchdir ?= #{File.join(root, 'lib')}
+  sitearchdir ?= #{File.join(root, "lib")}
 
   all: $(SO)
 
@@ -31,7 +31,7 @@ File.write("Makefile", <<~MAKE)
   install: $(SO)
   \tmkdir -p $(DESTDIR)$(sitearchdir)/tasker_core
   \tcp $(SO) $(DESTDIR)$(sitearchdir)/tasker_core/$(SO)
-  #{installing && !ENV['CARGO_TARGET_DIR'] ? "\trm -rf #{target_dir}" : ''}
+  #{installing && !ENV["CARGO_TARGET_DIR"] ? "\trm -rf #{target_dir}" : ""}
 
   clean:
   \trm -f $(SO)

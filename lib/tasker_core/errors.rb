@@ -12,8 +12,5 @@ module TaskerCore
       @retry_after = retry_after
     end
   end
-
-  # Raised by a handler: the step fails now, whatever attempts remain.
-  class PermanentError
-  end
+  # TaskerCore::PermanentError, raised by a handler, fails the step now whatever attempts remain.
 end

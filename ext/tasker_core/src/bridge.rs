@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tasker_worker::dispatch::wait_reply;
 use tasker_worker::{
-    CompletionVerdict, EngineError, Reply, Take, WorkerBootstrap, WorkerConfig, WorkerState, WorkerSystemHandle,
+    CompletionVerdict, EngineError, Reply, Take, WorkerBootstrap, WorkerConfig, WorkerSystemHandle,
 };
 use tracing::warn;
 use uuid::Uuid;
@@ -58,8 +58,14 @@ pub fn init(ruby: &Ruby, module: RModule) -> Result<(), Error> {
     ffi.define_singleton_method("bootstrap_worker", function!(bootstrap_worker, -1))?;
     ffi.define_singleton_method("stop_worker", function!(stop_worker, 0))?;
     ffi.define_singleton_method("worker_status", function!(worker_status, 0))?;
-    ffi.define_singleton_method("transition_to_graceful_shutdown", function!(transition_to_graceful_shutdown, 0))?;
-    ffi.define_singleton_method("send_step_completion_event", function!(send_step_completion_event, 1))?;
+    ffi.define_singleton_method(
+        "transition_to_graceful_shutdown",
+        function!(transition_to_graceful_shutdown, 0),
+    )?;
+    ffi.define_singleton_method(
+        "send_step_completion_event",
+        function!(send_step_completion_event, 1),
+    )?;
     ffi.define_singleton_method("next_step_event", function!(next_step_event, -1))?;
     ffi.define_singleton_method("create_task", function!(create_task, 1))?;
     ffi.define_singleton_method("task_status", function!(task_status, 1))?;
@@ -74,10 +80,19 @@ fn bootstrap_worker(ruby: &Ruby, args: &[Value]) -> Result<RHash, Error> {
         let config = match args {
             [] => ruby.qnil().as_value(),
             [config] => *config,
-            _ => return Err(errors::argument(ruby, format!("wrong number of arguments (given {}, expected 0..1)", args.len()))),
+            _ => {
+                return Err(errors::argument(
+                    ruby,
+                    format!(
+                        "wrong number of arguments (given {}, expected 0..1)",
+                        args.len()
+                    ),
+                ))
+            }
         };
         let map = convert::config_map(ruby, config)?;
-        let config = WorkerConfig::from_map(&map, |key| std::env::var(key).ok()).map_err(|e| errors::engine(ruby, e))?;
+        let config = WorkerConfig::from_map(&map, |key| std::env::var(key).ok())
+            .map_err(|e| errors::engine(ruby, e))?;
         if let Some(running) = current() {
             return Err(errors::bootstrap(
                 ruby,
@@ -89,7 +104,10 @@ fn bootstrap_worker(ruby: &Ruby, args: &[Value]) -> Result<RHash, Error> {
             ));
         }
         if BOOTSTRAPPING.swap(true, Ordering::AcqRel) {
-            return Err(errors::bootstrap(ruby, "worker already running (another bootstrap is in progress)"));
+            return Err(errors::bootstrap(
+                ruby,
+                "worker already running (another bootstrap is in progress)",
+            ));
         }
         let result = start(ruby, config);
         BOOTSTRAPPING.store(false, Ordering::Release);
@@ -107,15 +125,23 @@ fn start(ruby: &Ruby, config: WorkerConfig) -> Result<RHash, Error> {
         }
     };
     let handle_id = Uuid::new_v4().to_string();
-    *slot() = Some(RubyBridgeHandle { handle_id: handle_id.clone(), system: Arc::clone(&system) });
+    *slot() = Some(RubyBridgeHandle {
+        handle_id: handle_id.clone(),
+        system: Arc::clone(&system),
+    });
 
     // Wait for the engine to report running (backends may connect and migrate first).
     let started = without_gvl(ruby, |cancel| wait_reply(system.started(), cancel, None))?;
     let failure = match started {
         Some(Reply::Value(Ok(()))) => None,
         Some(Reply::Value(Err(e))) => Some(bootstrap_failure(ruby, e)),
-        Some(Reply::EngineGone) => Some(errors::bootstrap(ruby, "the engine thread ended during bootstrap")),
-        Some(Reply::Interrupted | Reply::TimedOut) | None => Some(errors::bootstrap(ruby, "bootstrap interrupted")),
+        Some(Reply::EngineGone) => Some(errors::bootstrap(
+            ruby,
+            "the engine thread ended during bootstrap",
+        )),
+        Some(Reply::Interrupted | Reply::TimedOut) | None => {
+            Some(errors::bootstrap(ruby, "bootstrap interrupted"))
+        }
     };
     if let Some(error) = failure {
         discard(ruby, &system)?;
@@ -144,7 +170,10 @@ fn bootstrap_failure(ruby: &Ruby, e: EngineError) -> Error {
 fn discard(ruby: &Ruby, system: &Arc<WorkerSystemHandle>) -> Result<(), Error> {
     system.request_stop();
     let stopped = without_gvl(ruby, |cancel| {
-        let finished = matches!(wait_reply(system.stopped(), cancel, None), Reply::EngineGone | Reply::Value(_));
+        let finished = matches!(
+            wait_reply(system.stopped(), cancel, None),
+            Reply::EngineGone | Reply::Value(_)
+        );
         if finished {
             system.join();
         }
@@ -152,13 +181,19 @@ fn discard(ruby: &Ruby, system: &Arc<WorkerSystemHandle>) -> Result<(), Error> {
     })?;
     if stopped == Some(true) {
         let mut slot = slot();
-        if slot.as_ref().is_some_and(|b| Arc::ptr_eq(&b.system, system)) {
+        if slot
+            .as_ref()
+            .is_some_and(|b| Arc::ptr_eq(&b.system, system))
+        {
             *slot = None;
         }
         return Ok(());
     }
     check_interrupts(ruby)?;
-    Err(errors::ffi(ruby, "stopping the worker was interrupted; call stop_worker again"))
+    Err(errors::ffi(
+        ruby,
+        "stopping the worker was interrupted; call stop_worker again",
+    ))
 }
 
 fn stop_worker(ruby: &Ruby) -> Result<bool, Error> {
@@ -171,7 +206,12 @@ fn stop_worker(ruby: &Ruby) -> Result<bool, Error> {
 
 fn worker_status(ruby: &Ruby) -> Result<RHash, Error> {
     errors::guard(ruby, || match current() {
-        Some(system) => convert::status_to_ruby(ruby, &system.status()),
+        Some(system) => {
+            let hash = convert::status_to_ruby(ruby, &system.status())?;
+            let handle_id = slot().as_ref().map(|bridge| bridge.handle_id.clone());
+            hash.aset(ruby.to_symbol("handle_id"), handle_id)?;
+            Ok(hash)
+        }
         None => convert::stopped_status(ruby),
     })
 }
@@ -179,7 +219,9 @@ fn worker_status(ruby: &Ruby) -> Result<RHash, Error> {
 fn transition_to_graceful_shutdown(ruby: &Ruby) -> Result<bool, Error> {
     errors::guard(ruby, || {
         let system = require_worker(ruby)?;
-        system.transition_to_graceful_shutdown().map_err(|e| errors::engine(ruby, e))?;
+        system
+            .transition_to_graceful_shutdown()
+            .map_err(|e| errors::engine(ruby, e))?;
         Ok(true)
     })
 }
@@ -221,9 +263,16 @@ fn next_step_event(ruby: &Ruby, args: &[Value]) -> Result<Value, Error> {
             [] => None,
             [t] if t.is_nil() => None,
             [t] => Some(seconds(ruby, *t, "timeout")?),
-            _ => return Err(errors::argument(ruby, "wrong number of arguments (expected 0..1)")),
+            _ => {
+                return Err(errors::argument(
+                    ruby,
+                    "wrong number of arguments (expected 0..1)",
+                ))
+            }
         };
-        let Some(system) = current() else { return Ok(ruby.qnil().as_value()) };
+        let Some(system) = current() else {
+            return Ok(ruby.qnil().as_value());
+        };
         let port = system.port();
 
         // Fast path: an event is already waiting; take it without the GVL round trip.
@@ -249,7 +298,10 @@ fn next_step_event(ruby: &Ruby, args: &[Value]) -> Result<Value, Error> {
 fn seconds(ruby: &Ruby, value: Value, what: &str) -> Result<Duration, Error> {
     match convert::ruby_to_json(ruby, value, what)?.as_f64() {
         Some(s) if s.is_finite() && s >= 0.0 => Ok(Duration::from_secs_f64(s)),
-        _ => Err(errors::argument(ruby, format!("{what} must be a non-negative number of seconds"))),
+        _ => Err(errors::argument(
+            ruby,
+            format!("{what} must be a non-negative number of seconds"),
+        )),
     }
 }
 
@@ -266,7 +318,10 @@ fn await_reply<T: Send>(
             Some(Reply::Value(value)) => return Ok(Some(value)),
             Some(Reply::TimedOut) => return Ok(None),
             Some(Reply::EngineGone) => {
-                return Err(errors::not_initialized(ruby, "the worker stopped before answering"))
+                return Err(errors::not_initialized(
+                    ruby,
+                    "the worker stopped before answering",
+                ))
             }
             Some(Reply::Interrupted) | None => check_interrupts(ruby)?,
         }
@@ -281,11 +336,14 @@ fn create_task(ruby: &Ruby, request: RHash) -> Result<RString, Error> {
             match fetch(ruby, request, key) {
                 Some(v) => match RString::from_value(v).map(|s| s.to_string()) {
                     Some(Ok(s)) if !s.is_empty() => Ok(s),
-                    _ => Err(errors::configuration(ruby, format!("{name}: must be a non-empty String"))),
+                    _ => Err(errors::configuration(
+                        ruby,
+                        format!("{name}: must be a non-empty String"),
+                    )),
                 },
-                None => default
-                    .map(str::to_owned)
-                    .ok_or_else(|| errors::configuration(ruby, format!("{name}: required to create a task"))),
+                None => default.map(str::to_owned).ok_or_else(|| {
+                    errors::configuration(ruby, format!("{name}: required to create a task"))
+                }),
             }
         };
         let namespace = text(&convert::NAMESPACE, None)?;
@@ -293,7 +351,8 @@ fn create_task(ruby: &Ruby, request: RHash) -> Result<RString, Error> {
         let version = text(&convert::VERSION, Some("1.0.0"))?;
         let context = match fetch(ruby, request, &convert::CONTEXT) {
             None => serde_json::Value::Object(Default::default()),
-            Some(v) => convert::ruby_to_json(ruby, v, "context").map_err(|e| errors::configuration(ruby, e.to_string()))?,
+            Some(v) => convert::ruby_to_json(ruby, v, "context")
+                .map_err(|e| errors::configuration(ruby, e.to_string()))?,
         };
         let reply = system
             .request_create_task(&namespace, &name, &version, context)
@@ -310,14 +369,17 @@ fn parse_task_uuid(ruby: &Ruby, value: Value) -> Result<Uuid, Error> {
     let text = RString::from_value(value)
         .and_then(|s| s.to_string().ok())
         .ok_or_else(|| errors::argument(ruby, "task uuid must be a String"))?;
-    Uuid::parse_str(&text).map_err(|_| errors::ffi(ruby, format!("unknown task {text:?}: not a UUID")))
+    Uuid::parse_str(&text)
+        .map_err(|_| errors::ffi(ruby, format!("unknown task {text:?}: not a UUID")))
 }
 
 fn task_status(ruby: &Ruby, task_uuid: Value) -> Result<RHash, Error> {
     errors::guard(ruby, || {
         let system = require_worker(ruby)?;
         let uuid = parse_task_uuid(ruby, task_uuid)?;
-        let reply = system.request_task_status(uuid).map_err(|e| errors::engine(ruby, e))?;
+        let reply = system
+            .request_task_status(uuid)
+            .map_err(|e| errors::engine(ruby, e))?;
         match await_reply(ruby, reply, None)? {
             Some(Ok(snapshot)) => convert::snapshot_to_ruby(ruby, &snapshot),
             Some(Err(e)) => Err(errors::engine(ruby, e)),
@@ -331,8 +393,14 @@ fn wait_for_task(ruby: &Ruby, task_uuid: Value, timeout: Value) -> Result<Option
     errors::guard(ruby, || {
         let system = require_worker(ruby)?;
         let uuid = parse_task_uuid(ruby, task_uuid)?;
-        let timeout = if timeout.is_nil() { None } else { Some(seconds(ruby, timeout, "timeout")?) };
-        let reply = system.request_wait_for_task(uuid).map_err(|e| errors::engine(ruby, e))?;
+        let timeout = if timeout.is_nil() {
+            None
+        } else {
+            Some(seconds(ruby, timeout, "timeout")?)
+        };
+        let reply = system
+            .request_wait_for_task(uuid)
+            .map_err(|e| errors::engine(ruby, e))?;
         match await_reply(ruby, reply, timeout)? {
             Some(Ok(snapshot)) => Ok(Some(convert::snapshot_to_ruby(ruby, &snapshot)?)),
             Some(Err(e)) => Err(errors::engine(ruby, e)),
@@ -350,11 +418,9 @@ fn provoke_panic(ruby: &Ruby, place: String) -> Result<(), Error> {
             without_gvl(ruby, |_| -> () { panic!("provoked panic without the GVL") })?;
             Ok(())
         }
-        other => Err(errors::argument(ruby, format!("unknown place {other:?} (gvl or no_gvl)"))),
+        other => Err(errors::argument(
+            ruby,
+            format!("unknown place {other:?} (gvl or no_gvl)"),
+        )),
     })
-}
-
-#[allow(dead_code)]
-fn state_name(state: WorkerState) -> &'static str {
-    state.as_str()
 }

@@ -3,7 +3,8 @@
 
 use crate::errors;
 use magnus::{
-    prelude::*, r_hash::ForEach, value::LazyId, Error, Float, Integer, RArray, RHash, RString, Ruby, Symbol, Value,
+    prelude::*, r_hash::ForEach, value::LazyId, Error, Float, Integer, RArray, RHash, RString,
+    Ruby, Symbol, Value,
 };
 use serde_json::{Map, Number, Value as Json};
 use std::time::Duration;
@@ -76,7 +77,8 @@ pub fn json_to_ruby(ruby: &Ruby, json: &Json) -> Result<Value, Error> {
             } else if let Some(u) = n.as_u64() {
                 ruby.integer_from_u64(u).as_value()
             } else {
-                ruby.float_from_f64(n.as_f64().unwrap_or(f64::NAN)).as_value()
+                ruby.float_from_f64(n.as_f64().unwrap_or(f64::NAN))
+                    .as_value()
             }
         }
         Json::String(s) => ruby.str_new(s).as_value(),
@@ -105,7 +107,10 @@ pub fn ruby_to_json(ruby: &Ruby, value: Value, what: &str) -> Result<Json, Error
 
 fn to_json(ruby: &Ruby, value: Value, what: &str, depth: usize) -> Result<Json, Error> {
     if depth > MAX_DEPTH {
-        return Err(errors::argument(ruby, format!("{what}: nested more than {MAX_DEPTH} levels (a cycle?)")));
+        return Err(errors::argument(
+            ruby,
+            format!("{what}: nested more than {MAX_DEPTH} levels (a cycle?)"),
+        ));
     }
     if value.is_nil() {
         return Ok(Json::Null);
@@ -125,16 +130,17 @@ fn to_json(ruby: &Ruby, value: Value, what: &str, depth: usize) -> Result<Json, 
     if let Some(i) = Integer::from_value(value) {
         return match i.to_i64() {
             Ok(n) => Ok(Json::from(n)),
-            Err(_) => i
-                .to_u64()
-                .map(Json::from)
-                .map_err(|_| errors::argument(ruby, format!("{what}: integer {i} does not fit in 64 bits"))),
+            Err(_) => i.to_u64().map(Json::from).map_err(|_| {
+                errors::argument(ruby, format!("{what}: integer {i} does not fit in 64 bits"))
+            }),
         };
     }
     if let Some(f) = Float::from_value(value) {
         return Number::from_f64(f.to_f64())
             .map(Json::Number)
-            .ok_or_else(|| errors::argument(ruby, format!("{what}: {} is not a JSON number", f.to_f64())));
+            .ok_or_else(|| {
+                errors::argument(ruby, format!("{what}: {} is not a JSON number", f.to_f64()))
+            });
     }
     if let Some(array) = RArray::from_value(value) {
         let mut items = Vec::with_capacity(array.len());
@@ -183,16 +189,25 @@ fn key_string(ruby: &Ruby, key: Value, what: &str) -> Result<String, Error> {
     if let Some(sym) = Symbol::from_value(key) {
         return Ok(sym.name()?.into_owned());
     }
-    Err(errors::argument(ruby, format!("{what}: hash keys must be Strings or Symbols, got a {}", unsafe { key.classname() })))
+    Err(errors::argument(
+        ruby,
+        format!(
+            "{what}: hash keys must be Strings or Symbols, got a {}",
+            unsafe { key.classname() }
+        ),
+    ))
 }
 
 fn string(ruby: &Ruby, s: RString, what: &str) -> Result<String, Error> {
-    s.to_string().map_err(|_| errors::argument(ruby, format!("{what}: string is not valid UTF-8")))
+    s.to_string()
+        .map_err(|_| errors::argument(ruby, format!("{what}: string is not valid UTF-8")))
 }
 
 /// A value under a Symbol key, or else under the String key (hashes from Ruby may use either).
 pub fn fetch(ruby: &Ruby, hash: RHash, key: &Key) -> Option<Value> {
-    hash.get(**key).or_else(|| hash.get(ruby.str_new(key.name))).filter(|v| !v.is_nil())
+    hash.get(**key)
+        .or_else(|| hash.get(ruby.str_new(key.name)))
+        .filter(|v| !v.is_nil())
 }
 
 /// The config Hash → a JSON map keyed by strings.
@@ -201,7 +216,12 @@ pub fn config_map(ruby: &Ruby, config: Value) -> Result<Map<String, Json>, Error
         return Ok(Map::new());
     }
     let Some(hash) = RHash::from_value(config) else {
-        return Err(errors::configuration(ruby, format!("config must be a Hash, got a {}", unsafe { config.classname() })));
+        return Err(errors::configuration(
+            ruby,
+            format!("config must be a Hash, got a {}", unsafe {
+                config.classname()
+            }),
+        ));
     };
     match ruby_to_json(ruby, hash.as_value(), "config") {
         Ok(Json::Object(map)) => Ok(map),
@@ -237,7 +257,10 @@ pub fn event_to_ruby(ruby: &Ruby, event: &StepExecutionEvent) -> Result<RHash, E
 
     let handler = ruby.hash_new_capa_(2);
     handler.aset(*CALLABLE, ruby.str_new(&definition.callable))?;
-    handler.aset(*INITIALIZATION, json_to_ruby(ruby, &definition.initialization)?)?;
+    handler.aset(
+        *INITIALIZATION,
+        json_to_ruby(ruby, &definition.initialization)?,
+    )?;
     let retry_hash = ruby.hash_new_capa_(5);
     retry_hash.aset(*RETRYABLE, retry.retryable)?;
     retry_hash.aset(*MAX_ATTEMPTS, retry.max_attempts)?;
@@ -272,46 +295,87 @@ pub fn event_to_ruby(ruby: &Ruby, event: &StepExecutionEvent) -> Result<RHash, E
 fn required_uuid(ruby: &Ruby, hash: RHash, key: &Key) -> Result<Uuid, Error> {
     let value = fetch(ruby, hash, key).expect("presence checked first");
     let name = key.name;
-    let text = RString::from_value(value)
-        .ok_or_else(|| errors::argument(ruby, format!("{name} must be a UUID String, got a {}", unsafe { value.classname() })))?;
+    let text = RString::from_value(value).ok_or_else(|| {
+        errors::argument(
+            ruby,
+            format!("{name} must be a UUID String, got a {}", unsafe {
+                value.classname()
+            }),
+        )
+    })?;
     let text = string(ruby, text, name)?;
-    Uuid::parse_str(&text).map_err(|_| errors::argument(ruby, format!("{name} must be a UUID, got {text:?}")))
+    Uuid::parse_str(&text)
+        .map_err(|_| errors::argument(ruby, format!("{name} must be a UUID, got {text:?}")))
 }
 
 fn optional_string(ruby: &Ruby, hash: RHash, key: &Key) -> Result<Option<String>, Error> {
-    let Some(value) = fetch(ruby, hash, key) else { return Ok(None) };
+    let Some(value) = fetch(ruby, hash, key) else {
+        return Ok(None);
+    };
     let name = key.name;
     match RString::from_value(value) {
         Some(s) => string(ruby, s, name).map(Some),
-        None => Err(errors::argument(ruby, format!("{name} must be a String, got a {}", unsafe { value.classname() }))),
+        None => Err(errors::argument(
+            ruby,
+            format!("{name} must be a String, got a {}", unsafe {
+                value.classname()
+            }),
+        )),
     }
 }
 
 fn optional_bool(ruby: &Ruby, hash: RHash, key: &Key) -> Result<Option<bool>, Error> {
-    let Some(value) = fetch(ruby, hash, key) else { return Ok(None) };
+    let Some(value) = fetch(ruby, hash, key) else {
+        return Ok(None);
+    };
     match to_json(ruby, value, "", 0) {
         Ok(Json::Bool(b)) => Ok(Some(b)),
-        _ => Err(errors::argument(ruby, format!("{} must be true or false", key.name))),
+        _ => Err(errors::argument(
+            ruby,
+            format!("{} must be true or false", key.name),
+        )),
     }
 }
 
 /// Validate a completion Hash; missing or ill-typed fields raise `ArgumentError` naming them.
-pub fn completion_from_ruby(ruby: &Ruby, value: Value) -> Result<StepExecutionCompletionEvent, Error> {
+pub fn completion_from_ruby(
+    ruby: &Ruby,
+    value: Value,
+) -> Result<StepExecutionCompletionEvent, Error> {
     let Some(hash) = RHash::from_value(value) else {
-        return Err(errors::argument(ruby, format!("completion must be a Hash, got a {}", unsafe { value.classname() })));
+        return Err(errors::argument(
+            ruby,
+            format!("completion must be a Hash, got a {}", unsafe {
+                value.classname()
+            }),
+        ));
     };
     let required = [&EVENT_ID, &TASK_UUID, &STEP_UUID, &SUCCESS];
-    let missing: Vec<&str> =
-        required.iter().filter(|k| fetch(ruby, hash, k).is_none()).map(|k| k.name).collect();
+    let missing: Vec<&str> = required
+        .iter()
+        .filter(|k| fetch(ruby, hash, k).is_none())
+        .map(|k| k.name)
+        .collect();
     if !missing.is_empty() {
-        return Err(errors::argument(ruby, format!("Missing required fields in completion: {}", missing.join(", "))));
+        return Err(errors::argument(
+            ruby,
+            format!(
+                "Missing required fields in completion: {}",
+                missing.join(", ")
+            ),
+        ));
     }
     let success = optional_bool(ruby, hash, &SUCCESS)?.expect("presence checked");
     let retry_after = match fetch(ruby, hash, &RETRY_AFTER) {
         None => None,
         Some(v) => match to_json(ruby, v, "retry_after", 0)?.as_f64() {
             Some(s) if s.is_finite() && s >= 0.0 => Some(Duration::from_secs_f64(s)),
-            _ => return Err(errors::argument(ruby, "retry_after must be a non-negative number of seconds")),
+            _ => {
+                return Err(errors::argument(
+                    ruby,
+                    "retry_after must be a non-negative number of seconds",
+                ))
+            }
         },
     };
     let metadata = match fetch(ruby, hash, &METADATA) {
@@ -360,11 +424,17 @@ fn step_to_ruby(ruby: &Ruby, step: &StepSnapshot) -> Result<RHash, Error> {
     hash.aset(*NAME, ruby.str_new(&step.name))?;
     hash.aset(*STATUS, ruby.str_new(step.status.as_str()))?;
     hash.aset(*ATTEMPTS, step.attempts)?;
-    hash.aset(*RESULT, match &step.result {
-        Some(result) => json_to_ruby(ruby, result)?,
-        None => ruby.qnil().as_value(),
-    })?;
-    hash.aset(*ERROR_MESSAGE, step.error_message.as_deref().map(|m| ruby.str_new(m)))?;
+    hash.aset(
+        *RESULT,
+        match &step.result {
+            Some(result) => json_to_ruby(ruby, result)?,
+            None => ruby.qnil().as_value(),
+        },
+    )?;
+    hash.aset(
+        *ERROR_MESSAGE,
+        step.error_message.as_deref().map(|m| ruby.str_new(m)),
+    )?;
     Ok(hash)
 }
 

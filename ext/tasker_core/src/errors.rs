@@ -5,13 +5,21 @@ use magnus::{exception::ExceptionClass, prelude::*, value::Lazy, Error, RModule,
 use tasker_worker::EngineError;
 
 fn tasker_error(ruby: &Ruby, name: &str) -> ExceptionClass {
-    let module: RModule = ruby.class_object().const_get("TaskerCore").expect("TaskerCore is defined at init");
-    module.const_get(name).expect("error classes are defined at init")
+    let module: RModule = ruby
+        .class_object()
+        .const_get("TaskerCore")
+        .expect("TaskerCore is defined at init");
+    module
+        .const_get(name)
+        .expect("error classes are defined at init")
 }
 
-static WORKER_NOT_INITIALIZED: Lazy<ExceptionClass> = Lazy::new(|ruby| tasker_error(ruby, "WorkerNotInitializedError"));
-static WORKER_BOOTSTRAP: Lazy<ExceptionClass> = Lazy::new(|ruby| tasker_error(ruby, "WorkerBootstrapError"));
-static CONFIGURATION: Lazy<ExceptionClass> = Lazy::new(|ruby| tasker_error(ruby, "ConfigurationError"));
+static WORKER_NOT_INITIALIZED: Lazy<ExceptionClass> =
+    Lazy::new(|ruby| tasker_error(ruby, "WorkerNotInitializedError"));
+static WORKER_BOOTSTRAP: Lazy<ExceptionClass> =
+    Lazy::new(|ruby| tasker_error(ruby, "WorkerBootstrapError"));
+static CONFIGURATION: Lazy<ExceptionClass> =
+    Lazy::new(|ruby| tasker_error(ruby, "ConfigurationError"));
 static FFI: Lazy<ExceptionClass> = Lazy::new(|ruby| tasker_error(ruby, "FFIError"));
 
 pub fn define(ruby: &Ruby, module: RModule) -> Result<(), Error> {
@@ -27,7 +35,12 @@ pub fn define(ruby: &Ruby, module: RModule) -> Result<(), Error> {
         module.define_error(name, base)?;
     }
     // Resolve now, on the loading thread, so later lookups cannot fail.
-    for class in [&WORKER_NOT_INITIALIZED, &WORKER_BOOTSTRAP, &CONFIGURATION, &FFI] {
+    for class in [
+        &WORKER_NOT_INITIALIZED,
+        &WORKER_BOOTSTRAP,
+        &CONFIGURATION,
+        &FFI,
+    ] {
         Lazy::force(class, ruby);
     }
     Ok(())
@@ -73,7 +86,10 @@ pub fn panic_error(ruby: &Ruby, panic: Box<dyn std::any::Any + Send>) -> Error {
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic payload".to_string());
     tracing::error!(%detail, "internal panic caught at the FFI boundary");
-    ffi(ruby, format!("internal error in tasker_core (a Rust panic was caught): {detail}"))
+    ffi(
+        ruby,
+        format!("internal error in tasker_core (a Rust panic was caught): {detail}"),
+    )
 }
 
 /// Run an FFI body, turning a panic into `FFIError` before magnus would turn it into `fatal`.

@@ -44,7 +44,11 @@ where
     F: FnOnce(&Receiver<()>) -> R,
 {
     let (cancel_tx, cancel_rx) = crossbeam_channel::bounded::<()>(1);
-    let mut call = Call { work: Some(work), cancel: cancel_rx, outcome: None };
+    let mut call = Call {
+        work: Some(work),
+        cancel: cancel_rx,
+        outcome: None,
+    };
     // SAFETY: both pointers stay valid until the call returns; the ubf only touches the sender.
     unsafe {
         rb_sys::rb_thread_call_without_gvl2(

@@ -41,7 +41,12 @@ fn parse_level(ruby: &Ruby, level: &str) -> Result<Level, Error> {
         "info" => Level::INFO,
         "warn" => Level::WARN,
         "error" => Level::ERROR,
-        other => return Err(errors::argument(ruby, format!("unknown log level {other:?}"))),
+        other => {
+            return Err(errors::argument(
+                ruby,
+                format!("unknown log level {other:?}"),
+            ))
+        }
     })
 }
 
@@ -63,7 +68,15 @@ fn log(ruby: &Ruby, level: Level, args: &[Value]) -> Result<(), Error> {
         let (message, context) = match args {
             [message] => (*message, None),
             [message, context] => (*message, Some(*context)),
-            _ => return Err(errors::argument(ruby, format!("wrong number of arguments (given {}, expected 1..2)", args.len()))),
+            _ => {
+                return Err(errors::argument(
+                    ruby,
+                    format!(
+                        "wrong number of arguments (given {}, expected 1..2)",
+                        args.len()
+                    ),
+                ))
+            }
         };
         if !enabled(level) {
             return Ok(());
@@ -72,7 +85,8 @@ fn log(ruby: &Ruby, level: Level, args: &[Value]) -> Result<(), Error> {
         let context = match context.filter(|c| !c.is_nil()) {
             None => String::new(),
             Some(c) => {
-                let hash = RHash::from_value(c).ok_or_else(|| errors::argument(ruby, "log context must be a Hash"))?;
+                let hash = RHash::from_value(c)
+                    .ok_or_else(|| errors::argument(ruby, "log context must be a Hash"))?;
                 render_context(ruby, hash)?
             }
         };

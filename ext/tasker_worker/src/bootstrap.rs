@@ -102,7 +102,9 @@ impl WorkerBootstrap {
                     Ok(rt) => rt,
                     Err(e) => {
                         thread_shared.set_state(WorkerState::Error);
-                        let _ = started_tx.send(Err(EngineError::Bootstrap(format!("cannot start tokio runtime: {e}"))));
+                        let _ = started_tx.send(Err(EngineError::Bootstrap(format!(
+                            "cannot start tokio runtime: {e}"
+                        ))));
                         return;
                     }
                 };
@@ -165,7 +167,10 @@ impl WorkerSystemHandle {
     }
 
     pub fn is_running(&self) -> bool {
-        matches!(self.shared.state(), WorkerState::Running | WorkerState::ShuttingDown)
+        matches!(
+            self.shared.state(),
+            WorkerState::Running | WorkerState::ShuttingDown
+        )
     }
 
     pub fn state(&self) -> WorkerState {
@@ -185,7 +190,9 @@ impl WorkerSystemHandle {
     }
 
     fn send(&self, message: EngineMessage) -> EngineResult<()> {
-        self.inbox.send(message).map_err(|_| EngineError::NotInitialized)
+        self.inbox
+            .send(message)
+            .map_err(|_| EngineError::NotInitialized)
     }
 
     /// Stop dispatching; in-flight steps finish and are recorded.
@@ -223,11 +230,15 @@ impl WorkerSystemHandle {
             ));
         }
         let Some(flight) = self.registry.take(event_id) else {
-            return CompletionVerdict::Refused(format!("completion for event {event_id} arrived after its timeout"));
+            return CompletionVerdict::Refused(format!(
+                "completion for event {event_id} arrived after its timeout"
+            ));
         };
         match self.send(EngineMessage::Completion(flight, Box::new(completion))) {
             Ok(()) => CompletionVerdict::Accepted,
-            Err(_) => CompletionVerdict::Refused(format!("completion for event {event_id} arrived after the worker stopped")),
+            Err(_) => CompletionVerdict::Refused(format!(
+                "completion for event {event_id} arrived after the worker stopped"
+            )),
         }
     }
 
@@ -258,17 +269,27 @@ impl WorkerSystemHandle {
             return Err(EngineError::config("context: must be a Hash"));
         }
         let (reply, answer) = crossbeam_channel::bounded(1);
-        self.send(EngineMessage::CreateTask { template, context, reply })?;
+        self.send(EngineMessage::CreateTask {
+            template,
+            context,
+            reply,
+        })?;
         Ok(answer)
     }
 
-    pub fn request_task_status(&self, task_uuid: Uuid) -> EngineResult<Receiver<EngineResult<TaskSnapshot>>> {
+    pub fn request_task_status(
+        &self,
+        task_uuid: Uuid,
+    ) -> EngineResult<Receiver<EngineResult<TaskSnapshot>>> {
         let (reply, answer) = crossbeam_channel::bounded(1);
         self.send(EngineMessage::TaskStatus { task_uuid, reply })?;
         Ok(answer)
     }
 
-    pub fn request_wait_for_task(&self, task_uuid: Uuid) -> EngineResult<Receiver<EngineResult<TaskSnapshot>>> {
+    pub fn request_wait_for_task(
+        &self,
+        task_uuid: Uuid,
+    ) -> EngineResult<Receiver<EngineResult<TaskSnapshot>>> {
         let (reply, answer) = crossbeam_channel::bounded(1);
         self.send(EngineMessage::WaitForTask { task_uuid, reply })?;
         Ok(answer)

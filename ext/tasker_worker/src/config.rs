@@ -114,7 +114,10 @@ pub struct WorkerConfig {
 
 impl WorkerConfig {
     /// Parse and validate. `env` looks up environment variables (injected so tests stay hermetic).
-    pub fn from_map(map: &Map<String, Value>, env: impl Fn(&str) -> Option<String>) -> EngineResult<Self> {
+    pub fn from_map(
+        map: &Map<String, Value>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> EngineResult<Self> {
         if let Some(unknown) = map.keys().find(|k| !CONFIG_KEYS.contains(&k.as_str())) {
             return Err(EngineError::config(format!(
                 "unknown config key `{unknown}` (known keys: {})",
@@ -127,8 +130,14 @@ impl WorkerConfig {
             Some(v) => non_empty_string("worker_id", v)?,
             None => format!("worker-{}", uuid::Uuid::new_v4()),
         };
-        let namespaces = get("namespaces").map(|v| string_list("namespaces", v)).transpose()?;
-        let backend = match get("backend").map(|v| string("backend", v)).transpose()?.as_deref() {
+        let namespaces = get("namespaces")
+            .map(|v| string_list("namespaces", v))
+            .transpose()?;
+        let backend = match get("backend")
+            .map(|v| string("backend", v))
+            .transpose()?
+            .as_deref()
+        {
             None | Some("memory") => BackendKind::Memory,
             Some("postgres") => BackendKind::Postgres,
             Some(other) => return Err(bad_value("backend", other, "\"memory\" or \"postgres\"")),
@@ -137,12 +146,20 @@ impl WorkerConfig {
             Some(v) => Some(non_empty_string("database_url", v)?),
             None => env("DATABASE_URL").filter(|s| !s.is_empty()),
         };
-        let deployment_mode = match get("deployment_mode").map(|v| string("deployment_mode", v)).transpose()?.as_deref() {
+        let deployment_mode = match get("deployment_mode")
+            .map(|v| string("deployment_mode", v))
+            .transpose()?
+            .as_deref()
+        {
             None | Some("Hybrid") => DeploymentMode::Hybrid,
             Some("EventDriven") => DeploymentMode::EventDriven,
             Some("Polling") => DeploymentMode::Polling,
             Some(other) => {
-                return Err(bad_value("deployment_mode", other, "\"Hybrid\", \"EventDriven\" or \"Polling\""))
+                return Err(bad_value(
+                    "deployment_mode",
+                    other,
+                    "\"Hybrid\", \"EventDriven\" or \"Polling\"",
+                ))
             }
         };
         let concurrency = match get("concurrency") {
@@ -152,13 +169,19 @@ impl WorkerConfig {
         let templates = match get("templates") {
             Some(v) => path_list("templates", v)?,
             None => env("TASKER_TEMPLATE_PATH")
-                .map(|s| std::env::split_paths(&s).filter(|p| !p.as_os_str().is_empty()).collect())
+                .map(|s| {
+                    std::env::split_paths(&s)
+                        .filter(|p| !p.as_os_str().is_empty())
+                        .collect()
+                })
                 .unwrap_or_default(),
         };
         let log_level = match get("log_level") {
             Some(v) => {
                 let s = string("log_level", v)?;
-                Some(LogLevel::parse(&s).ok_or_else(|| bad_value("log_level", &s, "trace, debug, info, warn or error"))?)
+                Some(LogLevel::parse(&s).ok_or_else(|| {
+                    bad_value("log_level", &s, "trace, debug, info, warn or error")
+                })?)
             }
             None => None,
         };
@@ -178,7 +201,10 @@ impl WorkerConfig {
                 "event_driven_enabled: false contradicts deployment_mode: \"EventDriven\"",
             ));
         }
-        if event_driven_enabled && deployment_mode == DeploymentMode::Polling && get("event_driven_enabled").is_some() {
+        if event_driven_enabled
+            && deployment_mode == DeploymentMode::Polling
+            && get("event_driven_enabled").is_some()
+        {
             return Err(EngineError::config(
                 "event_driven_enabled: true contradicts deployment_mode: \"Polling\"",
             ));
@@ -231,7 +257,11 @@ impl WorkerConfig {
             worker_id,
             namespaces,
             backend,
-            database_url: if backend == BackendKind::Postgres { database_url } else { None },
+            database_url: if backend == BackendKind::Postgres {
+                database_url
+            } else {
+                None
+            },
             deployment_mode,
             concurrency,
             templates,
@@ -247,7 +277,9 @@ impl WorkerConfig {
 }
 
 fn bad_value(key: &str, got: &str, expected: &str) -> EngineError {
-    EngineError::config(format!("{key}: invalid value {got:?} (expected {expected})"))
+    EngineError::config(format!(
+        "{key}: invalid value {got:?} (expected {expected})"
+    ))
 }
 
 fn type_name(v: &Value) -> &'static str {
@@ -262,9 +294,9 @@ fn type_name(v: &Value) -> &'static str {
 }
 
 fn string(key: &str, v: &Value) -> EngineResult<String> {
-    v.as_str()
-        .map(str::to_owned)
-        .ok_or_else(|| EngineError::config(format!("{key}: expected a string, got a {}", type_name(v))))
+    v.as_str().map(str::to_owned).ok_or_else(|| {
+        EngineError::config(format!("{key}: expected a string, got a {}", type_name(v)))
+    })
 }
 
 fn non_empty_string(key: &str, v: &Value) -> EngineResult<String> {
@@ -276,8 +308,12 @@ fn non_empty_string(key: &str, v: &Value) -> EngineResult<String> {
 }
 
 fn boolean(key: &str, v: &Value) -> EngineResult<bool> {
-    v.as_bool()
-        .ok_or_else(|| EngineError::config(format!("{key}: expected true or false, got a {}", type_name(v))))
+    v.as_bool().ok_or_else(|| {
+        EngineError::config(format!(
+            "{key}: expected true or false, got a {}",
+            type_name(v)
+        ))
+    })
 }
 
 fn integer_in(key: &str, v: &Value, min: i64, max: i64) -> EngineResult<i64> {
@@ -285,17 +321,21 @@ fn integer_in(key: &str, v: &Value, min: i64, max: i64) -> EngineResult<i64> {
         .as_i64()
         .ok_or_else(|| EngineError::config(format!("{key}: expected an integer, got {v}")))?;
     if n < min || n > max {
-        return Err(EngineError::config(format!("{key}: {n} is out of range ({min}..={max})")));
+        return Err(EngineError::config(format!(
+            "{key}: {n} is out of range ({min}..={max})"
+        )));
     }
     Ok(n)
 }
 
 fn seconds_in(key: &str, v: &Value, min: f64, max: f64) -> EngineResult<Duration> {
-    let n = v
-        .as_f64()
-        .ok_or_else(|| EngineError::config(format!("{key}: expected a number of seconds, got {v}")))?;
+    let n = v.as_f64().ok_or_else(|| {
+        EngineError::config(format!("{key}: expected a number of seconds, got {v}"))
+    })?;
     if !(min..=max).contains(&n) {
-        return Err(EngineError::config(format!("{key}: {n} seconds is out of range ({min}..={max})")));
+        return Err(EngineError::config(format!(
+            "{key}: {n} seconds is out of range ({min}..={max})"
+        )));
     }
     Ok(Duration::from_secs_f64(n))
 }
@@ -303,7 +343,10 @@ fn seconds_in(key: &str, v: &Value, min: f64, max: f64) -> EngineResult<Duration
 fn string_list(key: &str, v: &Value) -> EngineResult<Vec<String>> {
     match v {
         Value::String(s) => Ok(vec![s.clone()]),
-        Value::Array(items) => items.iter().map(|item| non_empty_string(key, item)).collect(),
+        Value::Array(items) => items
+            .iter()
+            .map(|item| non_empty_string(key, item))
+            .collect(),
         other => Err(EngineError::config(format!(
             "{key}: expected a string or an array of strings, got a {}",
             type_name(other)
@@ -312,7 +355,10 @@ fn string_list(key: &str, v: &Value) -> EngineResult<Vec<String>> {
 }
 
 fn path_list(key: &str, v: &Value) -> EngineResult<Vec<PathBuf>> {
-    Ok(string_list(key, v)?.into_iter().map(PathBuf::from).collect())
+    Ok(string_list(key, v)?
+        .into_iter()
+        .map(PathBuf::from)
+        .collect())
 }
 
 #[cfg(test)]
@@ -359,9 +405,14 @@ mod tests {
 
     #[test]
     fn environment_falls_back_through_env_vars() {
-        let c = WorkerConfig::from_map(&Map::new(), |k| (k == "RACK_ENV").then(|| "staging".into())).unwrap();
+        let c =
+            WorkerConfig::from_map(&Map::new(), |k| (k == "RACK_ENV").then(|| "staging".into()))
+                .unwrap();
         assert_eq!(c.environment, "staging");
-        let c = WorkerConfig::from_map(&Map::new(), |k| (k != "RACK_ENV").then(|| format!("from-{k}"))).unwrap();
+        let c = WorkerConfig::from_map(&Map::new(), |k| {
+            (k != "RACK_ENV").then(|| format!("from-{k}"))
+        })
+        .unwrap();
         assert_eq!(c.environment, "from-TASKER_ENV");
     }
 }

@@ -23,12 +23,16 @@ impl InFlightRegistry {
     }
 
     pub fn get(&self, event_id: Uuid) -> Option<InFlight> {
-        self.entries.get(&event_id.as_u128()).map(|e| e.value().clone())
+        self.entries
+            .get(&event_id.as_u128())
+            .map(|e| e.value().clone())
     }
 
     /// Exactly one caller wins the removal of an entry (completion vs timeout vs recall).
     pub fn take(&self, event_id: Uuid) -> Option<InFlight> {
-        self.entries.remove(&event_id.as_u128()).map(|e| e.value().clone())
+        self.entries
+            .remove(&event_id.as_u128())
+            .map(|e| e.value().clone())
     }
 
     pub fn len(&self) -> usize {
@@ -125,7 +129,11 @@ impl DispatchPort {
 }
 
 /// Wait for a reply from the engine, interruptibly (used by the bridge with the GVL released).
-pub fn wait_reply<T>(reply: &Receiver<T>, cancel: &Receiver<()>, timeout: Option<Duration>) -> Reply<T> {
+pub fn wait_reply<T>(
+    reply: &Receiver<T>,
+    cancel: &Receiver<()>,
+    timeout: Option<Duration>,
+) -> Reply<T> {
     let mut select = Select::new();
     let answer = select.recv(reply);
     select.recv(cancel);
@@ -156,7 +164,8 @@ pub enum Reply<T> {
     EngineGone,
 }
 
-pub(crate) fn channel(capacity: usize) -> (Sender<StepExecutionEvent>, Receiver<StepExecutionEvent>) {
+pub(crate) fn channel(
+    capacity: usize,
+) -> (Sender<StepExecutionEvent>, Receiver<StepExecutionEvent>) {
     crossbeam_channel::bounded(capacity)
 }
-

@@ -19,9 +19,19 @@ use uuid::Uuid;
 /// Everything that reaches the engine thread, in the order it was sent.
 pub enum EngineMessage {
     Completion(InFlight, Box<StepExecutionCompletionEvent>),
-    CreateTask { template: Arc<TaskTemplate>, context: Value, reply: Sender<EngineResult<Uuid>> },
-    TaskStatus { task_uuid: Uuid, reply: SnapshotReply },
-    WaitForTask { task_uuid: Uuid, reply: SnapshotReply },
+    CreateTask {
+        template: Arc<TaskTemplate>,
+        context: Value,
+        reply: Sender<EngineResult<Uuid>>,
+    },
+    TaskStatus {
+        task_uuid: Uuid,
+        reply: SnapshotReply,
+    },
+    WaitForTask {
+        task_uuid: Uuid,
+        reply: SnapshotReply,
+    },
     GracefulShutdown,
     Stop,
 }
@@ -66,9 +76,17 @@ impl<B: Backend> Engine<B> {
             "worker running"
         );
 
-        let mut st = LoopState { accepting: true, stop_by: None, next_sweep: None, outcomes: Vec::new() };
+        let mut st = LoopState {
+            accepting: true,
+            stop_by: None,
+            next_sweep: None,
+            outcomes: Vec::new(),
+        };
         loop {
-            let wake = [self.backend.next_wakeup(), st.next_sweep, st.stop_by].into_iter().flatten().min();
+            let wake = [self.backend.next_wakeup(), st.next_sweep, st.stop_by]
+                .into_iter()
+                .flatten()
+                .min();
             let first = match wake {
                 Some(at) => tokio::select! {
                     m = self.inbox.recv() => m,
@@ -96,7 +114,10 @@ impl<B: Backend> Engine<B> {
                     break;
                 }
                 if Instant::now() >= stop_by {
-                    warn!(in_flight, "shutdown timeout reached with steps still running; they are abandoned");
+                    warn!(
+                        in_flight,
+                        "shutdown timeout reached with steps still running; they are abandoned"
+                    );
                     break;
                 }
             }
@@ -109,14 +130,19 @@ impl<B: Backend> Engine<B> {
     async fn handle(&mut self, message: EngineMessage, st: &mut LoopState) {
         match message {
             EngineMessage::Completion(flight, completion) => {
-                st.outcomes.push((flight, AttemptOutcome::Completed(completion)));
+                st.outcomes
+                    .push((flight, AttemptOutcome::Completed(completion)));
                 return;
             }
             _ => self.flush(st).await,
         }
         match message {
             EngineMessage::Completion(..) => unreachable!("handled above"),
-            EngineMessage::CreateTask { template, context, reply } => {
+            EngineMessage::CreateTask {
+                template,
+                context,
+                reply,
+            } => {
                 let result = if st.accepting {
                     self.backend.create_task(template, context).await
                 } else {
@@ -127,11 +153,14 @@ impl<B: Backend> Engine<B> {
             EngineMessage::TaskStatus { task_uuid, reply } => {
                 let _ = reply.try_send(self.backend.task_status(task_uuid).await);
             }
-            EngineMessage::WaitForTask { task_uuid, reply } => self.backend.wait_for_task(task_uuid, reply).await,
+            EngineMessage::WaitForTask { task_uuid, reply } => {
+                self.backend.wait_for_task(task_uuid, reply).await
+            }
             EngineMessage::GracefulShutdown => self.begin_shutdown(st).await,
             EngineMessage::Stop => {
                 self.begin_shutdown(st).await;
-                st.stop_by.get_or_insert(Instant::now() + self.shutdown_timeout);
+                st.stop_by
+                    .get_or_insert(Instant::now() + self.shutdown_timeout);
             }
         }
     }
@@ -150,7 +179,9 @@ impl<B: Backend> Engine<B> {
         if let Err(e) = self.backend.record(outcomes, Instant::now()).await {
             error!(error = %e, "recording step outcomes failed");
         }
-        self.shared.steps_processed.fetch_add(ended, Ordering::AcqRel);
+        self.shared
+            .steps_processed
+            .fetch_add(ended, Ordering::AcqRel);
         self.shared.steps_failed.fetch_add(failed, Ordering::AcqRel);
         self.shared.in_flight.fetch_sub(ended, Ordering::AcqRel);
     }
@@ -184,7 +215,10 @@ impl<B: Backend> Engine<B> {
             }
         };
         for (event, flight) in claimed {
-            st.next_sweep = Some(st.next_sweep.map_or(flight.deadline, |at| at.min(flight.deadline)));
+            st.next_sweep = Some(
+                st.next_sweep
+                    .map_or(flight.deadline, |at| at.min(flight.deadline)),
+            );
             self.registry.insert(event.event_id, flight);
             self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
             if let Err(e) = self.dispatch.try_send(event) {
@@ -208,7 +242,9 @@ impl<B: Backend> Engine<B> {
             }
         }
         if !unstarted.is_empty() {
-            self.shared.in_flight.fetch_sub(unstarted.len() as u64, Ordering::AcqRel);
+            self.shared
+                .in_flight
+                .fetch_sub(unstarted.len() as u64, Ordering::AcqRel);
             self.backend.release(unstarted).await;
         }
         info!(

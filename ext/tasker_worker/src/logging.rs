@@ -29,9 +29,12 @@ pub fn init() {
             .unwrap_or(LogLevel::Info);
         let (filter, handle) = reload::Layer::new(to_filter(level));
         let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-        let subscriber =
-            Registry::default().with(filter).with(fmt::layer().with_writer(std::io::stderr).with_ansi(ansi));
-        tracing::subscriber::set_global_default(subscriber).ok().map(|_| handle)
+        let subscriber = Registry::default()
+            .with(filter)
+            .with(fmt::layer().with_writer(std::io::stderr).with_ansi(ansi));
+        tracing::subscriber::set_global_default(subscriber)
+            .ok()
+            .map(|_| handle)
     });
 }
 

@@ -37,7 +37,13 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        Self { retryable: true, max_attempts: 3, backoff: Backoff::Exponential, backoff_base_ms: 100, max_backoff_ms: 30_000 }
+        Self {
+            retryable: true,
+            max_attempts: 3,
+            backoff: Backoff::Exponential,
+            backoff_base_ms: 100,
+            max_backoff_ms: 30_000,
+        }
     }
 }
 
@@ -49,7 +55,8 @@ impl RetryPolicy {
             Backoff::Linear => self.backoff_base_ms.saturating_mul(failed_attempt as u64),
             Backoff::Exponential => {
                 let shift = failed_attempt.saturating_sub(1).min(63);
-                self.backoff_base_ms.saturating_mul(1u64.checked_shl(shift).unwrap_or(u64::MAX))
+                self.backoff_base_ms
+                    .saturating_mul(1u64.checked_shl(shift).unwrap_or(u64::MAX))
             }
         };
         Duration::from_millis(ms.min(self.max_backoff_ms))
@@ -82,7 +89,11 @@ pub struct TaskTemplate {
 
 impl TaskTemplate {
     pub fn key(&self) -> TemplateKey {
-        TemplateKey { namespace: self.namespace.clone(), name: self.name.clone(), version: self.version.clone() }
+        TemplateKey {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            version: self.version.clone(),
+        }
     }
 
     /// Parse and validate one template; `source` only labels error messages.
@@ -92,7 +103,11 @@ impl TaskTemplate {
             .map_err(|e| EngineError::config(format!("template {file}: {e}")))?;
         let fail = |message: String| EngineError::config(format!("template {file}: {message}"));
 
-        for (field, value) in [("namespace", &raw.namespace), ("name", &raw.name), ("version", &raw.version)] {
+        for (field, value) in [
+            ("namespace", &raw.namespace),
+            ("name", &raw.name),
+            ("version", &raw.version),
+        ] {
             if value.trim().is_empty() {
                 return Err(fail(format!("`{field}` must not be empty")));
             }
@@ -129,11 +144,21 @@ impl TaskTemplate {
                 Some(v @ Value::Object(_)) => v.clone(),
                 Some(_) => return Err(in_step("handler.initialization must be a mapping".into())),
             };
-            let retry = step.retry.as_ref().map(|r| r.validate()).transpose().map_err(in_step)?.unwrap_or_default();
+            let retry = step
+                .retry
+                .as_ref()
+                .map(|r| r.validate())
+                .transpose()
+                .map_err(in_step)?
+                .unwrap_or_default();
             let timeout = match step.timeout_seconds {
                 None => Duration::from_secs(30),
                 Some(t) if t.is_finite() && t > 0.0 && t <= 86_400.0 => Duration::from_secs_f64(t),
-                Some(t) => return Err(in_step(format!("timeout_seconds must be in (0, 86400], got {t}"))),
+                Some(t) => {
+                    return Err(in_step(format!(
+                        "timeout_seconds must be in (0, 86400], got {t}"
+                    )))
+                }
             };
             let mut deps = Vec::with_capacity(step.dependencies.len());
             for dep in &step.dependencies {
@@ -189,7 +214,8 @@ fn is_constant_path(s: &str) -> bool {
     let s = s.strip_prefix("::").unwrap_or(s);
     s.split("::").all(|part| {
         let mut chars = part.chars();
-        matches!(chars.next(), Some(c) if c.is_ascii_uppercase()) && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        matches!(chars.next(), Some(c) if c.is_ascii_uppercase())
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
     })
 }
 
@@ -201,7 +227,12 @@ fn find_cycle(dependencies: &[Vec<usize>]) -> Option<Vec<usize>> {
         Open,
         Done,
     }
-    fn visit(n: usize, deps: &[Vec<usize>], marks: &mut [Mark], path: &mut Vec<usize>) -> Option<Vec<usize>> {
+    fn visit(
+        n: usize,
+        deps: &[Vec<usize>],
+        marks: &mut [Mark],
+        path: &mut Vec<usize>,
+    ) -> Option<Vec<usize>> {
         marks[n] = Mark::Open;
         path.push(n);
         for &d in &deps[n] {
@@ -228,7 +259,13 @@ fn find_cycle(dependencies: &[Vec<usize>]) -> Option<Vec<usize>> {
     }
     let mut marks = vec![Mark::New; dependencies.len()];
     let mut path = Vec::new();
-    (0..dependencies.len()).find_map(|n| if marks[n] == Mark::New { visit(n, dependencies, &mut marks, &mut path) } else { None })
+    (0..dependencies.len()).find_map(|n| {
+        if marks[n] == Mark::New {
+            visit(n, dependencies, &mut marks, &mut path)
+        } else {
+            None
+        }
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -256,8 +293,9 @@ impl TemplateRegistry {
         let mut registry = Self::default();
         for path in paths {
             for file in yaml_files(path)? {
-                let text = std::fs::read_to_string(&file)
-                    .map_err(|e| EngineError::config(format!("templates: cannot read {}: {e}", file.display())))?;
+                let text = std::fs::read_to_string(&file).map_err(|e| {
+                    EngineError::config(format!("templates: cannot read {}: {e}", file.display()))
+                })?;
                 registry.insert(TaskTemplate::from_yaml(&text, &file)?)?;
             }
         }
@@ -279,7 +317,11 @@ impl TemplateRegistry {
 
     pub fn get(&self, namespace: &str, name: &str, version: &str) -> Option<&Arc<TaskTemplate>> {
         // Building a key allocates; templates are few and this is off the per-step path.
-        self.templates.get(&TemplateKey { namespace: namespace.into(), name: name.into(), version: version.into() })
+        self.templates.get(&TemplateKey {
+            namespace: namespace.into(),
+            name: name.into(),
+            version: version.into(),
+        })
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<TaskTemplate>> {
@@ -306,7 +348,8 @@ impl TemplateRegistry {
         let mut keys: Vec<String> = self.templates.keys().map(|k| k.to_string()).collect();
         keys.sort();
         if keys.is_empty() {
-            "none loaded: pass templates: (a directory or YAML files) or set TASKER_TEMPLATE_PATH".into()
+            "none loaded: pass templates: (a directory or YAML files) or set TASKER_TEMPLATE_PATH"
+                .into()
         } else {
             keys.join(", ")
         }
@@ -322,10 +365,12 @@ fn yaml_files(path: &Path) -> EngineResult<Vec<PathBuf>> {
     let mut files = Vec::new();
     let mut stack = vec![path.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        let entries = std::fs::read_dir(&dir)
-            .map_err(|e| EngineError::config(format!("templates: cannot list {}: {e}", dir.display())))?;
+        let entries = std::fs::read_dir(&dir).map_err(|e| {
+            EngineError::config(format!("templates: cannot list {}: {e}", dir.display()))
+        })?;
         for entry in entries {
-            let entry = entry.map_err(|e| EngineError::config(format!("templates: {}: {e}", dir.display())))?;
+            let entry = entry
+                .map_err(|e| EngineError::config(format!("templates: {}: {e}", dir.display())))?;
             let p = entry.path();
             if p.is_dir() {
                 stack.push(p);
@@ -398,18 +443,28 @@ impl RawRetry {
         let max_attempts = match self.max_attempts {
             None => d.max_attempts,
             Some(n) if (1..=1000).contains(&n) => n as u32,
-            Some(n) => return Err(format!("retry.max_attempts must be between 1 and 1000, got {n}")),
+            Some(n) => {
+                return Err(format!(
+                    "retry.max_attempts must be between 1 and 1000, got {n}"
+                ))
+            }
         };
         let backoff = match self.backoff.as_deref() {
             None | Some("exponential") => Backoff::Exponential,
             Some("linear") => Backoff::Linear,
             Some("none") => Backoff::None,
-            Some(other) => return Err(format!("retry.backoff {other:?} is not exponential, linear or none")),
+            Some(other) => {
+                return Err(format!(
+                    "retry.backoff {other:?} is not exponential, linear or none"
+                ))
+            }
         };
         let ms = |field: &str, value: Option<i64>, default: u64| match value {
             None => Ok(default),
             Some(n) if (0..=86_400_000).contains(&n) => Ok(n as u64),
-            Some(n) => Err(format!("retry.{field} must be between 0 and 86400000, got {n}")),
+            Some(n) => Err(format!(
+                "retry.{field} must be between 0 and 86400000, got {n}"
+            )),
         };
         let backoff_base_ms = ms("backoff_base_ms", self.backoff_base_ms, d.backoff_base_ms)?;
         let max_backoff_ms = ms("max_backoff_ms", self.max_backoff_ms, d.max_backoff_ms)?;
@@ -418,7 +473,13 @@ impl RawRetry {
                 "retry.max_backoff_ms ({max_backoff_ms}) is smaller than retry.backoff_base_ms ({backoff_base_ms})"
             ));
         }
-        Ok(RetryPolicy { retryable: self.retryable.unwrap_or(true), max_attempts, backoff, backoff_base_ms, max_backoff_ms })
+        Ok(RetryPolicy {
+            retryable: self.retryable.unwrap_or(true),
+            max_attempts,
+            backoff,
+            backoff_base_ms,
+            max_backoff_ms,
+        })
     }
 }
 
@@ -427,7 +488,9 @@ fn scalar_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Er
     match Value::deserialize(d)? {
         Value::String(s) => Ok(s),
         Value::Number(n) => Ok(n.to_string()),
-        other => Err(serde::de::Error::custom(format!("expected a version string, got {other}"))),
+        other => Err(serde::de::Error::custom(format!(
+            "expected a version string, got {other}"
+        ))),
     }
 }
 
@@ -477,7 +540,10 @@ steps:
         assert_eq!(exp.delay_after(1), Duration::from_millis(100));
         assert_eq!(exp.delay_after(3), Duration::from_millis(400));
         assert_eq!(exp.delay_after(200), Duration::from_millis(30_000));
-        let none = RetryPolicy { backoff: Backoff::None, ..RetryPolicy::default() };
+        let none = RetryPolicy {
+            backoff: Backoff::None,
+            ..RetryPolicy::default()
+        };
         assert_eq!(none.delay_after(2), Duration::ZERO);
     }
 
@@ -531,10 +597,14 @@ steps:
         assert!(reg.get("demo", "diamond", "1.0.0").is_some());
 
         std::fs::write(dir.path().join("copy.yml"), DIAMOND).unwrap();
-        let e = TemplateRegistry::load(&[dir.path().to_path_buf()]).unwrap_err().to_string();
+        let e = TemplateRegistry::load(&[dir.path().to_path_buf()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("already defined"), "{e}");
 
-        let e = TemplateRegistry::load(&[dir.path().join("missing")]).unwrap_err().to_string();
+        let e = TemplateRegistry::load(&[dir.path().join("missing")])
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("templates: ") && e.contains("missing"), "{e}");
     }
 }

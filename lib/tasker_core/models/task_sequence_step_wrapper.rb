@@ -65,7 +65,8 @@ module TaskerCore
       end
 
       def to_h
-        { name: name, handler: handler, dependencies: dependencies, retry: self.retry, timeout_seconds: timeout_seconds }
+        { name: name, handler: handler, dependencies: dependencies, retry: self.retry,
+          timeout_seconds: timeout_seconds }
       end
     end
 
@@ -86,7 +87,7 @@ module TaskerCore
         key = name.to_s
         dependency_results.fetch(key) do
           raise KeyError, "step #{workflow_step.name} has no dependency #{key.inspect} " \
-                          "(dependencies: #{dependency_results.keys.join(', ')})"
+                          "(dependencies: #{dependency_results.keys.join(", ")})"
         end
       end
       alias get_dependency_result dependency_result

@@ -13,9 +13,7 @@ module TaskerCore
       end
 
       # @return [Hash{String => Class}] the handlers known so far
-      def handlers
-        @handlers
-      end
+      attr_reader :handlers
 
       def register(callable_name, klass)
         validate!(callable_name, klass)

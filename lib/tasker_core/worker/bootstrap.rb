@@ -36,7 +36,10 @@ module TaskerCore
 
           @config = config.dup
           EventBridge.instance.start!
-          @subscription = EventBridge.instance.subscribe_to_step_execution { |event| subscriber.call(event) }
+          # Subscribe with a Proc we keep: `subscribe` returns the bridge (dry-events' API), and
+          # only the Proc itself identifies the subscription for `unsubscribe`.
+          @subscription = proc { |event| subscriber.call(event) }
+          EventBridge.instance.subscribe_to_step_execution(&@subscription)
           begin
             result = TaskerCore::FFI.bootstrap_worker(@config)
           rescue Exception # rubocop:disable Lint/RescueException
@@ -78,6 +81,7 @@ module TaskerCore
           @threads.each { |t| t.join(5) || t.kill }
           @threads = []
           EventBridge.instance.unsubscribe(@subscription) if @subscription
+          @subscription = nil
           EventBridge.instance.stop!
           @status = :stopped
         end

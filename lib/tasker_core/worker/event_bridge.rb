@@ -50,8 +50,8 @@ module TaskerCore
         wrapped
       end
 
-      def subscribe_to_step_execution(&block)
-        subscribe(STEP_EXECUTION, &block)
+      def subscribe_to_step_execution(&)
+        subscribe(STEP_EXECUTION, &)
       end
 
       # Validate, hand to the engine, then publish step.completion.sent.
@@ -79,10 +79,10 @@ module TaskerCore
       def normalize_completion(data)
         raise ArgumentError, "completion must be a Hash, got #{data.class}" unless data.is_a?(Hash)
 
-        missing = REQUIRED_COMPLETION_FIELDS.reject { |k| data.key?(k) || data.key?(k.to_s) }
-        raise ArgumentError, "Missing required fields in completion: #{missing.join(', ')}" unless missing.empty?
-
         completion = data.transform_keys(&:to_sym)
+        missing = REQUIRED_COMPLETION_FIELDS.reject { |k| completion.key?(k) }
+        raise ArgumentError, "Missing required fields in completion: #{missing.join(", ")}" unless missing.empty?
+
         completion[:metadata] ||= {}
         completion[:completed_at] ||= Time.now.utc.iso8601(6)
         completion

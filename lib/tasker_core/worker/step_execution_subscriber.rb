@@ -31,12 +31,10 @@ module TaskerCore
 
         handler = klass.new(config: sequence.step_definition.initialization)
         success(data, handler.call(sequence.task, sequence, sequence.workflow_step))
-      rescue TaskerCore::PermanentError => e
-        failure(data, e, retryable: false)
-      rescue TaskerCore::RetryableError => e
-        failure(data, e, retryable: true, retry_after: e.retry_after)
       rescue StandardError => e
-        failure(data, e, retryable: true)
+        # RetryableError (with its retry_after) and any other StandardError retry; PermanentError does not.
+        retry_after = e.retry_after if e.is_a?(TaskerCore::RetryableError)
+        failure(data, e, retryable: !e.is_a?(TaskerCore::PermanentError), retry_after: retry_after)
       rescue SignalException, SystemExit
         raise
       rescue Exception => e # rubocop:disable Lint/RescueException

@@ -3,7 +3,8 @@
 use super::{Backend, SnapshotReply};
 use crate::error::{EngineError, EngineResult};
 use crate::events::{
-    AttemptOutcome, InFlight, StepExecutionEvent, StepSnapshot, StepStatus, TaskInfo, TaskSnapshot, TaskStatus,
+    AttemptOutcome, InFlight, StepExecutionEvent, StepSnapshot, StepStatus, TaskInfo, TaskSnapshot,
+    TaskStatus,
 };
 use crate::template::TaskTemplate;
 use serde_json::Value;
@@ -88,7 +89,9 @@ impl MemoryBackend {
     }
 
     fn finish(&mut self, task_uuid: Uuid, status: TaskStatus) {
-        let Some(task) = self.tasks.get_mut(&task_uuid) else { return };
+        let Some(task) = self.tasks.get_mut(&task_uuid) else {
+            return;
+        };
         task.status = status;
         if !task.waiters.is_empty() {
             let snapshot = task.snapshot();
@@ -147,9 +150,11 @@ impl MemoryBackend {
                 };
                 (c.retryable, c.retry_after, message)
             }
-            AttemptOutcome::TimedOut => {
-                (true, None, format!("timed out after {}s", fmt_secs(flight.timeout)))
-            }
+            AttemptOutcome::TimedOut => (
+                true,
+                None,
+                format!("timed out after {}s", fmt_secs(flight.timeout)),
+            ),
         };
         let policy = &definition.retry;
         if retryable && policy.retryable && step.attempts < policy.max_attempts {
@@ -157,7 +162,12 @@ impl MemoryBackend {
             step.status = StepStatus::WaitingForRetry;
             step.error_message = Some(message);
             self.retry_seq += 1;
-            self.retries.push(Reverse((now + delay, self.retry_seq, flight.task_uuid, flight.step_index)));
+            self.retries.push(Reverse((
+                now + delay,
+                self.retry_seq,
+                flight.task_uuid,
+                flight.step_index,
+            )));
         } else {
             step.status = StepStatus::Error;
             step.error_message = Some(if !retryable || !policy.retryable {
@@ -178,7 +188,9 @@ impl MemoryBackend {
             }
             let Reverse((_, _, task_uuid, index)) = self.retries.pop().expect("peeked");
             if let Some(task) = self.tasks.get_mut(&task_uuid) {
-                if task.status != TaskStatus::Error && task.steps[index].status == StepStatus::WaitingForRetry {
+                if task.status != TaskStatus::Error
+                    && task.steps[index].status == StepStatus::WaitingForRetry
+                {
                     task.steps[index].status = StepStatus::Enqueued;
                     self.ready.push_back((task_uuid, index));
                 }
@@ -201,7 +213,11 @@ impl Backend for MemoryBackend {
         Ok(())
     }
 
-    async fn create_task(&mut self, template: Arc<TaskTemplate>, context: Value) -> EngineResult<Uuid> {
+    async fn create_task(
+        &mut self,
+        template: Arc<TaskTemplate>,
+        context: Value,
+    ) -> EngineResult<Uuid> {
         let task_uuid = Uuid::new_v4();
         let info = Arc::new(TaskInfo {
             task_uuid,
@@ -215,7 +231,11 @@ impl Backend for MemoryBackend {
             .iter()
             .map(|deps| Step {
                 uuid: Uuid::new_v4(),
-                status: if deps.is_empty() { StepStatus::Enqueued } else { StepStatus::Pending },
+                status: if deps.is_empty() {
+                    StepStatus::Enqueued
+                } else {
+                    StepStatus::Pending
+                },
                 attempts: 0,
                 waiting_on: deps.len(),
                 result: None,
@@ -230,13 +250,23 @@ impl Backend for MemoryBackend {
         let incomplete = steps.len();
         self.tasks.insert(
             task_uuid,
-            Task { info, template, status: TaskStatus::Pending, steps, incomplete, waiters: Vec::new() },
+            Task {
+                info,
+                template,
+                status: TaskStatus::Pending,
+                steps,
+                incomplete,
+                waiters: Vec::new(),
+            },
         );
         Ok(task_uuid)
     }
 
     async fn task_status(&mut self, task_uuid: Uuid) -> EngineResult<TaskSnapshot> {
-        self.tasks.get(&task_uuid).map(Task::snapshot).ok_or_else(|| Self::unknown(task_uuid))
+        self.tasks
+            .get(&task_uuid)
+            .map(Task::snapshot)
+            .ok_or_else(|| Self::unknown(task_uuid))
     }
 
     async fn wait_for_task(&mut self, task_uuid: Uuid, reply: SnapshotReply) {
@@ -251,13 +281,22 @@ impl Backend for MemoryBackend {
         }
     }
 
-    async fn claim(&mut self, max: usize, now: Instant) -> EngineResult<Vec<(StepExecutionEvent, InFlight)>> {
+    async fn claim(
+        &mut self,
+        max: usize,
+        now: Instant,
+    ) -> EngineResult<Vec<(StepExecutionEvent, InFlight)>> {
         self.promote_due_retries(now);
         let mut claimed = Vec::with_capacity(max.min(self.ready.len()));
         while claimed.len() < max {
-            let Some((task_uuid, index)) = self.ready.pop_front() else { break };
-            let Some(task) = self.tasks.get_mut(&task_uuid) else { continue };
-            if task.status == TaskStatus::Error || task.steps[index].status != StepStatus::Enqueued {
+            let Some((task_uuid, index)) = self.ready.pop_front() else {
+                break;
+            };
+            let Some(task) = self.tasks.get_mut(&task_uuid) else {
+                continue;
+            };
+            if task.status == TaskStatus::Error || task.steps[index].status != StepStatus::Enqueued
+            {
                 continue;
             }
             if task.status == TaskStatus::Pending {
@@ -267,7 +306,10 @@ impl Backend for MemoryBackend {
             let dependency_results = task.template.dependencies[index]
                 .iter()
                 .map(|&d| {
-                    let result = task.steps[d].result.clone().unwrap_or_else(|| Arc::new(Value::Null));
+                    let result = task.steps[d]
+                        .result
+                        .clone()
+                        .unwrap_or_else(|| Arc::new(Value::Null));
                     (Arc::clone(&task.template.steps[d].name), result)
                 })
                 .collect();
@@ -295,7 +337,11 @@ impl Backend for MemoryBackend {
         Ok(claimed)
     }
 
-    async fn record(&mut self, outcomes: Vec<(InFlight, AttemptOutcome)>, now: Instant) -> EngineResult<()> {
+    async fn record(
+        &mut self,
+        outcomes: Vec<(InFlight, AttemptOutcome)>,
+        now: Instant,
+    ) -> EngineResult<()> {
         for (flight, outcome) in outcomes {
             self.record_one(flight, outcome, now);
         }

@@ -19,7 +19,11 @@ pub trait Backend: Send + 'static {
     /// Connect, migrate, load: everything that can fail before the worker is "running".
     async fn start(&mut self) -> EngineResult<()>;
 
-    async fn create_task(&mut self, template: Arc<TaskTemplate>, context: Value) -> EngineResult<Uuid>;
+    async fn create_task(
+        &mut self,
+        template: Arc<TaskTemplate>,
+        context: Value,
+    ) -> EngineResult<Uuid>;
 
     async fn task_status(&mut self, task_uuid: Uuid) -> EngineResult<TaskSnapshot>;
 
@@ -27,10 +31,18 @@ pub trait Backend: Send + 'static {
     async fn wait_for_task(&mut self, task_uuid: Uuid, reply: SnapshotReply);
 
     /// Up to `max` ready attempts, already marked in progress (attempts counted).
-    async fn claim(&mut self, max: usize, now: Instant) -> EngineResult<Vec<(StepExecutionEvent, InFlight)>>;
+    async fn claim(
+        &mut self,
+        max: usize,
+        now: Instant,
+    ) -> EngineResult<Vec<(StepExecutionEvent, InFlight)>>;
 
     /// Record attempts that ended: results, retries with backoff, successors, task completion.
-    async fn record(&mut self, outcomes: Vec<(InFlight, AttemptOutcome)>, now: Instant) -> EngineResult<()>;
+    async fn record(
+        &mut self,
+        outcomes: Vec<(InFlight, AttemptOutcome)>,
+        now: Instant,
+    ) -> EngineResult<()>;
 
     /// Attempts dispatched but never taken by a Ruby thread (shutdown): make them ready again.
     async fn release(&mut self, unstarted: Vec<InFlight>);

@@ -1,0 +1,362 @@
+//! The engine end to end, with Rust threads standing in for Ruby handler threads.
+
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tasker_worker::{
+    CompletionVerdict, Reply, StepExecutionCompletionEvent, StepExecutionEvent, Take, TaskSnapshot,
+    WorkerBootstrap, WorkerConfig, WorkerState, WorkerSystemHandle,
+};
+use uuid::Uuid;
+
+type Outcome = Result<Value, (bool, String)>;
+
+struct Harness {
+    system: Arc<WorkerSystemHandle>,
+    threads: Vec<JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+fn start(
+    yaml: &str,
+    config: Value,
+    workers: usize,
+    handler: impl Fn(&StepExecutionEvent) -> Outcome + Send + Sync + 'static,
+) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("t.yml"), yaml).unwrap();
+    let mut map = config.as_object().cloned().unwrap_or_default();
+    map.insert("templates".into(), json!(dir.path().to_str().unwrap()));
+    let config = WorkerConfig::from_map(&map, |_| None).unwrap();
+    let system = Arc::new(WorkerBootstrap::start(config).unwrap());
+    system.started().recv().unwrap().unwrap();
+    let handler = Arc::new(handler);
+    let threads = (0..workers)
+        .map(|_| {
+            let system = Arc::clone(&system);
+            let handler = Arc::clone(&handler);
+            std::thread::spawn(move || {
+                let (_never, cancel) = crossbeam_channel::bounded::<()>(1);
+                loop {
+                    match system.port().take(&cancel, None) {
+                        Take::Event(event) => {
+                            let outcome = handler(&event);
+                            let _ = system.complete(completion(&event, outcome));
+                        }
+                        Take::Nothing => continue,
+                        Take::Closed => break,
+                    }
+                }
+            })
+        })
+        .collect();
+    Harness {
+        system,
+        threads,
+        _dir: dir,
+    }
+}
+
+fn completion(event: &StepExecutionEvent, outcome: Outcome) -> StepExecutionCompletionEvent {
+    let (success, result, retryable, error_message) = match outcome {
+        Ok(v) => (true, v, true, None),
+        Err((retryable, message)) => (false, Value::Null, retryable, Some(message)),
+    };
+    StepExecutionCompletionEvent {
+        event_id: event.event_id,
+        task_uuid: event.task_uuid(),
+        step_uuid: event.step_uuid,
+        success,
+        result,
+        metadata: json!({}),
+        error_message,
+        error_class: None,
+        retryable,
+        retry_after: None,
+        completed_at: None,
+    }
+}
+
+impl Harness {
+    fn create(&self, name: &str, context: Value) -> Uuid {
+        let reply = self
+            .system
+            .request_create_task("t", name, "1.0.0", context)
+            .unwrap();
+        reply.recv().unwrap().unwrap()
+    }
+
+    fn wait(&self, task: Uuid) -> TaskSnapshot {
+        let reply = self.system.request_wait_for_task(task).unwrap();
+        let (_never, cancel) = crossbeam_channel::bounded::<()>(1);
+        match tasker_worker::dispatch::wait_reply(&reply, &cancel, Some(Duration::from_secs(20))) {
+            Reply::Value(snapshot) => snapshot.unwrap(),
+            other => panic!("task {task} did not finish: {other:?}"),
+        }
+    }
+
+    fn stop(self) -> Arc<WorkerSystemHandle> {
+        self.system.request_stop();
+        let _ = self.system.stopped().recv();
+        self.system.join();
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        self.system
+    }
+}
+
+const DIAMOND: &str = r#"
+namespace: t
+name: diamond
+version: 1.0.0
+steps:
+  - { name: a, handler: { callable: H } }
+  - { name: b, dependencies: [a], handler: { callable: H } }
+  - { name: c, dependencies: [a], handler: { callable: H } }
+  - { name: d, dependencies: [b, c], handler: { callable: H } }
+"#;
+
+#[test]
+fn diamond_runs_in_dependency_order_and_passes_results() {
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&order);
+    let h = start(DIAMOND, json!({"concurrency": 3}), 3, move |e| {
+        seen.lock().unwrap().push(e.definition.name.to_string());
+        let sum: i64 = e
+            .dependency_results
+            .iter()
+            .map(|(_, r)| r["n"].as_i64().unwrap())
+            .sum();
+        let base = e.task.context["n"].as_i64().unwrap_or(0);
+        Ok(json!({"n": if e.dependency_results.is_empty() { base + 1 } else { sum + 1 }}))
+    });
+    let task = h.create("diamond", json!({"n": 10}));
+    let snapshot = h.wait(task);
+    assert_eq!(snapshot.status.as_str(), "complete");
+    let results: HashMap<_, _> = snapshot
+        .steps
+        .iter()
+        .map(|s| (s.name.clone(), s.result.clone().unwrap()))
+        .collect();
+    assert_eq!(results["a"]["n"], 11);
+    assert_eq!(results["b"]["n"], 12);
+    assert_eq!(results["d"]["n"], 25);
+    let order = order.lock().unwrap().clone();
+    assert_eq!(order.first().map(String::as_str), Some("a"));
+    assert_eq!(order.last().map(String::as_str), Some("d"));
+    let system = h.stop();
+    let status = system.status();
+    assert_eq!(
+        (
+            status.steps_processed,
+            status.steps_failed,
+            status.steps_in_flight
+        ),
+        (4, 0, 0)
+    );
+    assert_eq!(system.state(), WorkerState::Stopped);
+}
+
+const FLAKY: &str = r#"
+namespace: t
+name: flaky
+version: 1.0.0
+steps:
+  - name: a
+    handler: { callable: H }
+    retry: { max_attempts: 3, backoff: linear, backoff_base_ms: 40, max_backoff_ms: 1000 }
+  - { name: b, dependencies: [a], handler: { callable: H } }
+"#;
+
+#[test]
+fn failures_retry_with_backoff_then_error_and_dependents_never_run() {
+    let starts = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&starts);
+    let h = start(FLAKY, json!({}), 2, move |e| {
+        seen.lock()
+            .unwrap()
+            .push((e.definition.name.to_string(), e.attempt, Instant::now()));
+        Err((true, format!("boom {}", e.attempt)))
+    });
+    let snapshot = h.wait(h.create("flaky", json!({})));
+    assert_eq!(snapshot.status.as_str(), "error");
+    let a = &snapshot.steps[0];
+    assert_eq!((a.status.as_str(), a.attempts), ("error", 3));
+    assert!(
+        a.error_message.as_deref().unwrap().contains("boom 3"),
+        "{:?}",
+        a.error_message
+    );
+    assert_eq!(snapshot.steps[1].status.as_str(), "pending");
+    let starts = starts.lock().unwrap().clone();
+    assert_eq!(
+        starts.iter().map(|s| s.1).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert!(starts.iter().all(|s| s.0 == "a"));
+    // Linear backoff: 40 ms after the first failure, 80 ms after the second.
+    assert!(starts[1].2 - starts[0].2 >= Duration::from_millis(40));
+    assert!(starts[2].2 - starts[1].2 >= Duration::from_millis(80));
+    let system = h.stop();
+    assert_eq!(
+        (
+            system.status().steps_processed,
+            system.status().steps_failed
+        ),
+        (3, 3)
+    );
+}
+
+#[test]
+fn non_retryable_failure_errors_at_once() {
+    let h = start(FLAKY, json!({}), 1, |_| Err((false, "permanent".into())));
+    let snapshot = h.wait(h.create("flaky", json!({})));
+    assert_eq!(
+        (
+            snapshot.steps[0].attempts,
+            snapshot.steps[0].error_message.as_deref()
+        ),
+        (1, Some("permanent"))
+    );
+    h.stop();
+}
+
+const SLOW: &str = r#"
+namespace: t
+name: slow
+version: 1.0.0
+steps:
+  - name: a
+    handler: { callable: H }
+    timeout_seconds: 0.1
+    retry: { max_attempts: 2, backoff: none }
+"#;
+
+#[test]
+fn timeouts_count_as_failed_attempts_and_late_completions_are_refused() {
+    let late = Arc::new(Mutex::new(Vec::new()));
+    let verdicts = Arc::clone(&late);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("t.yml"), SLOW).unwrap();
+    let mut map = serde_json::Map::new();
+    map.insert("templates".into(), json!(dir.path().to_str().unwrap()));
+    let system =
+        Arc::new(WorkerBootstrap::start(WorkerConfig::from_map(&map, |_| None).unwrap()).unwrap());
+    system.started().recv().unwrap().unwrap();
+    let worker = {
+        let system = Arc::clone(&system);
+        std::thread::spawn(move || {
+            let (_never, cancel) = crossbeam_channel::bounded::<()>(1);
+            while let Take::Event(event) = system.port().take(&cancel, Some(Duration::from_secs(3)))
+            {
+                std::thread::sleep(Duration::from_millis(250));
+                verdicts
+                    .lock()
+                    .unwrap()
+                    .push(system.complete(completion(&event, Ok(json!({})))));
+            }
+        })
+    };
+    let task = system
+        .request_create_task("t", "slow", "1.0.0", json!({}))
+        .unwrap()
+        .recv()
+        .unwrap()
+        .unwrap();
+    let reply = system.request_wait_for_task(task).unwrap();
+    let snapshot = reply.recv_timeout(Duration::from_secs(5)).unwrap().unwrap();
+    assert_eq!(snapshot.status.as_str(), "error");
+    assert_eq!(snapshot.steps[0].attempts, 2);
+    assert!(
+        snapshot.steps[0]
+            .error_message
+            .as_deref()
+            .unwrap()
+            .contains("timed out after 0.100s"),
+        "{:?}",
+        snapshot.steps[0].error_message
+    );
+    worker.join().unwrap();
+    let verdicts = late.lock().unwrap();
+    assert_eq!(verdicts.len(), 2);
+    assert!(
+        verdicts
+            .iter()
+            .all(|v| matches!(v, CompletionVerdict::Refused(_))),
+        "{verdicts:?}"
+    );
+    let status = system.status();
+    assert_eq!(
+        (
+            status.steps_processed,
+            status.steps_failed,
+            status.steps_in_flight
+        ),
+        (2, 2, 0)
+    );
+    system.request_stop();
+    let _ = system.stopped().recv();
+    system.join();
+}
+
+const ONE: &str = r#"
+namespace: t
+name: one
+version: 1.0.0
+steps:
+  - { name: a, handler: { callable: H } }
+"#;
+
+#[test]
+fn graceful_shutdown_finishes_in_flight_steps_and_starts_nothing_new() {
+    let runs = Arc::new(Mutex::new(HashMap::<Uuid, u32>::new()));
+    let seen = Arc::clone(&runs);
+    let h = start(ONE, json!({"concurrency": 2}), 2, move |e| {
+        *seen.lock().unwrap().entry(e.step_uuid).or_default() += 1;
+        std::thread::sleep(Duration::from_millis(20));
+        Ok(json!({}))
+    });
+    let tasks: Vec<Uuid> = (0..100).map(|_| h.create("one", json!({}))).collect();
+    std::thread::sleep(Duration::from_millis(60));
+    h.system.transition_to_graceful_shutdown().unwrap();
+    let system = h.stop();
+    let runs = runs.lock().unwrap();
+    assert!(runs.values().all(|&n| n == 1), "a step ran twice");
+    let status = system.status();
+    assert_eq!(
+        status.steps_processed,
+        runs.len() as u64,
+        "every started step was recorded"
+    );
+    assert_eq!(status.steps_in_flight, 0);
+    assert!(
+        runs.len() < tasks.len(),
+        "shutdown let every task run ({} of {})",
+        runs.len(),
+        tasks.len()
+    );
+}
+
+#[test]
+fn unknown_templates_and_bad_context_are_configuration_errors() {
+    let h = start(ONE, json!({}), 1, |_| Ok(json!({})));
+    let err = h
+        .system
+        .request_create_task("t", "nope", "1.0.0", json!({}))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("unknown template t/nope@1.0.0") && err.contains("t/one@1.0.0"),
+        "{err}"
+    );
+    let err = h
+        .system
+        .request_create_task("t", "one", "1.0.0", json!([1]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("context"), "{err}");
+    h.stop();
+}
