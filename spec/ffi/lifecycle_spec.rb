@@ -236,8 +236,9 @@ RSpec.describe "TaskerCore::FFI worker lifecycle" do
       ffi.transition_to_graceful_shutdown
       eventually { ffi.worker_status[:state] == "shutting_down" }
 
+      # The contract's class for "no worker to take this"; the engine refuses rather than queueing.
       expect { TaskerCore.create_task(namespace: "lifecycle", name: "naps") }
-        .to raise_error(TaskerCore::Error)
+        .to raise_error(TaskerCore::WorkerNotInitializedError)
     end
   end
 

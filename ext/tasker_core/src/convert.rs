@@ -56,6 +56,7 @@ keys! {
     STEPS_FAILED = "steps_failed", STEPS_IN_FLIGHT = "steps_in_flight",
     SUPPORTED_NAMESPACES = "supported_namespaces", WEB_API_ENABLED = "web_api_enabled",
     DATABASE_POOL_SIZE = "database_pool_size", DATABASE_POOL_IDLE = "database_pool_idle",
+    READY_AT_NS = "ready_at_ns",
 }
 
 const MAX_DEPTH: usize = 128;
@@ -289,6 +290,7 @@ pub fn event_to_ruby(ruby: &Ruby, event: &StepExecutionEvent) -> Result<RHash, E
     hash.aset(*TASK_UUID, uuid_str(ruby, task.task_uuid))?;
     hash.aset(*STEP_UUID, uuid_str(ruby, event.step_uuid))?;
     hash.aset(*TASK_SEQUENCE_STEP, tss)?;
+    hash.aset(*READY_AT_NS, event.ready_at_ns)?;
     Ok(hash)
 }
 

@@ -25,9 +25,6 @@ pub struct WorkerBootstrap;
 impl WorkerBootstrap {
     /// Validate templates and namespaces, then start the engine thread.
     pub fn start(config: WorkerConfig) -> EngineResult<WorkerSystemHandle> {
-        if let Some(level) = config.log_level {
-            crate::logging::set_level(level);
-        }
         let templates = Arc::new(TemplateRegistry::load(&config.templates)?);
         let namespaces = match &config.namespaces {
             Some(list) => {
@@ -44,6 +41,10 @@ impl WorkerBootstrap {
             }
             None => templates.namespaces(),
         };
+        // Only once the configuration is known to be good: a refused bootstrap changes nothing.
+        if let Some(level) = config.log_level {
+            crate::logging::set_level(level);
+        }
         let shared = Arc::new(Shared::new(
             config.worker_id.clone(),
             config.environment.clone(),

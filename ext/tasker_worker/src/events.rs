@@ -27,6 +27,16 @@ pub struct StepExecutionEvent {
     pub attempt: u32,
     /// Each dependency's name and result.
     pub dependency_results: Vec<(Arc<str>, Arc<Value>)>,
+    /// When the step became ready to run (ns since the Unix epoch, CLOCK_REALTIME), so that
+    /// Ruby can measure the hand-off latency with `Process.clock_gettime(CLOCK_REALTIME)`.
+    pub ready_at_ns: u64,
+}
+
+/// Now, as ns since the Unix epoch (the clock `ready_at_ns` uses).
+pub fn unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 impl StepExecutionEvent {

@@ -4,7 +4,8 @@ module TaskerCore
   module Worker
     # The in-process event bus between the engine and Ruby handlers (dry-events' Publisher API).
     #
-    #   step.execution.received  a step to run: {event_id:, task_uuid:, step_uuid:, task_sequence_step:}
+    #   step.execution.received  a step to run: {event_id:, task_uuid:, step_uuid:, task_sequence_step:,
+    #                            ready_at_ns: (when the engine made it ready; CLOCK_REALTIME ns)}
     #   step.completion.sent     a completion handed to the engine: the completion plus `accepted:`
     #   bridge.error             a subscriber raised while handling an event: {error:, event_id:}
     class EventBridge
@@ -44,7 +45,8 @@ module TaskerCore
           event_id: event_data[:event_id],
           task_uuid: event_data[:task_uuid],
           step_uuid: event_data[:step_uuid],
-          task_sequence_step: wrap_sequence_step(event_data[:task_sequence_step])
+          task_sequence_step: wrap_sequence_step(event_data[:task_sequence_step]),
+          ready_at_ns: event_data[:ready_at_ns]
         }
         publish(STEP_EXECUTION, wrapped)
         wrapped

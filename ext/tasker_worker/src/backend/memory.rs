@@ -3,8 +3,8 @@
 use super::{Backend, SnapshotReply};
 use crate::error::{EngineError, EngineResult};
 use crate::events::{
-    AttemptOutcome, InFlight, StepExecutionEvent, StepSnapshot, StepStatus, TaskInfo, TaskSnapshot,
-    TaskStatus,
+    unix_ns, AttemptOutcome, InFlight, StepExecutionEvent, StepSnapshot, StepStatus, TaskInfo,
+    TaskSnapshot, TaskStatus,
 };
 use crate::template::TaskTemplate;
 use serde_json::Value;
@@ -23,6 +23,8 @@ struct Step {
     waiting_on: usize,
     result: Option<Arc<Value>>,
     error_message: Option<String>,
+    /// When it last became ready (see `StepExecutionEvent::ready_at_ns`).
+    ready_at_ns: u64,
 }
 
 struct Task {
@@ -136,6 +138,7 @@ impl MemoryBackend {
                     successor.waiting_on -= 1;
                     if successor.waiting_on == 0 {
                         successor.status = StepStatus::Enqueued;
+                        successor.ready_at_ns = unix_ns();
                         self.ready.push_back((flight.task_uuid, next));
                     }
                 }
@@ -226,6 +229,7 @@ impl Backend for MemoryBackend {
             version: Arc::from(template.version.as_str()),
             context: Arc::new(context),
         });
+        let now_ns = unix_ns();
         let steps: Vec<Step> = template
             .dependencies
             .iter()
@@ -240,6 +244,7 @@ impl Backend for MemoryBackend {
                 waiting_on: deps.len(),
                 result: None,
                 error_message: None,
+                ready_at_ns: now_ns,
             })
             .collect();
         for (i, step) in steps.iter().enumerate() {
@@ -331,6 +336,7 @@ impl Backend for MemoryBackend {
                 definition,
                 attempt: step.attempts,
                 dependency_results,
+                ready_at_ns: step.ready_at_ns,
             };
             claimed.push((event, flight));
         }
