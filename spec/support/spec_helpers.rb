@@ -2,6 +2,7 @@
 
 require "rbconfig"
 require "open3"
+require "tmpdir"
 
 # Helpers shared by the specs.
 module SpecHelpers
@@ -30,8 +31,19 @@ module SpecHelpers
   end
 
   # Run Ruby code in a child process with the gem loaded; returns [stdout, stderr, status].
+  # A child still running after `timeout` seconds is killed and the spec fails.
   def run_ruby(code, env: {}, timeout: 30)
-    Open3.capture3(env, RbConfig.ruby, "-I", LIB, "-e", code, chdir: Dir.tmpdir)
+    Open3.popen3(env, RbConfig.ruby, "-I", LIB, "-e", code, chdir: Dir.tmpdir) do |stdin, stdout, stderr, wait|
+      stdin.close
+      out = Thread.new { stdout.read }
+      err = Thread.new { stderr.read }
+      unless wait.join(timeout)
+        Process.kill("KILL", wait.pid)
+        wait.join
+        raise "child Ruby still running after #{timeout}s (killed); stderr:\n#{err.value}"
+      end
+      [out.value, err.value, wait.value]
+    end
   end
 end
 

@@ -203,3 +203,21 @@ RSpec.shared_context "workflow worker" do
     spec_listeners.each { |listener| TaskerCore::Worker::EventBridge.instance.unsubscribe(listener) }
   end
 end
+
+# Seed 002's integration spec (kept verbatim) subscribes blocks to the EventBridge singleton and
+# never removes them: they would see every later example's events (and keep them in memory) and
+# skew specs that count subscribers. Remove whatever an integration example left subscribed.
+RSpec.configure do |config|
+  subscribers = lambda do
+    bridge = TaskerCore::Worker::EventBridge.instance
+    bridge.registered_events.flat_map { |id| bridge.process(id, {}).map { |_event, callable| callable } }
+  end
+
+  config.around(file_path: %r{spec/integration/}) do |example|
+    before = subscribers.call
+    example.run
+  ensure
+    bridge = TaskerCore::Worker::EventBridge.instance
+    (subscribers.call - before).each { |callable| bridge.unsubscribe(callable) }
+  end
+end

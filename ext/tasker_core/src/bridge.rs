@@ -6,7 +6,7 @@
 
 use crate::convert::{self, fetch};
 use crate::errors;
-use crate::gvl::{check_interrupts, without_gvl};
+use crate::gvl::{check_interrupts, without_gvl, without_gvl_retrying};
 use magnus::{function, prelude::*, Error, RHash, RModule, RString, Ruby, Value};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -116,13 +116,11 @@ fn bootstrap_worker(ruby: &Ruby, args: &[Value]) -> Result<RHash, Error> {
 }
 
 fn start(ruby: &Ruby, config: WorkerConfig) -> Result<RHash, Error> {
-    let system = match without_gvl(ruby, |_| WorkerBootstrap::start(config))? {
-        Some(Ok(system)) => Arc::new(system),
-        Some(Err(e)) => return Err(bootstrap_failure(ruby, e)),
-        None => {
-            check_interrupts(ruby)?;
-            return Err(errors::bootstrap(ruby, "bootstrap interrupted"));
-        }
+    // Retried when Ruby merely had an interrupt flag set (a timer tick, SIGCHLD): only an
+    // interrupt that raises may end a bootstrap. `start` never ran in that case: nothing to undo.
+    let system = match without_gvl_retrying(ruby, |_| Some(WorkerBootstrap::start(config.clone())))? {
+        Ok(system) => Arc::new(system),
+        Err(e) => return Err(bootstrap_failure(ruby, e)),
     };
     let handle_id = Uuid::new_v4().to_string();
     *slot() = Some(RubyBridgeHandle {
@@ -131,21 +129,23 @@ fn start(ruby: &Ruby, config: WorkerConfig) -> Result<RHash, Error> {
     });
 
     // Wait for the engine to report running (backends may connect and migrate first).
-    let started = without_gvl(ruby, |cancel| wait_reply(system.started(), cancel, None))?;
+    let started = without_gvl_retrying(ruby, |cancel| match wait_reply(system.started(), cancel, None) {
+        Reply::Interrupted | Reply::TimedOut => None,
+        reply => Some(reply),
+    });
     let failure = match started {
-        Some(Reply::Value(Ok(()))) => None,
-        Some(Reply::Value(Err(e))) => Some(bootstrap_failure(ruby, e)),
-        Some(Reply::EngineGone) => Some(errors::bootstrap(
+        Ok(Reply::Value(Ok(()))) => None,
+        Ok(Reply::Value(Err(e))) => Some(bootstrap_failure(ruby, e)),
+        Ok(Reply::EngineGone) => Some(errors::bootstrap(
             ruby,
             "the engine thread ended during bootstrap",
         )),
-        Some(Reply::Interrupted | Reply::TimedOut) | None => {
-            Some(errors::bootstrap(ruby, "bootstrap interrupted"))
-        }
+        Ok(Reply::Interrupted | Reply::TimedOut) => unreachable!("retried above"),
+        // Thread#kill, Ctrl-C...: undo the half-started worker, then let it propagate.
+        Err(interrupt) => Some(interrupt),
     };
     if let Some(error) = failure {
         discard(ruby, &system)?;
-        check_interrupts(ruby)?;
         return Err(error);
     }
 
@@ -169,31 +169,23 @@ fn bootstrap_failure(ruby: &Ruby, e: EngineError) -> Error {
 /// Stop the engine, wait for it with the GVL released, and forget it.
 fn discard(ruby: &Ruby, system: &Arc<WorkerSystemHandle>) -> Result<(), Error> {
     system.request_stop();
-    let stopped = without_gvl(ruby, |cancel| {
-        let finished = matches!(
-            wait_reply(system.stopped(), cancel, None),
-            Reply::EngineGone | Reply::Value(_)
-        );
-        if finished {
+    // An interrupt that raises (Ctrl-C) leaves the worker in place, still stopping: calling
+    // stop_worker again waits for the rest. Interrupts that raise nothing do not end the wait.
+    without_gvl_retrying(ruby, |cancel| match wait_reply(system.stopped(), cancel, None) {
+        Reply::EngineGone | Reply::Value(_) => {
             system.join();
+            Some(())
         }
-        finished
+        Reply::Interrupted | Reply::TimedOut => None,
     })?;
-    if stopped == Some(true) {
-        let mut slot = slot();
-        if slot
-            .as_ref()
-            .is_some_and(|b| Arc::ptr_eq(&b.system, system))
-        {
-            *slot = None;
-        }
-        return Ok(());
+    let mut slot = slot();
+    if slot
+        .as_ref()
+        .is_some_and(|b| Arc::ptr_eq(&b.system, system))
+    {
+        *slot = None;
     }
-    check_interrupts(ruby)?;
-    Err(errors::ffi(
-        ruby,
-        "stopping the worker was interrupted; call stop_worker again",
-    ))
+    Ok(())
 }
 
 fn stop_worker(ruby: &Ruby) -> Result<bool, Error> {
@@ -255,8 +247,8 @@ thread_local! {
 const FAST_STREAK_LIMIT: u32 = 16;
 
 /// `next_step_event(timeout = nil)`: the next step execution event Hash; `false` when the wait
-/// timed out or was interrupted without an exception; `nil` once the worker has stopped (the
-/// calling thread should leave its loop).
+/// timed out or was interrupted without an exception; `nil` once a shutdown was requested or
+/// the worker has stopped (the calling thread should leave its loop).
 fn next_step_event(ruby: &Ruby, args: &[Value]) -> Result<Value, Error> {
     errors::guard(ruby, || {
         let timeout = match args {
@@ -273,19 +265,31 @@ fn next_step_event(ruby: &Ruby, args: &[Value]) -> Result<Value, Error> {
         let Some(system) = current() else {
             return Ok(ruby.qnil().as_value());
         };
+        // Once a shutdown is requested no new step starts, even before the engine has
+        // recalled what it queued: an event taken after that point is handed back.
+        if system.is_draining() {
+            return Ok(ruby.qnil().as_value());
+        }
         let port = system.port();
+        let hand_out = |event: Box<tasker_worker::StepExecutionEvent>| -> Result<Value, Error> {
+            if system.is_draining() {
+                system.release_untaken(event.event_id);
+                return Ok(ruby.qnil().as_value());
+            }
+            Ok(convert::event_to_ruby(ruby, &event)?.as_value())
+        };
 
         // Fast path: an event is already waiting; take it without the GVL round trip.
         if FAST_STREAK.get() < FAST_STREAK_LIMIT {
             if let Take::Event(event) = port.try_take() {
                 FAST_STREAK.set(FAST_STREAK.get() + 1);
-                return Ok(convert::event_to_ruby(ruby, &event)?.as_value());
+                return hand_out(event);
             }
         }
         FAST_STREAK.set(0);
         let taken = without_gvl(ruby, |cancel| port.take(cancel, timeout))?;
         match taken {
-            Some(Take::Event(event)) => Ok(convert::event_to_ruby(ruby, &event)?.as_value()),
+            Some(Take::Event(event)) => hand_out(event),
             Some(Take::Closed) => Ok(ruby.qnil().as_value()),
             Some(Take::Nothing) | None => {
                 check_interrupts(ruby)?;
@@ -415,7 +419,7 @@ fn provoke_panic(ruby: &Ruby, place: String) -> Result<(), Error> {
     errors::guard(ruby, || match place.as_str() {
         "gvl" => panic!("provoked panic with the GVL held"),
         "no_gvl" => {
-            without_gvl(ruby, |_| -> () { panic!("provoked panic without the GVL") })?;
+            without_gvl_retrying(ruby, |_| -> Option<()> { panic!("provoked panic without the GVL") })?;
             Ok(())
         }
         other => Err(errors::argument(

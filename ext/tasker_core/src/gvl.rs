@@ -65,6 +65,23 @@ where
     }
 }
 
+/// [`without_gvl`] for work that must run to its end. `work` returns `None` when its wait was
+/// cancelled. Whenever `work` did not run (Ruby had an interrupt flag set on entry) or was
+/// cancelled, pending interrupts are handled: one that raises (`Thread#kill`, `Thread#raise`,
+/// Ctrl-C) is returned as the error; one that raises nothing (a timer tick from another thread
+/// wanting the GVL, SIGCHLD, a trap that returned, `Thread#wakeup`) just runs `work` again.
+pub fn without_gvl_retrying<F, R>(ruby: &Ruby, mut work: F) -> Result<R, Error>
+where
+    F: FnMut(&Receiver<()>) -> Option<R>,
+{
+    loop {
+        match without_gvl(ruby, |cancel| work(cancel))? {
+            Some(Some(value)) => return Ok(value),
+            Some(None) | None => check_interrupts(ruby)?,
+        }
+    }
+}
+
 /// After a cancelled wait: let Ruby raise whatever interrupted us (kill, Ctrl-C, `Thread#raise`).
 /// Returns normally for interrupts that raise nothing (`Thread#wakeup`, a trap that returned).
 pub fn check_interrupts(ruby: &Ruby) -> Result<(), Error> {

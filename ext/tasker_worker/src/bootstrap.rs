@@ -4,6 +4,7 @@
 //! suits it (the Ruby bridge waits with the GVL released).
 
 use crate::backend::memory::MemoryBackend;
+use crate::backend::postgres::{PostgresBackend, PostgresSettings};
 use crate::backend::Backend;
 use crate::config::{BackendKind, WorkerConfig};
 use crate::dispatch::{self, DispatchPort, InFlightRegistry};
@@ -11,9 +12,10 @@ use crate::engine::{Engine, EngineMessage};
 use crate::error::{EngineError, EngineResult};
 use crate::events::{StepExecutionCompletionEvent, TaskSnapshot};
 use crate::status::{Shared, WorkerState, WorkerSystemStatus};
-use crate::template::{TaskTemplate, TemplateRegistry};
+use crate::template::{TemplateKey, TemplateRegistry};
 use crossbeam_channel::Receiver;
 use serde_json::Value;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
@@ -58,9 +60,19 @@ impl WorkerBootstrap {
                 let backend = MemoryBackend::new(config.task_retention);
                 Self::spawn(backend, config, templates, shared)
             }
-            BackendKind::Postgres => Err(EngineError::Bootstrap(
-                "backend \"postgres\" is not available in this build yet".into(),
-            )),
+            BackendKind::Postgres => {
+                let settings = PostgresSettings {
+                    url: config.database_url.clone().unwrap_or_default(),
+                    pool_size: config.database_pool_size,
+                    worker_id: config.worker_id.clone(),
+                    namespaces: shared.namespaces.clone(),
+                    mode: config.deployment_mode,
+                    poll_interval: config.poll_interval,
+                    finished_task_ttl: config.finished_task_ttl,
+                };
+                let backend = PostgresBackend::new(settings, Arc::clone(&templates));
+                Self::spawn(backend, config, templates, shared)
+            }
         }
     }
 
@@ -72,7 +84,12 @@ impl WorkerBootstrap {
     ) -> EngineResult<WorkerSystemHandle> {
         // Room for every handler thread to find its next step waiting, and no more: steps
         // stay in the backend (ordered, recallable) until a thread is about to need them.
-        let capacity = config.concurrency * 2;
+        // A database round trip claims a batch: give it room to amortise (up to the step timeout,
+        // a claimed step waits here; on shutdown it is released at once).
+        let capacity = match config.backend {
+            BackendKind::Memory => config.concurrency * 2,
+            BackendKind::Postgres => (config.concurrency * 4).max(32),
+        };
         let (dispatch_tx, dispatch_rx) = dispatch::channel(capacity);
         let (closed_tx, closed_rx) = crossbeam_channel::bounded::<()>(0);
         let (started_tx, started_rx) = crossbeam_channel::bounded(1);
@@ -83,6 +100,7 @@ impl WorkerBootstrap {
             shared: Arc::clone(&shared),
             registry: Arc::clone(&registry),
             inbox: inbox_rx,
+            inbox_sender: inbox_tx.clone(),
             dispatch: dispatch_tx,
             recall: dispatch_rx.clone(),
             dispatch_capacity: capacity,
@@ -127,6 +145,7 @@ impl WorkerBootstrap {
             stopped: closed_rx,
             thread: Mutex::new(Some(thread)),
             pid: std::process::id(),
+            draining: AtomicBool::new(false),
         })
     }
 }
@@ -149,6 +168,9 @@ pub struct WorkerSystemHandle {
     stopped: Receiver<()>,
     thread: Mutex<Option<JoinHandle<()>>>,
     pid: u32,
+    /// Set (synchronously, before the engine hears of it) once a graceful shutdown or a stop is
+    /// requested: from then on no new step is handed to a handler thread (see [`Self::is_draining`]).
+    draining: AtomicBool,
 }
 
 impl WorkerSystemHandle {
@@ -198,12 +220,29 @@ impl WorkerSystemHandle {
 
     /// Stop dispatching; in-flight steps finish and are recorded.
     pub fn transition_to_graceful_shutdown(&self) -> EngineResult<()> {
+        self.draining.store(true, Ordering::Release);
         self.send(EngineMessage::GracefulShutdown)
     }
 
     /// Ask the engine to drain and stop; wait on [`Self::stopped`], then call [`Self::join`].
     pub fn request_stop(&self) {
+        self.draining.store(true, Ordering::Release);
         let _ = self.send(EngineMessage::Stop);
+    }
+
+    /// True once a shutdown was requested. The engine recalls queued events only when it
+    /// processes that request; until then a handler thread could still take one, so takers
+    /// check this after taking and hand such an event back with [`Self::release_untaken`].
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Give back an event taken from the dispatch channel that will not run: the attempt does
+    /// not count, and the step stays ready (the engine's recall, for an event already taken).
+    pub fn release_untaken(&self, event_id: Uuid) {
+        if let Some(flight) = self.registry.take(event_id) {
+            let _ = self.send(EngineMessage::Release(flight));
+        }
     }
 
     /// Join the engine thread (immediate once [`Self::stopped`] has disconnected).
@@ -244,6 +283,8 @@ impl WorkerSystemHandle {
     }
 
     /// Look up the template now (so a bad name fails at once) and ask the engine to create the task.
+    /// Check what can be checked at once (a bad name fails here, on the caller's thread), then ask
+    /// the engine to create the task. With postgres, templates that other processes stored count too.
     pub fn request_create_task(
         &self,
         namespace: &str,
@@ -251,26 +292,33 @@ impl WorkerSystemHandle {
         version: &str,
         context: Value,
     ) -> EngineResult<Receiver<EngineResult<Uuid>>> {
-        let template: Arc<TaskTemplate> = match self.templates.get(namespace, name, version) {
-            Some(t) => Arc::clone(t),
-            None => {
-                return Err(EngineError::config(format!(
-                    "unknown template {namespace}/{name}@{version} (known: {})",
-                    self.templates.describe_known()
-                )))
-            }
-        };
-        if !self.shared.namespaces.iter().any(|n| n == namespace) {
-            return Err(EngineError::config(format!(
-                "namespace {namespace:?} is not handled by this worker (namespaces: {:?})",
-                self.shared.namespaces
-            )));
-        }
         if !context.is_object() {
             return Err(EngineError::config("context: must be a Hash"));
         }
+        let key = TemplateKey {
+            namespace: namespace.into(),
+            name: name.into(),
+            version: version.into(),
+        };
+        let template = self.templates.get(namespace, name, version).map(Arc::clone);
+        if self.shared.backend == BackendKind::Memory {
+            if template.is_none() {
+                return Err(EngineError::config(format!(
+                    "unknown template {key} (known: {})",
+                    self.templates.describe_known()
+                )));
+            }
+            // In one process, a task of a namespace nobody runs would wait forever.
+            if !self.shared.namespaces.iter().any(|n| n == namespace) {
+                return Err(EngineError::config(format!(
+                    "namespace {namespace:?} is not handled by this worker (namespaces: {:?})",
+                    self.shared.namespaces
+                )));
+            }
+        }
         let (reply, answer) = crossbeam_channel::bounded(1);
         self.send(EngineMessage::CreateTask {
+            key,
             template,
             context,
             reply,

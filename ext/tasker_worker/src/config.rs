@@ -87,6 +87,7 @@ pub const CONFIG_KEYS: &[&str] = &[
     "shutdown_timeout",
     "task_retention",
     "database_pool_size",
+    "finished_task_ttl",
 ];
 
 #[derive(Debug, Clone)]
@@ -110,6 +111,8 @@ pub struct WorkerConfig {
     /// Finished tasks kept for `task_status` (memory backend); older ones are forgotten.
     pub task_retention: usize,
     pub database_pool_size: u32,
+    /// The postgres backend deletes finished tasks older than this.
+    pub finished_task_ttl: Duration,
 }
 
 impl WorkerConfig {
@@ -233,6 +236,11 @@ impl WorkerConfig {
             None => 8,
         };
 
+        let finished_task_ttl = match get("finished_task_ttl") {
+            Some(v) => seconds_in("finished_task_ttl", v, 1.0, 315_360_000.0)?,
+            None => Duration::from_secs(7 * 24 * 3600),
+        };
+
         if backend == BackendKind::Memory {
             if get("database_url").is_some() {
                 return Err(EngineError::config(
@@ -272,6 +280,7 @@ impl WorkerConfig {
             shutdown_timeout,
             task_retention,
             database_pool_size,
+            finished_task_ttl,
         })
     }
 }

@@ -1,18 +1,18 @@
 //! The engine loop: one task on the engine thread's tokio runtime. It owns the backend,
 //! feeds the dispatch channel, records completions and timeouts, and drives shutdown.
 
-use crate::backend::{Backend, SnapshotReply};
+use crate::backend::{Backend, Notification, SnapshotReply};
 use crate::dispatch::InFlightRegistry;
 use crate::error::{EngineError, EngineResult};
 use crate::events::{AttemptOutcome, InFlight, StepExecutionCompletionEvent, StepExecutionEvent};
 use crate::status::{Shared, WorkerState};
-use crate::template::TaskTemplate;
+use crate::template::{TaskTemplate, TemplateKey};
 use crossbeam_channel::{Receiver, Sender};
 use serde_json::Value;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tracing::{error, info, warn};
 use uuid::Uuid;
 
@@ -20,10 +20,12 @@ use uuid::Uuid;
 pub enum EngineMessage {
     Completion(InFlight, Box<StepExecutionCompletionEvent>),
     CreateTask {
-        template: Arc<TaskTemplate>,
+        key: TemplateKey,
+        template: Option<Arc<TaskTemplate>>,
         context: Value,
         reply: Sender<EngineResult<Uuid>>,
     },
+    Notify(Notification),
     TaskStatus {
         task_uuid: Uuid,
         reply: SnapshotReply,
@@ -33,6 +35,8 @@ pub enum EngineMessage {
         reply: SnapshotReply,
     },
     GracefulShutdown,
+    /// An event taken by a handler thread after the shutdown began, handed back unrun.
+    Release(InFlight),
     Stop,
 }
 
@@ -44,6 +48,8 @@ pub(crate) struct Engine<B: Backend> {
     pub shared: Arc<Shared>,
     pub registry: Arc<InFlightRegistry>,
     pub inbox: UnboundedReceiver<EngineMessage>,
+    /// Handed to the backend so its listeners can wake the loop.
+    pub inbox_sender: UnboundedSender<EngineMessage>,
     pub dispatch: Sender<StepExecutionEvent>,
     /// The engine's own handle on the dispatch channel: recalls untaken events at shutdown.
     pub recall: Receiver<StepExecutionEvent>,
@@ -62,7 +68,7 @@ struct LoopState {
 
 impl<B: Backend> Engine<B> {
     pub async fn run(mut self, started: Sender<EngineResult<()>>) {
-        if let Err(e) = self.backend.start().await {
+        if let Err(e) = self.backend.start(self.inbox_sender.clone()).await {
             self.shared.set_state(WorkerState::Error);
             let _ = started.send(Err(e));
             return;
@@ -103,6 +109,8 @@ impl<B: Backend> Engine<B> {
                     }
                 }
             }
+            self.backend.tick(Instant::now()).await;
+            self.shared.set_pool_stats(self.backend.pool_stats());
             self.sweep_timeouts(&mut st);
             self.flush(&mut st).await;
             if st.accepting {
@@ -138,13 +146,15 @@ impl<B: Backend> Engine<B> {
         }
         match message {
             EngineMessage::Completion(..) => unreachable!("handled above"),
+            EngineMessage::Notify(notification) => self.backend.notify(notification),
             EngineMessage::CreateTask {
+                key,
                 template,
                 context,
                 reply,
             } => {
                 let result = if st.accepting {
-                    self.backend.create_task(template, context).await
+                    self.backend.create_task(key, template, context).await
                 } else {
                     Err(EngineError::NotInitialized)
                 };
@@ -157,6 +167,10 @@ impl<B: Backend> Engine<B> {
                 self.backend.wait_for_task(task_uuid, reply).await
             }
             EngineMessage::GracefulShutdown => self.begin_shutdown(st).await,
+            EngineMessage::Release(flight) => {
+                self.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+                self.backend.release(vec![flight]).await;
+            }
             EngineMessage::Stop => {
                 self.begin_shutdown(st).await;
                 st.stop_by

@@ -80,6 +80,8 @@ pub struct TaskTemplate {
     pub name: String,
     pub version: String,
     pub source: PathBuf,
+    /// The YAML it was parsed from (the postgres backend stores it for other processes).
+    pub yaml: String,
     pub steps: Vec<Arc<StepDefinition>>,
     /// For each step, the indices of the steps it depends on.
     pub dependencies: Vec<Vec<usize>>,
@@ -99,8 +101,12 @@ impl TaskTemplate {
     /// Parse and validate one template; `source` only labels error messages.
     pub fn from_yaml(yaml: &str, source: &Path) -> EngineResult<Self> {
         let file = source.display();
-        let raw: RawTemplate = serde_norway::from_str(yaml)
-            .map_err(|e| EngineError::config(format!("template {file}: {e}")))?;
+        let raw: RawTemplate = serde_norway::from_str(yaml).map_err(|e| {
+            EngineError::config(format!(
+                "template {file}: {}",
+                name_step_in_error(yaml, &e.to_string())
+            ))
+        })?;
         let fail = |message: String| EngineError::config(format!("template {file}: {message}"));
 
         for (field, value) in [
@@ -198,6 +204,7 @@ impl TaskTemplate {
             name: raw.name,
             version: raw.version,
             source: source.to_path_buf(),
+            yaml: yaml.to_string(),
             steps,
             dependencies,
             dependents,
@@ -206,6 +213,27 @@ impl TaskTemplate {
 
     pub fn step_index(&self, name: &str) -> Option<usize> {
         self.steps.iter().position(|s| &*s.name == name)
+    }
+}
+
+/// serde names a step by its index (`steps[1].retry: unknown field ...`): add its name, as
+/// every other template error does (`step `ship`: steps[1].retry: unknown field ...`).
+fn name_step_in_error(yaml: &str, message: &str) -> String {
+    let index = message
+        .strip_prefix("steps[")
+        .and_then(|rest| rest.split_once(']'))
+        .and_then(|(index, _)| index.parse::<usize>().ok());
+    let name = index.and_then(|index| {
+        let doc: serde_norway::Value = serde_norway::from_str(yaml).ok()?;
+        doc.get("steps")?
+            .get(index)?
+            .get("name")?
+            .as_str()
+            .map(str::to_owned)
+    });
+    match name {
+        Some(name) => format!("step `{name}`: {message}"),
+        None => message.to_string(),
     }
 }
 
@@ -515,6 +543,31 @@ steps:
   - { name: c, dependencies: [a], handler: { callable: Demo::C } }
   - { name: d, dependencies: [b, c], handler: { callable: Demo::D } }
 "#;
+
+    #[test]
+    fn serde_errors_name_the_step() {
+        let e = parse("namespace: n\nname: x\nversion: 1\nsteps:\n  - { name: a, handler: { callable: A } }\n  - { name: b, retries: 3, handler: { callable: B } }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("template t.yml: step `b`: steps[1]: unknown field `retries`"),
+            "{e}"
+        );
+        let e = parse("namespace: n\nname: x\nversion: 1\nsteps:\n  - { name: a, handler: { callable: A }, retry: { max_attempts: x } }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("template t.yml: step `a`: steps[0].retry.max_attempts: invalid type"),
+            "{e}"
+        );
+        let e = parse("namespace: n\nname: x\nversion: 1\ncolour: red\nsteps: []\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("template t.yml: unknown field `colour`"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn parses_a_diamond() {

@@ -1,17 +1,19 @@
 //! The embedded backend: everything in one process, owned by the engine thread (no locks).
 
 use super::{Backend, SnapshotReply};
+use crate::engine::EngineMessage;
 use crate::error::{EngineError, EngineResult};
 use crate::events::{
     unix_ns, AttemptOutcome, InFlight, StepExecutionEvent, StepSnapshot, StepStatus, TaskInfo,
     TaskSnapshot, TaskStatus,
 };
-use crate::template::TaskTemplate;
+use crate::template::{TaskTemplate, TemplateKey};
 use serde_json::Value;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, warn};
 use uuid::Uuid;
 
@@ -212,15 +214,18 @@ fn fmt_secs(d: Duration) -> String {
 }
 
 impl Backend for MemoryBackend {
-    async fn start(&mut self) -> EngineResult<()> {
+    async fn start(&mut self, _inbox: UnboundedSender<EngineMessage>) -> EngineResult<()> {
         Ok(())
     }
 
     async fn create_task(
         &mut self,
-        template: Arc<TaskTemplate>,
+        key: TemplateKey,
+        template: Option<Arc<TaskTemplate>>,
         context: Value,
     ) -> EngineResult<Uuid> {
+        let template =
+            template.ok_or_else(|| EngineError::config(format!("unknown template {key}")))?;
         let task_uuid = Uuid::new_v4();
         let info = Arc::new(TaskInfo {
             task_uuid,

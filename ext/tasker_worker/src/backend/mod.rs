@@ -1,14 +1,17 @@
 //! Where tasks and steps live. The engine loop is the same for every backend.
 
 pub mod memory;
+pub mod postgres;
 
+use crate::engine::EngineMessage;
 use crate::error::EngineResult;
 use crate::events::{AttemptOutcome, InFlight, StepExecutionEvent, TaskSnapshot};
-use crate::template::TaskTemplate;
+use crate::template::{TaskTemplate, TemplateKey};
 use crossbeam_channel::Sender;
 use serde_json::Value;
 use std::sync::Arc;
 use std::time::Instant;
+use tokio::sync::mpsc::UnboundedSender;
 use uuid::Uuid;
 
 pub type SnapshotReply = Sender<EngineResult<TaskSnapshot>>;
@@ -17,11 +20,14 @@ pub type SnapshotReply = Sender<EngineResult<TaskSnapshot>>;
 #[allow(async_fn_in_trait)]
 pub trait Backend: Send + 'static {
     /// Connect, migrate, load: everything that can fail before the worker is "running".
-    async fn start(&mut self) -> EngineResult<()>;
+    /// `inbox` lets background listeners wake the engine with [`EngineMessage::Notify`].
+    async fn start(&mut self, inbox: UnboundedSender<EngineMessage>) -> EngineResult<()>;
 
+    /// `template` is the locally loaded one, if any (a database backend may know more).
     async fn create_task(
         &mut self,
-        template: Arc<TaskTemplate>,
+        key: TemplateKey,
+        template: Option<Arc<TaskTemplate>>,
         context: Value,
     ) -> EngineResult<Uuid>;
 
@@ -29,6 +35,9 @@ pub trait Backend: Send + 'static {
 
     /// Answer `reply` when the task finishes (at once if it already has).
     async fn wait_for_task(&mut self, task_uuid: Uuid, reply: SnapshotReply);
+
+    /// Called on every pass of the engine loop (housekeeping, retrying failed writes).
+    async fn tick(&mut self, _now: Instant) {}
 
     /// Up to `max` ready attempts, already marked in progress (attempts counted).
     async fn claim(
@@ -50,8 +59,22 @@ pub trait Backend: Send + 'static {
     /// When `claim` may find new work without any message arriving (a retry falls due, a poll).
     fn next_wakeup(&self) -> Option<Instant>;
 
+    /// Something outside the process happened (a NOTIFY, a reconnect).
+    fn notify(&mut self, _notification: Notification) {}
+
     /// Connection pool (size, idle); (0, 0) without a database.
     fn pool_stats(&self) -> (u32, u32) {
         (0, 0)
     }
+}
+
+/// Wake-ups from outside the engine thread.
+#[derive(Debug)]
+pub enum Notification {
+    /// Steps became ready somewhere (another process, or a retry fell due there).
+    StepsReady,
+    /// Tasks finished somewhere.
+    TasksFinished(Vec<Uuid>),
+    /// The listener lost its connection and came back: notifications may have been missed.
+    Reconnected,
 }

@@ -1,0 +1,1026 @@
+//! The durable backend: many worker processes on many hosts share one PostgreSQL database.
+//!
+//! - Ready steps live in a small hot table (`tasker_ready_steps`). Claims take them with
+//!   `FOR UPDATE SKIP LOCKED` and push `visible_at` forward by the step's timeout: a step whose
+//!   worker died becomes claimable again once its claim is that old, and the next claim counts
+//!   a new attempt.
+//! - Recording a batch of outcomes is one transaction: results, retries, successors made ready,
+//!   task completion and one NOTIFY per batch. Every write is conditioned on the attempt number,
+//!   so a stale completion (its step was reclaimed meanwhile) changes nothing: each step's final
+//!   result is recorded exactly once.
+//! - Wake-ups: LISTEN/NOTIFY (EventDriven), a periodic claim (Polling), or both (Hybrid).
+
+use super::{Backend, Notification, SnapshotReply};
+use crate::config::DeploymentMode;
+use crate::engine::EngineMessage;
+use crate::error::{EngineError, EngineResult};
+use crate::events::{
+    AttemptOutcome, InFlight, StepExecutionEvent, StepSnapshot, StepStatus, TaskInfo, TaskSnapshot,
+    TaskStatus,
+};
+use crate::template::{TaskTemplate, TemplateKey, TemplateRegistry};
+use serde_json::Value;
+use sqlx::postgres::{PgListener, PgPoolOptions};
+use sqlx::{PgPool, Postgres, Row, Transaction};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::UnboundedSender;
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+const STEPS_READY: &str = "tasker_steps_ready";
+const TASKS_FINISHED: &str = "tasker_tasks_finished";
+/// How long a failed write waits before it is tried again (the database may be restarting).
+const RETRY_WRITE_AFTER: Duration = Duration::from_millis(250);
+/// How often waiters and old rows are checked when nothing else wakes the engine.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
+const CLEANUP_EVERY: Duration = Duration::from_secs(60);
+
+pub struct PostgresSettings {
+    pub url: String,
+    pub pool_size: u32,
+    pub worker_id: String,
+    pub namespaces: Vec<String>,
+    pub mode: DeploymentMode,
+    pub poll_interval: Duration,
+    pub finished_task_ttl: Duration,
+}
+
+pub struct PostgresBackend {
+    settings: PostgresSettings,
+    local: Arc<TemplateRegistry>,
+    pool: Option<PgPool>,
+    /// Templates by key: local ones, and others loaded from the database on first use.
+    templates: HashMap<TemplateKey, Arc<TaskTemplate>>,
+    /// Whether a claim may find something (set by notifications, polls, our own enqueues).
+    maybe_ready: bool,
+    next_poll: Option<Instant>,
+    waiters: HashMap<Uuid, Vec<SnapshotReply>>,
+    /// Outcomes whose transaction failed: kept and written again, never dropped.
+    unrecorded: Vec<(InFlight, AttemptOutcome)>,
+    retry_write_at: Option<Instant>,
+    next_housekeeping: Instant,
+    next_cleanup: Instant,
+}
+
+impl PostgresBackend {
+    pub fn new(settings: PostgresSettings, local: Arc<TemplateRegistry>) -> Self {
+        let templates = local.iter().map(|t| (t.key(), Arc::clone(t))).collect();
+        Self {
+            settings,
+            local,
+            pool: None,
+            templates,
+            maybe_ready: true,
+            next_poll: None,
+            waiters: HashMap::new(),
+            unrecorded: Vec::new(),
+            retry_write_at: None,
+            next_housekeeping: Instant::now() + HOUSEKEEPING_EVERY,
+            next_cleanup: Instant::now() + CLEANUP_EVERY,
+        }
+    }
+
+    fn pool(&self) -> EngineResult<&PgPool> {
+        self.pool
+            .as_ref()
+            .ok_or_else(|| EngineError::Internal("postgres backend used before start".into()))
+    }
+
+    fn polls(&self) -> bool {
+        self.settings.mode != DeploymentMode::EventDriven
+    }
+
+    fn listens(&self) -> bool {
+        self.settings.mode != DeploymentMode::Polling
+    }
+
+    async fn template(&mut self, key: &TemplateKey) -> EngineResult<Arc<TaskTemplate>> {
+        if let Some(t) = self.templates.get(key) {
+            return Ok(Arc::clone(t));
+        }
+        let row = sqlx::query("SELECT yaml, source FROM tasker_templates WHERE namespace = $1 AND name = $2 AND version = $3")
+            .bind(&key.namespace)
+            .bind(&key.name)
+            .bind(&key.version)
+            .fetch_optional(self.pool()?)
+            .await
+            .map_err(db)?;
+        let Some(row) = row else {
+            return Err(EngineError::config(format!(
+                "unknown template {key} (not loaded here and not stored in the database; loaded here: {})",
+                self.local.describe_known()
+            )));
+        };
+        let yaml: String = row.get("yaml");
+        let source: String = row.get("source");
+        let template = Arc::new(TaskTemplate::from_yaml(
+            &yaml,
+            std::path::Path::new(&format!("{source} (from database)")),
+        )?);
+        self.templates.insert(key.clone(), Arc::clone(&template));
+        Ok(template)
+    }
+
+    async fn store_templates(&self) -> EngineResult<()> {
+        let pool = self.pool()?;
+        for template in self.local.iter() {
+            sqlx::query(
+                "INSERT INTO tasker_templates (namespace, name, version, yaml, source) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (namespace, name, version)
+                 DO UPDATE SET yaml = EXCLUDED.yaml, source = EXCLUDED.source, updated_at = now()
+                 WHERE tasker_templates.yaml IS DISTINCT FROM EXCLUDED.yaml",
+            )
+            .bind(&template.namespace)
+            .bind(&template.name)
+            .bind(&template.version)
+            .bind(&template.yaml)
+            .bind(template.source.display().to_string())
+            .execute(pool)
+            .await
+            .map_err(db)?;
+        }
+        Ok(())
+    }
+
+    async fn snapshot(&mut self, task_uuid: Uuid) -> EngineResult<Option<TaskSnapshot>> {
+        let pool = self.pool()?.clone();
+        let Some(task) = sqlx::query(
+            "SELECT namespace, name, version, status FROM tasker_tasks WHERE task_uuid = $1",
+        )
+        .bind(task_uuid)
+        .fetch_optional(&pool)
+        .await
+        .map_err(db)?
+        else {
+            return Ok(None);
+        };
+        let steps = sqlx::query(
+            "SELECT step_uuid, name, status, attempts, result, error_message FROM tasker_steps
+             WHERE task_uuid = $1 ORDER BY step_index",
+        )
+        .bind(task_uuid)
+        .fetch_all(&pool)
+        .await
+        .map_err(db)?;
+        Ok(Some(TaskSnapshot {
+            task_uuid,
+            namespace: task.get("namespace"),
+            name: task.get("name"),
+            version: task.get("version"),
+            status: task_status(task.get("status")),
+            steps: steps
+                .into_iter()
+                .map(|row| StepSnapshot {
+                    step_uuid: row.get("step_uuid"),
+                    name: row.get("name"),
+                    status: step_status(row.get("status")),
+                    attempts: row.get::<i32, _>("attempts") as u32,
+                    result: row.get::<Option<Value>, _>("result").map(Arc::new),
+                    error_message: row.get("error_message"),
+                })
+                .collect(),
+        }))
+    }
+
+    /// Answer waiters whose tasks have finished (from a notification or a periodic check).
+    async fn answer_waiters(&mut self, candidates: Vec<Uuid>) {
+        for task_uuid in candidates {
+            if !self.waiters.contains_key(&task_uuid) {
+                continue;
+            }
+            match self.snapshot(task_uuid).await {
+                Ok(Some(snapshot)) if snapshot.status.is_finished() => {
+                    for waiter in self.waiters.remove(&task_uuid).unwrap_or_default() {
+                        let _ = waiter.try_send(Ok(snapshot.clone()));
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => debug!(error = %e, "checking a waited task failed; will check again"),
+            }
+        }
+    }
+
+    async fn housekeeping(&mut self, now: Instant) {
+        if now >= self.next_housekeeping {
+            self.next_housekeeping = now + HOUSEKEEPING_EVERY;
+            // Notifications can be missed across a reconnect: check waited tasks directly too.
+            let waited: Vec<Uuid> = self.waiters.keys().copied().collect();
+            self.answer_waiters(waited).await;
+            self.waiters.retain(|_, replies| {
+                replies.retain(|r| !r.is_full());
+                !replies.is_empty()
+            });
+        }
+        if now >= self.next_cleanup {
+            self.next_cleanup = now + CLEANUP_EVERY;
+            let ttl = self.settings.finished_task_ttl.as_secs_f64();
+            if let Ok(pool) = self.pool() {
+                match sqlx::query(
+                    "DELETE FROM tasker_tasks WHERE task_uuid IN (
+                       SELECT task_uuid FROM tasker_tasks
+                       WHERE finished_at < now() - make_interval(secs => $1) LIMIT 5000)",
+                )
+                .bind(ttl)
+                .execute(pool)
+                .await
+                {
+                    Ok(done) if done.rows_affected() > 0 => {
+                        info!(
+                            deleted = done.rows_affected(),
+                            "deleted finished tasks older than finished_task_ttl"
+                        )
+                    }
+                    Ok(_) => {}
+                    Err(e) => warn!(error = %e, "deleting old finished tasks failed"),
+                }
+            }
+        }
+    }
+
+    async fn write_outcomes(
+        &mut self,
+        outcomes: &[(InFlight, AttemptOutcome)],
+    ) -> EngineResult<Vec<Uuid>> {
+        let mut tx = self.pool()?.begin().await.map_err(db)?;
+        let finished = record_in(&mut tx, self, outcomes).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(finished)
+    }
+}
+
+fn db(e: sqlx::Error) -> EngineError {
+    EngineError::Internal(format!("postgres: {e}"))
+}
+
+fn task_status(s: &str) -> TaskStatus {
+    match s {
+        "in_progress" => TaskStatus::InProgress,
+        "complete" => TaskStatus::Complete,
+        "error" => TaskStatus::Error,
+        _ => TaskStatus::Pending,
+    }
+}
+
+fn step_status(s: &str) -> StepStatus {
+    match s {
+        "enqueued" => StepStatus::Enqueued,
+        "in_progress" => StepStatus::InProgress,
+        "complete" => StepStatus::Complete,
+        "error" => StepStatus::Error,
+        "waiting_for_retry" => StepStatus::WaitingForRetry,
+        _ => StepStatus::Pending,
+    }
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:****@host/db`, for error messages.
+pub fn mask_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end..];
+    let Some(at) = rest.find('@') else {
+        return url.to_string();
+    };
+    match rest[..at].find(':') {
+        Some(colon) => format!(
+            "{}{}:****{}",
+            &url[..scheme_end],
+            &rest[..colon],
+            &rest[at..]
+        ),
+        None => url.to_string(),
+    }
+}
+
+fn ms(d: Duration) -> i32 {
+    d.as_millis().min(i32::MAX as u128) as i32
+}
+
+fn failure_message(c: &crate::events::StepExecutionCompletionEvent) -> String {
+    match (&c.error_class, &c.error_message) {
+        (Some(class), Some(m)) => format!("{class}: {m}"),
+        (Some(class), None) => class.clone(),
+        (None, Some(m)) => m.clone(),
+        (None, None) => "handler reported failure".to_string(),
+    }
+}
+
+/// One batch of outcomes, inside `tx`. Returns the tasks that finished.
+async fn record_in(
+    tx: &mut Transaction<'static, Postgres>,
+    backend: &mut PostgresBackend,
+    outcomes: &[(InFlight, AttemptOutcome)],
+) -> EngineResult<Vec<Uuid>> {
+    // Lock rows in one order in every transaction, so concurrent batches cannot deadlock.
+    let mut ordered: Vec<&(InFlight, AttemptOutcome)> = outcomes.iter().collect();
+    ordered.sort_by_key(|(f, _)| (f.task_uuid, f.step_index));
+
+    let mut ok_steps = Vec::new();
+    let mut ok_attempts = Vec::new();
+    let mut ok_results = Vec::new();
+    let mut retry_steps = Vec::new();
+    let mut retry_attempts = Vec::new();
+    let mut retry_delays = Vec::new();
+    let mut retry_messages = Vec::new();
+    let mut fail_steps = Vec::new();
+    let mut fail_attempts = Vec::new();
+    let mut fail_messages = Vec::new();
+
+    // Failures need the step's retry policy: resolve templates by task.
+    let failing: Vec<Uuid> = ordered
+        .iter()
+        .filter(|(_, o)| !matches!(o, AttemptOutcome::Completed(c) if c.success))
+        .map(|(f, _)| f.task_uuid)
+        .collect();
+    let mut template_of: HashMap<Uuid, Arc<TaskTemplate>> = HashMap::new();
+    if !failing.is_empty() {
+        let rows = sqlx::query("SELECT task_uuid, namespace, name, version FROM tasker_tasks WHERE task_uuid = ANY($1)")
+            .bind(&failing)
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(db)?;
+        for row in rows {
+            let key = TemplateKey {
+                namespace: row.get("namespace"),
+                name: row.get("name"),
+                version: row.get("version"),
+            };
+            template_of.insert(row.get("task_uuid"), backend.template(&key).await?);
+        }
+    }
+
+    for (flight, outcome) in ordered {
+        let (retryable, retry_after, message) = match outcome {
+            AttemptOutcome::Completed(c) if c.success => {
+                ok_steps.push(flight.step_uuid);
+                ok_attempts.push(flight.attempt as i32);
+                ok_results.push(c.result.clone());
+                continue;
+            }
+            AttemptOutcome::Completed(c) => (c.retryable, c.retry_after, failure_message(c)),
+            AttemptOutcome::TimedOut => (
+                true,
+                None,
+                format!("timed out after {}s", flight.timeout.as_secs_f64()),
+            ),
+        };
+        let Some(template) = template_of.get(&flight.task_uuid) else {
+            continue;
+        };
+        let policy = &template.steps[flight.step_index].retry;
+        if retryable && policy.retryable && flight.attempt < policy.max_attempts {
+            retry_steps.push(flight.step_uuid);
+            retry_attempts.push(flight.attempt as i32);
+            retry_delays.push(ms(
+                retry_after.unwrap_or_else(|| policy.delay_after(flight.attempt))
+            ));
+            retry_messages.push(message);
+        } else {
+            fail_steps.push(flight.step_uuid);
+            fail_attempts.push(flight.attempt as i32);
+            fail_messages.push(if !retryable || !policy.retryable {
+                message
+            } else {
+                format!("{message} (gave up after {} attempts)", flight.attempt)
+            });
+        }
+    }
+
+    let mut finished = Vec::new();
+    let mut newly_ready = false;
+
+    if !ok_steps.is_empty() {
+        let done = sqlx::query(
+            "WITH input AS (
+               SELECT * FROM unnest($1::uuid[], $2::int4[], $3::jsonb[]) AS i(step_uuid, attempt, result)
+             ), done AS (
+               UPDATE tasker_steps s SET status = 'complete', result = i.result, error_message = NULL
+               FROM input i
+               WHERE s.step_uuid = i.step_uuid AND s.attempts = i.attempt AND s.status = 'in_progress'
+               RETURNING s.step_uuid, s.task_uuid, s.step_index
+             ), gone AS (
+               DELETE FROM tasker_ready_steps r USING done d WHERE r.step_uuid = d.step_uuid
+             )
+             SELECT d.task_uuid, d.step_index, t.namespace, t.name, t.version
+             FROM done d JOIN tasker_tasks t ON t.task_uuid = d.task_uuid",
+        )
+        .bind(&ok_steps)
+        .bind(&ok_attempts)
+        .bind(&ok_results)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(db)?;
+        if done.len() < ok_steps.len() {
+            debug!(
+                stale = ok_steps.len() - done.len(),
+                "completions for attempts that are no longer current"
+            );
+        }
+
+        // Successors: how many of each one's dependencies just completed.
+        let mut decrements: BTreeMap<(Uuid, i32), (i32, i32, String)> = BTreeMap::new();
+        let mut completed_per_task: BTreeMap<Uuid, i32> = BTreeMap::new();
+        for row in &done {
+            let task_uuid: Uuid = row.get("task_uuid");
+            let index: i32 = row.get("step_index");
+            let key = TemplateKey {
+                namespace: row.get("namespace"),
+                name: row.get("name"),
+                version: row.get("version"),
+            };
+            let template = backend.template(&key).await?;
+            *completed_per_task.entry(task_uuid).or_default() += 1;
+            for &next in &template.dependents[index as usize] {
+                let entry = decrements
+                    .entry((task_uuid, next as i32))
+                    .or_insert_with(|| {
+                        (0, ms(template.steps[next].timeout), key.namespace.clone())
+                    });
+                entry.0 += 1;
+            }
+        }
+        if !decrements.is_empty() {
+            let (mut tasks, mut indices, mut counts, mut timeouts, mut namespaces) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for ((task, index), (n, timeout, ns)) in decrements {
+                tasks.push(task);
+                indices.push(index);
+                counts.push(n);
+                timeouts.push(timeout);
+                namespaces.push(ns);
+            }
+            let ready = sqlx::query(
+                "WITH dec AS (
+                   SELECT * FROM unnest($1::uuid[], $2::int4[], $3::int4[], $4::int4[], $5::text[])
+                     AS d(task_uuid, step_index, n, timeout_ms, namespace)
+                 ), upd AS (
+                   UPDATE tasker_steps s
+                   SET waiting_on = s.waiting_on - d.n,
+                       status = CASE WHEN s.waiting_on - d.n = 0 AND t.status <> 'error' THEN 'enqueued' ELSE s.status END,
+                       ready_at = CASE WHEN s.waiting_on - d.n = 0 THEN now() ELSE s.ready_at END
+                   FROM dec d JOIN tasker_tasks t ON t.task_uuid = d.task_uuid
+                   WHERE s.task_uuid = d.task_uuid AND s.step_index = d.step_index
+                   RETURNING s.step_uuid, s.task_uuid, s.waiting_on, d.timeout_ms, d.namespace, t.status AS task_status
+                 )
+                 INSERT INTO tasker_ready_steps (step_uuid, task_uuid, namespace, timeout_ms)
+                 SELECT step_uuid, task_uuid, namespace, timeout_ms FROM upd
+                 WHERE waiting_on = 0 AND task_status <> 'error'
+                 ON CONFLICT (step_uuid) DO NOTHING
+                 RETURNING step_uuid",
+            )
+            .bind(&tasks)
+            .bind(&indices)
+            .bind(&counts)
+            .bind(&timeouts)
+            .bind(&namespaces)
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(db)?;
+            newly_ready |= !ready.is_empty();
+        }
+        if !completed_per_task.is_empty() {
+            let tasks: Vec<Uuid> = completed_per_task.keys().copied().collect();
+            let counts: Vec<i32> = completed_per_task.values().copied().collect();
+            let rows = sqlx::query(
+                "WITH fin AS (SELECT * FROM unnest($1::uuid[], $2::int4[]) AS f(task_uuid, n))
+                 UPDATE tasker_tasks t
+                 SET incomplete_steps = t.incomplete_steps - f.n,
+                     status = CASE WHEN t.incomplete_steps - f.n = 0 THEN 'complete'
+                                   WHEN t.status = 'pending' THEN 'in_progress' ELSE t.status END,
+                     finished_at = CASE WHEN t.incomplete_steps - f.n = 0 THEN now() ELSE t.finished_at END
+                 FROM fin f WHERE t.task_uuid = f.task_uuid
+                 RETURNING t.task_uuid, t.incomplete_steps",
+            )
+            .bind(&tasks)
+            .bind(&counts)
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(db)?;
+            finished.extend(
+                rows.iter()
+                    .filter(|r| r.get::<i32, _>("incomplete_steps") == 0)
+                    .map(|r| r.get::<Uuid, _>("task_uuid")),
+            );
+        }
+    }
+
+    if !retry_steps.is_empty() {
+        sqlx::query(
+            "WITH input AS (
+               SELECT * FROM unnest($1::uuid[], $2::int4[], $3::int4[], $4::text[]) AS i(step_uuid, attempt, delay_ms, message)
+             ), upd AS (
+               UPDATE tasker_steps s
+               SET status = 'waiting_for_retry', error_message = i.message,
+                   ready_at = now() + make_interval(secs => i.delay_ms / 1000.0)
+               FROM input i
+               WHERE s.step_uuid = i.step_uuid AND s.attempts = i.attempt AND s.status = 'in_progress'
+               RETURNING s.step_uuid, i.delay_ms
+             )
+             UPDATE tasker_ready_steps r
+             SET visible_at = now() + make_interval(secs => upd.delay_ms / 1000.0), claimed_by = NULL
+             FROM upd WHERE r.step_uuid = upd.step_uuid",
+        )
+        .bind(&retry_steps)
+        .bind(&retry_attempts)
+        .bind(&retry_delays)
+        .bind(&retry_messages)
+        .execute(&mut **tx)
+        .await
+        .map_err(db)?;
+        newly_ready = true;
+    }
+
+    if !fail_steps.is_empty() {
+        let rows = sqlx::query(
+            "WITH input AS (
+               SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[]) AS i(step_uuid, attempt, message)
+             ), failed AS (
+               UPDATE tasker_steps s SET status = 'error', error_message = i.message
+               FROM input i
+               WHERE s.step_uuid = i.step_uuid AND s.attempts = i.attempt AND s.status = 'in_progress'
+               RETURNING s.task_uuid
+             )
+             UPDATE tasker_tasks t SET status = 'error', finished_at = now()
+             WHERE t.task_uuid IN (SELECT task_uuid FROM failed) AND t.status NOT IN ('complete', 'error')
+             RETURNING t.task_uuid",
+        )
+        .bind(&fail_steps)
+        .bind(&fail_attempts)
+        .bind(&fail_messages)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(db)?;
+        let errored: Vec<Uuid> = rows.iter().map(|r| r.get("task_uuid")).collect();
+        // An errored task runs nothing more: its queued steps leave the hot table.
+        sqlx::query(
+            "DELETE FROM tasker_ready_steps WHERE task_uuid = ANY($1) OR step_uuid = ANY($2)",
+        )
+        .bind(&errored)
+        .bind(&fail_steps)
+        .execute(&mut **tx)
+        .await
+        .map_err(db)?;
+        finished.extend(errored);
+    }
+
+    // One NOTIFY per batch per channel (NOTIFY takes a global lock at commit).
+    if newly_ready {
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(STEPS_READY)
+            .execute(&mut **tx)
+            .await
+            .map_err(db)?;
+        backend.maybe_ready = true;
+    }
+    notify_finished(tx, &finished).await?;
+    Ok(finished)
+}
+
+async fn notify_finished(
+    tx: &mut Transaction<'static, Postgres>,
+    finished: &[Uuid],
+) -> EngineResult<()> {
+    // A NOTIFY payload holds < 8000 bytes: 200 uuids (37 bytes each with the comma) per message.
+    for chunk in finished.chunks(200) {
+        let payload = chunk
+            .iter()
+            .map(Uuid::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(TASKS_FINISHED)
+            .bind(payload)
+            .execute(&mut **tx)
+            .await
+            .map_err(db)?;
+    }
+    Ok(())
+}
+
+async fn listen(pool: PgPool, inbox: UnboundedSender<EngineMessage>) {
+    let mut listener = loop {
+        match PgListener::connect_with(&pool).await {
+            Ok(mut l) => match l.listen_all([STEPS_READY, TASKS_FINISHED]).await {
+                Ok(()) => break l,
+                Err(e) => warn!(error = %e, "LISTEN failed; retrying"),
+            },
+            Err(e) => warn!(error = %e, "listener cannot connect; retrying"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    loop {
+        let message = match listener.try_recv().await {
+            Ok(Some(n)) if n.channel() == STEPS_READY => Notification::StepsReady,
+            Ok(Some(n)) => Notification::TasksFinished(
+                n.payload()
+                    .split(',')
+                    .filter_map(|s| Uuid::parse_str(s).ok())
+                    .collect(),
+            ),
+            // The connection dropped; the next try_recv reconnects and re-listens.
+            Ok(None) => Notification::Reconnected,
+            Err(e) => {
+                warn!(error = %e, "listener error; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                Notification::Reconnected
+            }
+        };
+        if inbox.send(EngineMessage::Notify(message)).is_err() {
+            return;
+        }
+    }
+}
+
+impl Backend for PostgresBackend {
+    async fn start(&mut self, inbox: UnboundedSender<EngineMessage>) -> EngineResult<()> {
+        let masked = mask_url(&self.settings.url);
+        let pool = PgPoolOptions::new()
+            .max_connections(self.settings.pool_size)
+            .min_connections(1)
+            .acquire_timeout(Duration::from_secs(3))
+            .connect(&self.settings.url)
+            .await
+            .map_err(|e| {
+                EngineError::Bootstrap(format!("cannot connect to PostgreSQL at {masked}: {e}"))
+            })?;
+        // sqlx serialises concurrent migrators with an advisory lock: simultaneous bootstraps are safe.
+        MIGRATOR.run(&pool).await.map_err(|e| {
+            EngineError::Bootstrap(format!("migrating the schema at {masked} failed: {e}"))
+        })?;
+        self.pool = Some(pool.clone());
+        self.store_templates().await?;
+        if self.listens() {
+            tokio::spawn(listen(pool, inbox));
+        }
+        info!(url = %masked, mode = self.settings.mode.as_str(), "postgres backend ready");
+        Ok(())
+    }
+
+    async fn create_task(
+        &mut self,
+        key: TemplateKey,
+        template: Option<Arc<TaskTemplate>>,
+        context: Value,
+    ) -> EngineResult<Uuid> {
+        let template = match template {
+            Some(t) => t,
+            None => self.template(&key).await?,
+        };
+        let task_uuid = Uuid::new_v4();
+        let n = template.steps.len();
+        let step_uuids: Vec<Uuid> = (0..n).map(|_| Uuid::new_v4()).collect();
+        let indices: Vec<i32> = (0..n as i32).collect();
+        let names: Vec<String> = template.steps.iter().map(|s| s.name.to_string()).collect();
+        let waiting: Vec<i32> = template
+            .dependencies
+            .iter()
+            .map(|d| d.len() as i32)
+            .collect();
+        let roots: Vec<usize> = (0..n)
+            .filter(|&i| template.dependencies[i].is_empty())
+            .collect();
+        let root_uuids: Vec<Uuid> = roots.iter().map(|&i| step_uuids[i]).collect();
+        let root_timeouts: Vec<i32> = roots
+            .iter()
+            .map(|&i| ms(template.steps[i].timeout))
+            .collect();
+
+        let mut tx = self.pool()?.begin().await.map_err(db)?;
+        sqlx::query(
+            "INSERT INTO tasker_tasks (task_uuid, namespace, name, version, context, status, incomplete_steps)
+             VALUES ($1, $2, $3, $4, $5, 'pending', $6)",
+        )
+        .bind(task_uuid)
+        .bind(&template.namespace)
+        .bind(&template.name)
+        .bind(&template.version)
+        .bind(&context)
+        .bind(n as i32)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        sqlx::query(
+            "INSERT INTO tasker_steps (step_uuid, task_uuid, step_index, name, status, waiting_on, ready_at)
+             SELECT u, $2, i, nm, CASE WHEN w = 0 THEN 'enqueued' ELSE 'pending' END, w,
+                    CASE WHEN w = 0 THEN now() END
+             FROM unnest($1::uuid[], $3::int4[], $4::text[], $5::int4[]) AS x(u, i, nm, w)",
+        )
+        .bind(&step_uuids)
+        .bind(task_uuid)
+        .bind(&indices)
+        .bind(&names)
+        .bind(&waiting)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        sqlx::query(
+            "INSERT INTO tasker_ready_steps (step_uuid, task_uuid, namespace, timeout_ms)
+             SELECT u, $2, $3, t FROM unnest($1::uuid[], $4::int4[]) AS x(u, t)",
+        )
+        .bind(&root_uuids)
+        .bind(task_uuid)
+        .bind(&template.namespace)
+        .bind(&root_timeouts)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(STEPS_READY)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        self.maybe_ready = true;
+        Ok(task_uuid)
+    }
+
+    async fn task_status(&mut self, task_uuid: Uuid) -> EngineResult<TaskSnapshot> {
+        self.snapshot(task_uuid).await?.ok_or_else(|| {
+            EngineError::UnknownTask(format!("{task_uuid}: no such task in the database (finished tasks are deleted after finished_task_ttl)"))
+        })
+    }
+
+    async fn wait_for_task(&mut self, task_uuid: Uuid, reply: SnapshotReply) {
+        match self.snapshot(task_uuid).await {
+            Ok(Some(snapshot)) if snapshot.status.is_finished() => {
+                let _ = reply.try_send(Ok(snapshot));
+            }
+            Ok(Some(_)) => self.waiters.entry(task_uuid).or_default().push(reply),
+            Ok(None) => {
+                let _ = reply.try_send(Err(EngineError::UnknownTask(format!(
+                    "{task_uuid}: no such task in the database"
+                ))));
+            }
+            Err(e) => {
+                let _ = reply.try_send(Err(e));
+            }
+        }
+    }
+
+    async fn tick(&mut self, now: Instant) {
+        self.housekeeping(now).await;
+        if self.retry_write_at.is_some_and(|at| now >= at) {
+            self.retry_write_at = None;
+            let _ = self.record(Vec::new(), now).await;
+        }
+    }
+
+    async fn claim(
+        &mut self,
+        max: usize,
+        now: Instant,
+    ) -> EngineResult<Vec<(StepExecutionEvent, InFlight)>> {
+        if self.polls() && self.next_poll.is_none_or(|at| now >= at) {
+            self.maybe_ready = true;
+        }
+        if !self.maybe_ready || max == 0 {
+            return Ok(Vec::new());
+        }
+        if self.polls() {
+            self.next_poll = Some(now + self.settings.poll_interval);
+        }
+        let pool = self.pool()?.clone();
+        let rows = sqlx::query(
+            "WITH claimable AS (
+               SELECT step_uuid FROM tasker_ready_steps
+               WHERE namespace = ANY($1) AND visible_at <= now()
+               ORDER BY visible_at LIMIT $2
+               FOR UPDATE SKIP LOCKED
+             ), claimed AS (
+               UPDATE tasker_ready_steps r
+               SET visible_at = now() + make_interval(secs => r.timeout_ms / 1000.0), claimed_by = $3
+               FROM claimable c WHERE r.step_uuid = c.step_uuid
+               RETURNING r.step_uuid, r.timeout_ms
+             ), bumped AS (
+               UPDATE tasker_steps s SET attempts = s.attempts + 1, status = 'in_progress'
+               FROM claimed c WHERE s.step_uuid = c.step_uuid
+               RETURNING s.step_uuid, s.task_uuid, s.step_index, s.attempts,
+                         (extract(epoch FROM coalesce(s.ready_at, now())) * 1e9)::int8 AS ready_at_ns, c.timeout_ms
+             ), started AS (
+               UPDATE tasker_tasks t SET status = 'in_progress'
+               WHERE t.task_uuid IN (SELECT task_uuid FROM bumped) AND t.status = 'pending'
+             )
+             SELECT b.*, t.namespace, t.name, t.version, t.context
+             FROM bumped b JOIN tasker_tasks t ON t.task_uuid = b.task_uuid",
+        )
+        .bind(&self.settings.namespaces)
+        .bind(max as i64)
+        .bind(&self.settings.worker_id)
+        .fetch_all(&pool)
+        .await
+        .map_err(db)?;
+        if rows.len() < max {
+            self.maybe_ready = false;
+        }
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+
+        // Dependency results of every claimed step, in one query.
+        let task_uuids: Vec<Uuid> = rows.iter().map(|r| r.get("task_uuid")).collect();
+        let results = sqlx::query(
+            "SELECT task_uuid, step_index, result FROM tasker_steps WHERE task_uuid = ANY($1) AND status = 'complete'",
+        )
+        .bind(&task_uuids)
+        .fetch_all(&pool)
+        .await
+        .map_err(db)?;
+        let mut result_of: HashMap<(Uuid, i32), Arc<Value>> = HashMap::new();
+        for r in results {
+            result_of.insert(
+                (r.get("task_uuid"), r.get("step_index")),
+                Arc::new(r.get::<Option<Value>, _>("result").unwrap_or(Value::Null)),
+            );
+        }
+
+        let mut claimed = Vec::with_capacity(rows.len());
+        let mut exhausted = Vec::new();
+        let mut infos: HashMap<Uuid, Arc<TaskInfo>> = HashMap::new();
+        for row in rows {
+            let key = TemplateKey {
+                namespace: row.get("namespace"),
+                name: row.get("name"),
+                version: row.get("version"),
+            };
+            let template = self.template(&key).await?;
+            let task_uuid: Uuid = row.get("task_uuid");
+            let index = row.get::<i32, _>("step_index") as usize;
+            let attempt = row.get::<i32, _>("attempts") as u32;
+            let definition = Arc::clone(&template.steps[index]);
+            let flight = InFlight {
+                task_uuid,
+                step_uuid: row.get("step_uuid"),
+                step_index: index,
+                attempt,
+                deadline: now + definition.timeout,
+                timeout: definition.timeout,
+            };
+            if attempt > definition.retry.max_attempts {
+                // The worker holding the last allowed attempt died: that attempt failed.
+                exhausted.push(flight);
+                continue;
+            }
+            let info = infos
+                .entry(task_uuid)
+                .or_insert_with(|| {
+                    Arc::new(TaskInfo {
+                        task_uuid,
+                        namespace: Arc::from(key.namespace.as_str()),
+                        name: Arc::from(key.name.as_str()),
+                        version: Arc::from(key.version.as_str()),
+                        context: Arc::new(row.get::<Value, _>("context")),
+                    })
+                })
+                .clone();
+            let dependency_results = template.dependencies[index]
+                .iter()
+                .map(|&d| {
+                    let result = result_of
+                        .get(&(task_uuid, d as i32))
+                        .cloned()
+                        .unwrap_or_else(|| Arc::new(Value::Null));
+                    (Arc::clone(&template.steps[d].name), result)
+                })
+                .collect();
+            let event = StepExecutionEvent {
+                event_id: Uuid::new_v4(),
+                step_uuid: flight.step_uuid,
+                task: info,
+                definition,
+                attempt,
+                dependency_results,
+                ready_at_ns: row.get::<i64, _>("ready_at_ns").max(0) as u64,
+            };
+            claimed.push((event, flight));
+        }
+        if !exhausted.is_empty() {
+            let lost = exhausted
+                .into_iter()
+                .map(|mut f| {
+                    f.attempt -= 1;
+                    (f, AttemptOutcome::TimedOut)
+                })
+                .collect::<Vec<_>>();
+            // Roll the attempt counter back to the lost attempt, then record it as timed out.
+            let steps: Vec<Uuid> = lost.iter().map(|(f, _)| f.step_uuid).collect();
+            sqlx::query(
+                "UPDATE tasker_steps SET attempts = attempts - 1 WHERE step_uuid = ANY($1)",
+            )
+            .bind(&steps)
+            .execute(&pool)
+            .await
+            .map_err(db)?;
+            self.record(lost, now).await?;
+        }
+        Ok(claimed)
+    }
+
+    async fn record(
+        &mut self,
+        mut outcomes: Vec<(InFlight, AttemptOutcome)>,
+        now: Instant,
+    ) -> EngineResult<()> {
+        if !self.unrecorded.is_empty() {
+            outcomes.append(&mut self.unrecorded);
+        }
+        if outcomes.is_empty() {
+            return Ok(());
+        }
+        let mut attempt = 0;
+        loop {
+            match self.write_outcomes(&outcomes).await {
+                Ok(finished) => {
+                    if !self.waiters.is_empty() {
+                        self.answer_waiters(finished).await;
+                    }
+                    return Ok(());
+                }
+                // A deadlock or serialization failure: the transaction rolled back, try again now.
+                Err(EngineError::Internal(m))
+                    if attempt < 3
+                        && (m.contains("deadlock") || m.contains("could not serialize")) =>
+                {
+                    attempt += 1;
+                }
+                Err(e) => {
+                    warn!(error = %e, outcomes = outcomes.len(), "recording outcomes failed; they are kept and retried");
+                    self.unrecorded = outcomes;
+                    self.retry_write_at = Some(now + RETRY_WRITE_AFTER);
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    async fn release(&mut self, unstarted: Vec<InFlight>) {
+        let steps: Vec<Uuid> = unstarted.iter().map(|f| f.step_uuid).collect();
+        let attempts: Vec<i32> = unstarted.iter().map(|f| f.attempt as i32).collect();
+        let Ok(pool) = self.pool() else { return };
+        let result = sqlx::query(
+            "WITH input AS (SELECT * FROM unnest($1::uuid[], $2::int4[]) AS i(step_uuid, attempt)),
+             back AS (
+               UPDATE tasker_steps s SET attempts = s.attempts - 1, status = 'enqueued'
+               FROM input i WHERE s.step_uuid = i.step_uuid AND s.attempts = i.attempt AND s.status = 'in_progress'
+               RETURNING s.step_uuid
+             ), visible AS (
+               UPDATE tasker_ready_steps r SET visible_at = now(), claimed_by = NULL
+               FROM back WHERE r.step_uuid = back.step_uuid
+             )
+             SELECT pg_notify($3, '')",
+        )
+        .bind(&steps)
+        .bind(&attempts)
+        .bind(STEPS_READY)
+        .execute(pool)
+        .await;
+        if let Err(e) = result {
+            warn!(error = %e, "releasing unstarted steps failed; they become claimable after their timeout");
+        }
+    }
+
+    fn next_wakeup(&self) -> Option<Instant> {
+        let poll = if self.polls() { self.next_poll } else { None };
+        let waiters = (!self.waiters.is_empty()).then_some(self.next_housekeeping);
+        [poll, self.retry_write_at, waiters, Some(self.next_cleanup)]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    fn notify(&mut self, notification: Notification) {
+        match notification {
+            Notification::StepsReady | Notification::Reconnected => self.maybe_ready = true,
+            Notification::TasksFinished(tasks) => {
+                // Answered on the next tick.
+                if tasks.iter().any(|t| self.waiters.contains_key(t)) {
+                    self.next_housekeeping = Instant::now();
+                }
+            }
+        }
+    }
+
+    fn pool_stats(&self) -> (u32, u32) {
+        self.pool
+            .as_ref()
+            .map_or((0, 0), |p| (p.size(), p.num_idle() as u32))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mask_url;
+
+    #[test]
+    fn masks_passwords() {
+        assert_eq!(
+            mask_url("postgres://app:s3cret@db:5432/x"),
+            "postgres://app:****@db:5432/x"
+        );
+        assert_eq!(mask_url("postgres://app@db/x"), "postgres://app@db/x");
+        assert_eq!(mask_url("postgres://db/x"), "postgres://db/x");
+    }
+}

@@ -1,0 +1,237 @@
+# frozen_string_literal: true
+
+RSpec.describe "Dispatch to Ruby handler threads" do
+  include_context "workflow worker"
+
+  # Start a thread blocked in next_step_event and give it time to get there.
+  def blocked_waiter(*args)
+    ready = Queue.new
+    thread = Thread.new do
+      ready << true
+      TaskerCore::FFI.next_step_event(*args)
+    end
+    thread.report_on_exception = false
+    ready.pop
+    sleep 0.1
+    thread
+  end
+
+  describe "concurrency" do
+    it "runs eight 0.1 s steps at once with concurrency: 8" do
+      start_worker(concurrency: 8)
+      # Warm up: the first run resolves and autoloads the handler.
+      run_task("fanout")
+      WorkflowRecorder.reset!
+
+      started = monotonic
+      uuids = Array.new(3) { create_workflow_task("fanout") }
+      uuids.each { |uuid| expect(TaskerCore.wait_for_task(uuid, timeout: 10)[:status]).to eq("complete") }
+      elapsed = monotonic - started
+
+      intervals = WorkflowRecorder.executions.map { |e| [e.started_at, e.finished_at] }
+      expect(intervals.size).to eq(24)
+      expect(max_overlap(intervals)).to eq(8)
+      expect(WorkflowRecorder.executions.map(&:thread).uniq.size).to eq(8)
+      # Sequentially: 24 x 0.1 s = 2.4 s. Eight at a time: 0.3 s plus overhead.
+      expect(elapsed).to be < 1.0
+    end
+
+    it "never runs more steps at once than concurrency" do
+      start_worker(concurrency: 3)
+
+      uuids = Array.new(2) { create_workflow_task("fanout", "plan" => (1..8).to_h { |i| ["s#{i}", { "sleep" => 0.03 }] }) }
+      uuids.each { |uuid| expect(TaskerCore.wait_for_task(uuid, timeout: 10)[:status]).to eq("complete") }
+
+      intervals = WorkflowRecorder.executions.map { |e| [e.started_at, e.finished_at] }
+      expect(intervals.size).to eq(16)
+      expect(max_overlap(intervals)).to eq(3)
+    end
+  end
+
+  describe "TaskerCore::FFI.next_step_event" do
+    it "returns false when its timeout passes with no work" do
+      start_worker(concurrency: 1)
+
+      started = monotonic
+      expect(TaskerCore::FFI.next_step_event(0.05)).to be(false)
+      expect(monotonic - started).to be_between(0.04, 0.5)
+    end
+
+    it "returns nil with no worker running" do
+      expect(TaskerCore::FFI.next_step_event(0.05)).to be_nil
+    end
+
+    it "rejects a negative or non-numeric timeout" do
+      start_worker(concurrency: 1)
+
+      expect { TaskerCore::FFI.next_step_event(-1) }.to raise_error(ArgumentError, /timeout/)
+      expect { TaskerCore::FFI.next_step_event("soon") }.to raise_error(ArgumentError, /timeout/)
+    end
+
+    it "returns promptly when its thread is killed" do
+      start_worker(concurrency: 2)
+      waiter = blocked_waiter
+      expect(waiter).to be_alive
+
+      started = monotonic
+      waiter.kill
+      expect(waiter.join(2)).to eq(waiter)
+      expect(monotonic - started).to be < 0.5
+      expect(waiter).not_to be_alive
+      expect(bootstrap.status[:handler_threads_alive]).to eq(2)
+    end
+
+    it "raises promptly what Thread#raise sends" do
+      start_worker(concurrency: 2)
+      waiter = blocked_waiter
+      error_class = Class.new(StandardError)
+
+      started = monotonic
+      waiter.raise(error_class, "wake up")
+      expect { waiter.join(2) }.to raise_error(error_class, "wake up")
+      expect(monotonic - started).to be < 0.5
+    end
+
+    it "returns false early when Thread#wakeup cuts the wait short" do
+      start_worker(concurrency: 1)
+      waiter = blocked_waiter(1.0)
+
+      started = monotonic
+      waiter.wakeup
+      expect(waiter.join(2)&.value).to be(false)
+      expect(monotonic - started).to be < 0.5
+    end
+
+    it "returns nil promptly in a blocked thread when the worker stops (FFI.stop_worker)" do
+      TaskerCore::FFI.bootstrap_worker(templates: WorkflowSpecHelpers::TEMPLATES_B)
+      waiter = blocked_waiter
+
+      started = monotonic
+      expect(TaskerCore::FFI.stop_worker).to be(true)
+      expect(waiter.join(2)).to eq(waiter)
+      expect(waiter.value).to be_nil
+      expect(monotonic - started).to be < 0.5
+    end
+
+    it "returns nil promptly in blocked threads when Bootstrap#shutdown! runs" do
+      start_worker(concurrency: 2)
+      waiters = Array.new(3) { blocked_waiter }
+      pool = bootstrap.instance_variable_get(:@threads)
+
+      started = monotonic
+      bootstrap.shutdown!
+      waiters.each { |w| expect(w.join(2)).to eq(w) }
+      expect(waiters.map(&:value)).to eq([nil, nil, nil])
+      expect(pool).to all(satisfy { |t| !t.alive? })
+      expect(monotonic - started).to be < 0.5
+    end
+
+    it "hands out an event a Ruby thread can run by hand, and the engine takes its completion" do
+      TaskerCore::FFI.bootstrap_worker(templates: WorkflowSpecHelpers::TEMPLATES_B)
+      uuid = create_workflow_task("quick")
+
+      event = TaskerCore::FFI.next_step_event(2)
+      expect(event).to include(task_uuid: uuid, event_id: a_string_matching(/\A\h{8}-/))
+      expect(event[:task_sequence_step][:workflow_step]).to include(name: "work", attempts: 1, max_attempts: 3)
+      expect(TaskerCore::FFI.next_step_event(0.05)).to be(false)
+
+      completion = { event_id: event[:event_id], task_uuid: uuid, step_uuid: event[:step_uuid], success: true,
+                     result: { "by" => "hand" } }
+      expect(TaskerCore::FFI.send_step_completion_event(completion)).to be(true)
+      final = TaskerCore.wait_for_task(uuid, timeout: 5)
+      expect(final[:status]).to eq("complete")
+      expect(step_status(final, "work")).to include(result: { "by" => "hand" }, attempts: 1)
+    end
+  end
+
+  describe "EventBridge listeners" do
+    it "other subscribers to step.execution.received and step.completion.sent see every event" do
+      start_worker(concurrency: 4)
+      executions = listen("step.execution.received")
+      completions = listen("step.completion.sent")
+
+      uuids = Array.new(20) { create_workflow_task("dag") }
+      uuids.each { |uuid| expect(TaskerCore.wait_for_task(uuid, timeout: 10)[:status]).to eq("complete") }
+      # The last completion event is published right after the engine accepts it.
+      eventually { completions.size >= 120 }
+      bootstrap.shutdown!
+
+      executed = drain(executions)
+      completed = drain(completions)
+      expect(executed.size).to eq(120)
+      expect(completed.size).to eq(120)
+      expect(executed.map(&:id).uniq).to eq(["step.execution.received"])
+      expect(executed.map { |e| e[:task_sequence_step] }).to all(be_a(TaskerCore::Models::TaskSequenceStepWrapper))
+      expect(executed.map { |e| e[:task_uuid] }.tally.values).to all(eq(6))
+      expect(completed.map { |e| e[:accepted] }).to all(be(true))
+      expect(completed.map { |e| e[:success] }).to all(be(true))
+      expect(completed.map { |e| e[:event_id] }).to match_array(executed.map { |e| e[:event_id] })
+      expect(executed.map { |e| e[:step_uuid] }.uniq.size).to eq(120)
+      expect(WorkflowRecorder.executions.size).to eq(120)
+    end
+
+    it "listener objects with on_step_execution_received / on_step_completion_sent see every event" do
+      listener = Class.new do
+        attr_reader :received, :sent
+
+        def initialize
+          @received = Queue.new
+          @sent = Queue.new
+        end
+
+        def on_step_execution_received(event)
+          @received << event
+        end
+
+        def on_step_completion_sent(event)
+          @sent << event
+        end
+      end.new
+      start_worker(concurrency: 2)
+      attach_listener(listener)
+      expect(bridge.subscribed?(listener)).to be(true)
+
+      uuids = Array.new(5) { create_workflow_task("dag") }
+      uuids.each { |uuid| TaskerCore.wait_for_task(uuid, timeout: 10) }
+      eventually { listener.sent.size >= 30 }
+      bootstrap.shutdown!
+
+      received = drain(listener.received)
+      sent = drain(listener.sent)
+      expect(received.size).to eq(30)
+      expect(sent.size).to eq(30)
+      expect(received.map { |e| e[:task_uuid] }.uniq).to match_array(uuids)
+      expect(sent.map { |e| e[:event_id] }).to match_array(received.map { |e| e[:event_id] })
+      expect(sent.map { |e| e[:accepted] }).to all(be(true))
+    end
+
+    it "stops delivering to a listener once it unsubscribes" do
+      start_worker(concurrency: 2)
+      received = Queue.new
+      block = proc { |event| received << event }
+      bridge.subscribe("step.execution.received", &block)
+      run_task("dag")
+      bridge.unsubscribe(block)
+      run_task("dag")
+
+      expect(received.size).to eq(6)
+      expect(WorkflowRecorder.executions.size).to eq(12)
+    end
+
+    it "keeps the handler thread when another subscriber raises, and publishes bridge.error" do
+      start_worker(concurrency: 1)
+      errors = listen("bridge.error")
+      raiser = proc { |_event| raise "listener bug" }
+      bridge.subscribe("step.execution.received", &raiser)
+      spec_listeners << raiser
+
+      TaskerCore.wait_for_task(create_workflow_task("quick"), timeout: 10)
+      bridge.unsubscribe(raiser)
+
+      expect(errors.size).to be >= 1
+      expect(errors.pop[:error].message).to eq("listener bug")
+      expect(bootstrap.status[:handler_threads_alive]).to eq(1)
+      expect(run_task("quick")[:status]).to eq("complete")
+    end
+  end
+end
