@@ -15,7 +15,7 @@ Gem::Specification.new do |spec|
   spec.license = "MIT"
   spec.required_ruby_version = ">= 3.1"
   spec.files = Dir["Cargo.toml", "Cargo.lock", "README.md", "lib/**/*.rb",
-                   "ext/**/*.{rs,toml,rb}", "ext/**/Cargo.lock"].reject { |f| f.include?("/target") }
+                   "ext/**/*.{rs,toml,rb,sql}"].reject { |f| f.include?("/target") }
   spec.require_paths = ["lib"]
   spec.extensions = ["ext/tasker_core/extconf.rb"]
   spec.metadata["rubygems_mfa_required"] = "true"
