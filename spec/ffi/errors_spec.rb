@@ -109,8 +109,10 @@ RSpec.describe "TaskerCore errors across the FFI boundary" do
     end
 
     it "rejects an unknown place with ArgumentError" do
-      expect(capturing_stderr { expect { ffi.__provoke_panic("elsewhere") }.to raise_error(ArgumentError, /elsewhere/) })
-        .to eq("")
+      stderr = capturing_stderr do
+        expect { ffi.__provoke_panic("elsewhere") }.to raise_error(ArgumentError, /elsewhere/)
+      end
+      expect(stderr).to eq("")
     end
   end
 

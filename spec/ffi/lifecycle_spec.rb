@@ -242,6 +242,67 @@ RSpec.describe "TaskerCore::FFI worker lifecycle" do
     end
   end
 
+  describe "stop_worker waiting for a step in flight" do
+    it "can be interrupted (Thread#raise), leaves the worker stopping, and finishes when called again" do
+      ffi.bootstrap_worker(concurrency: 1)
+      ffi.create_task(namespace: "test", name: "linear", version: "1.0.0", context: {})
+      event = ffi.next_step_event(5)
+      expect(event).to include(:event_id, :task_uuid, :step_uuid)
+
+      stopper = Thread.new { ffi.stop_worker }
+      stopper.report_on_exception = false
+      eventually { stopper.status == "sleep" }
+      sleep 0.05
+      expect(stopper).to be_alive # waiting for the step in flight
+
+      raised_at = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+      stopper.raise(RuntimeError, "interrupt the wait")
+      expect { stopper.join }.to raise_error(RuntimeError, "interrupt the wait")
+      expect(Process.clock_gettime(Process::CLOCK_MONOTONIC) - raised_at).to be < 1
+      expect(ffi.worker_status).to include(state: "shutting_down", steps_in_flight: 1)
+
+      completion = event.slice(:event_id, :task_uuid, :step_uuid).merge(success: true, result: {})
+      expect(ffi.send_step_completion_event(completion)).to be(true)
+      expect(ffi.stop_worker).to be(true)
+      expect(ffi.worker_status).to eq(running: false, state: "stopped")
+    end
+  end
+
+  describe "with signals arriving all the time" do
+    # Every signal sets the main thread's interrupt flag and fires the unblocking function of a
+    # GVL-released wait, but a trap that returns raises nothing: bootstrap and stop must not
+    # mistake that (or a timer tick, or SIGCHLD) for a real interrupt and fail.
+    it "bootstraps and stops every time" do
+      traps = 0
+      previous = trap("USR2") { traps += 1 }
+      flooder = spawn("sh", "-c", "while kill -USR2 #{Process.pid} 2>/dev/null; do :; done")
+      failures = []
+      cycles = 0
+      begin
+        deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + 0.5
+        while Process.clock_gettime(Process::CLOCK_MONOTONIC) < deadline
+          cycles += 1
+          begin
+            ffi.bootstrap_worker({})
+            ffi.stop_worker
+          rescue TaskerCore::Error => e
+            failures << e.message
+            ffi.stop_worker if ffi.worker_status[:running]
+          end
+        end
+      ensure
+        Process.kill("KILL", flooder)
+        Process.wait(flooder)
+        sleep 0.05 # let Ruby run the traps still queued before the default action is back
+        trap("USR2", previous)
+      end
+
+      expect(traps).to be > 10
+      expect(cycles).to be > 5
+      expect(failures.tally).to eq({})
+    end
+  end
+
   describe "repeated bootstrap and stop" do
     it "leaks no threads over 30 cycles in one process" do
       # Warm up: the first cycle may create threads the process keeps (Ruby's own helpers).

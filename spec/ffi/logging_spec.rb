@@ -4,7 +4,11 @@
 # process and reads what it wrote to stderr.
 RSpec.describe "Logging through the engine's subscriber" do
   # "2025-01-01T12:00:00.123456Z  INFO tasker_worker::engine: worker running worker_id=..."
-  line_format = /\A(?<time>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?Z)\s+(?<level>TRACE|DEBUG|INFO|WARN|ERROR)\s+(?<target>[\w:]+): (?<rest>.*)\z/
+  line_format = /
+    \A(?<time>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?Z)
+    \s+(?<level>TRACE|DEBUG|INFO|WARN|ERROR)
+    \s+(?<target>[\w:]+):\x20(?<rest>.*)\z
+  /x
   define_method(:line_format) { line_format }
 
   # Runs `code` after `require "tasker_core"`; returns the parsed stderr lines.

@@ -26,7 +26,8 @@ RSpec.describe "Retries, failures and timeouts" do
     expect(actual.size).to eq(expected_seconds.size)
     actual.zip(expected_seconds).each_with_index do |(gap, expected), i|
       expect(gap).to be_between(expected - 0.002, expected + late),
-                     "delay before attempt #{i + 2}: expected #{expected}s, was #{gap.round(3)}s (all: #{actual.map { |g| g.round(3) }})"
+                     "delay before attempt #{i + 2}: expected #{expected}s, was #{gap.round(3)}s " \
+                     "(all: #{actual.map { |g| g.round(3) }})"
     end
   end
 
@@ -155,7 +156,8 @@ RSpec.describe "Retries, failures and timeouts" do
       runs = attempts_of(uuid)
       expect(runs.map(&:attempt)).to eq([1, 2])
       # The second attempt started when the first timed out, while the first still ran.
-      expect(runs[1].started_at - runs[0].started_at).to be_between(0.19, 0.2 + late)
+      # (The deadline runs from the claim, a moment before the handler starts.)
+      expect(runs[1].started_at - runs[0].started_at).to be_between(0.15, 0.2 + late)
       expect(runs[0].finished_at).to be_nil
 
       # Subscribers run in order on the handler thread: ours see attempt 1 once its handler returns.

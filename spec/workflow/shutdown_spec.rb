@@ -25,6 +25,22 @@ RSpec.describe "Graceful shutdown under load" do
                                  "(#{late.map { |r| ((r.started_at - began) * 1000).round(2) }} ms after)"
   end
 
+  # Bootstrap hooks live as long as the singleton: remove this example's afterwards.
+  def on_shutdown(&block)
+    example_hooks << block
+    bootstrap.on_shutdown(&block)
+  end
+
+  def example_hooks
+    @example_hooks ||= []
+  end
+
+  after do
+    bootstrap.shutdown!
+    registered = bootstrap.instance_variable_get(:@shutdown_handlers)
+    example_hooks.each { |hook| registered&.delete(hook) }
+  end
+
   def executions_per_step
     WorkflowHandlers::Counted.counts
   end
@@ -122,7 +138,7 @@ RSpec.describe "Graceful shutdown under load" do
   it "runs on_shutdown hooks after the handler threads are gone" do
     start_worker(concurrency: 2)
     seen = []
-    bootstrap.on_shutdown { seen << [TaskerCore::FFI.worker_status[:running], bootstrap.status[:handler_threads_alive]] }
+    on_shutdown { seen << [TaskerCore::FFI.worker_status[:running], bootstrap.status[:handler_threads_alive]] }
 
     bootstrap.shutdown!
     expect(seen).to eq([[false, 0]])
@@ -151,7 +167,7 @@ RSpec.describe "Graceful shutdown under load" do
   it "shuts down from inside a handler without deadlocking" do
     start_worker(concurrency: 2)
     stopped = Queue.new
-    bootstrap.on_shutdown { stopped << true }
+    on_shutdown { stopped << true }
     trigger = proc { |_event| bootstrap.shutdown! }
     bridge.subscribe("step.execution.received", &trigger)
     spec_listeners << trigger

@@ -70,10 +70,20 @@ module WorkflowTasksSpec
 
         expect(final).to include(task_uuid: uuid, status: "complete")
         final[:steps].each do |step|
-          expected_result = { "step" => step[:name], "attempt" => 1, "dependencies" => DAG_DEPENDENCIES[step[:name]].sort }
+          expected_result = {
+            "step" => step[:name], "attempt" => 1, "dependencies" => DAG_DEPENDENCIES[step[:name]].sort
+          }
           expect(step).to include(status: "complete", attempts: 1, result: expected_result, error_message: nil)
         end
         expect(TaskerCore.task_status(uuid)).to eq(final)
+      end
+
+      it "wait_for_task returns after worker_status counts the task's steps" do
+        processed = bootstrap.status[:steps_processed]
+        30.times do |i|
+          expect(run_task("quick")[:status]).to eq("complete")
+          expect(bootstrap.status[:steps_processed]).to eq(processed + i + 1)
+        end
       end
 
       it "wait_for_task returns at once for a finished task" do

@@ -246,8 +246,10 @@ module WorkflowTemplatesSpec
     it "names the cycle's steps in dependency order" do
       path = write_template("cyclic.yml", INVALID.fetch("a dependency cycle").first)
 
+      # Any rotation of the cycle, each step followed by the one that depends on it.
+      rotations = ["pack -> ship -> bill -> pack", "ship -> bill -> pack -> ship", "bill -> pack -> ship -> bill"]
       expect { bootstrap.start!(templates: path) }
-        .to raise_error(TaskerCore::ConfigurationError, /dependency cycle: (pack -> ship -> bill -> pack|ship -> bill -> pack -> ship|bill -> pack -> ship -> bill)/)
+        .to raise_error(TaskerCore::ConfigurationError, /dependency cycle: (#{rotations.join("|")})\z/)
     end
 
     it "raises ConfigurationError for a templates path that does not exist" do
@@ -322,7 +324,8 @@ module WorkflowTemplatesSpec
     it "reads TASKER_TEMPLATE_PATH when templates: is not given" do
       bootstrap.start!
 
-      expect(bootstrap.status[:supported_namespaces]).to eq(["test"])
+      expect(bootstrap.status[:supported_namespaces]).to include("test")
+      expect(bootstrap.status[:supported_namespaces]).not_to include("workflow", "shop")
       expect { TaskerCore.create_task(namespace: "workflow", name: "dag") }
         .to raise_error(TaskerCore::ConfigurationError)
     end

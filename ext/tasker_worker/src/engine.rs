@@ -190,14 +190,15 @@ impl<B: Backend> Engine<B> {
             .iter()
             .filter(|(_, o)| !matches!(o, AttemptOutcome::Completed(c) if c.success))
             .count() as u64;
-        if let Err(e) = self.backend.record(outcomes, Instant::now()).await {
-            error!(error = %e, "recording step outcomes failed");
-        }
+        // Counters first: recording wakes wait_for_task callers, who may read worker_status at once.
         self.shared
             .steps_processed
             .fetch_add(ended, Ordering::AcqRel);
         self.shared.steps_failed.fetch_add(failed, Ordering::AcqRel);
         self.shared.in_flight.fetch_sub(ended, Ordering::AcqRel);
+        if let Err(e) = self.backend.record(outcomes, Instant::now()).await {
+            error!(error = %e, "recording step outcomes failed");
+        }
     }
 
     fn sweep_timeouts(&mut self, st: &mut LoopState) {

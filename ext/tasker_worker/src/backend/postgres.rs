@@ -47,6 +47,10 @@ pub struct PostgresSettings {
     pub mode: DeploymentMode,
     pub poll_interval: Duration,
     pub finished_task_ttl: Duration,
+    /// Most attempts claimed and not yet recorded or released (running or queued for Ruby).
+    /// A claimed step's visibility deadline runs from the claim: steps must not wait in this
+    /// process longer than they take to run, or they time out (and reappear elsewhere) unstarted.
+    pub max_in_flight: usize,
 }
 
 pub struct PostgresBackend {
@@ -64,11 +68,18 @@ pub struct PostgresBackend {
     retry_write_at: Option<Instant>,
     next_housekeeping: Instant,
     next_cleanup: Instant,
+    /// Attempts claimed here and not yet recorded or released.
+    outstanding: usize,
+    /// A claim due without any notification: at start (steps may already be waiting), and in
+    /// EventDriven mode when the earliest hidden row becomes visible (a retry's backoff ends, the
+    /// claim of a worker that died expires). Not a poll: a wake-up at a time the table names.
+    wake_claim_at: Option<Instant>,
 }
 
 impl PostgresBackend {
     pub fn new(settings: PostgresSettings, local: Arc<TemplateRegistry>) -> Self {
         let templates = local.iter().map(|t| (t.key(), Arc::clone(t))).collect();
+        let cleanup_every = cleanup_every(settings.finished_task_ttl);
         Self {
             settings,
             local,
@@ -80,7 +91,9 @@ impl PostgresBackend {
             unrecorded: Vec::new(),
             retry_write_at: None,
             next_housekeeping: Instant::now() + HOUSEKEEPING_EVERY,
-            next_cleanup: Instant::now() + CLEANUP_EVERY,
+            next_cleanup: Instant::now() + cleanup_every,
+            outstanding: 0,
+            wake_claim_at: Some(Instant::now()),
         }
     }
 
@@ -216,7 +229,7 @@ impl PostgresBackend {
             });
         }
         if now >= self.next_cleanup {
-            self.next_cleanup = now + CLEANUP_EVERY;
+            self.next_cleanup = now + cleanup_every(self.settings.finished_task_ttl);
             let ttl = self.settings.finished_task_ttl.as_secs_f64();
             if let Ok(pool) = self.pool() {
                 match sqlx::query(
@@ -241,6 +254,30 @@ impl PostgresBackend {
         }
     }
 
+    /// EventDriven: nothing polls, so wake up when the earliest hidden row becomes visible.
+    async fn schedule_wake(&mut self, pool: &PgPool, now: Instant) {
+        let next = sqlx::query_scalar::<_, Option<f64>>(
+            "SELECT extract(epoch FROM min(visible_at) - now())::float8 FROM tasker_ready_steps
+             WHERE namespace = ANY($1) AND visible_at > now()",
+        )
+        .bind(&self.settings.namespaces)
+        .fetch_one(pool)
+        .await;
+        match next {
+            Ok(Some(secs)) => {
+                // A little late rather than early: an early claim finds nothing and asks again.
+                let at = Instant::now() + Duration::from_secs_f64(secs.clamp(0.0, 3600.0) + 0.002);
+                self.wake_claim_at = Some(self.wake_claim_at.map_or(at, |w| w.min(at)));
+            }
+            Ok(None) => {}
+            // Try again shortly rather than never.
+            Err(e) => {
+                debug!(error = %e, "finding the next visible step failed");
+                self.wake_claim_at = Some(now + RETRY_WRITE_AFTER);
+            }
+        }
+    }
+
     async fn write_outcomes(
         &mut self,
         outcomes: &[(InFlight, AttemptOutcome)],
@@ -250,6 +287,12 @@ impl PostgresBackend {
         tx.commit().await.map_err(db)?;
         Ok(finished)
     }
+}
+
+/// Finished tasks are deleted every minute, or every `finished_task_ttl` when that is shorter
+/// (so a short TTL is honoured within about twice its length).
+fn cleanup_every(ttl: Duration) -> Duration {
+    CLEANUP_EVERY.min(ttl).max(Duration::from_millis(100))
 }
 
 fn db(e: sqlx::Error) -> EngineError {
@@ -777,6 +820,11 @@ impl Backend for PostgresBackend {
         if self.polls() && self.next_poll.is_none_or(|at| now >= at) {
             self.maybe_ready = true;
         }
+        if self.wake_claim_at.is_some_and(|at| now >= at) {
+            self.wake_claim_at = None;
+            self.maybe_ready = true;
+        }
+        let max = max.min(self.settings.max_in_flight.saturating_sub(self.outstanding));
         if !self.maybe_ready || max == 0 {
             return Ok(Vec::new());
         }
@@ -815,6 +863,9 @@ impl Backend for PostgresBackend {
         .map_err(db)?;
         if rows.len() < max {
             self.maybe_ready = false;
+            if !self.polls() {
+                self.schedule_wake(&pool, now).await;
+            }
         }
         if rows.is_empty() {
             return Ok(Vec::new());
@@ -906,6 +957,7 @@ impl Backend for PostgresBackend {
                 })
                 .collect::<Vec<_>>();
             // Roll the attempt counter back to the lost attempt, then record it as timed out.
+            self.outstanding += lost.len();
             let steps: Vec<Uuid> = lost.iter().map(|(f, _)| f.step_uuid).collect();
             sqlx::query(
                 "UPDATE tasker_steps SET attempts = attempts - 1 WHERE step_uuid = ANY($1)",
@@ -916,6 +968,7 @@ impl Backend for PostgresBackend {
             .map_err(db)?;
             self.record(lost, now).await?;
         }
+        self.outstanding += claimed.len();
         Ok(claimed)
     }
 
@@ -924,6 +977,7 @@ impl Backend for PostgresBackend {
         mut outcomes: Vec<(InFlight, AttemptOutcome)>,
         now: Instant,
     ) -> EngineResult<()> {
+        self.outstanding = self.outstanding.saturating_sub(outcomes.len());
         if !self.unrecorded.is_empty() {
             outcomes.append(&mut self.unrecorded);
         }
@@ -957,6 +1011,7 @@ impl Backend for PostgresBackend {
     }
 
     async fn release(&mut self, unstarted: Vec<InFlight>) {
+        self.outstanding = self.outstanding.saturating_sub(unstarted.len());
         let steps: Vec<Uuid> = unstarted.iter().map(|f| f.step_uuid).collect();
         let attempts: Vec<i32> = unstarted.iter().map(|f| f.attempt as i32).collect();
         let Ok(pool) = self.pool() else { return };
@@ -985,10 +1040,16 @@ impl Backend for PostgresBackend {
     fn next_wakeup(&self) -> Option<Instant> {
         let poll = if self.polls() { self.next_poll } else { None };
         let waiters = (!self.waiters.is_empty()).then_some(self.next_housekeeping);
-        [poll, self.retry_write_at, waiters, Some(self.next_cleanup)]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            poll,
+            self.wake_claim_at,
+            self.retry_write_at,
+            waiters,
+            Some(self.next_cleanup),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     fn notify(&mut self, notification: Notification) {
