@@ -71,6 +71,7 @@ pub fn init(ruby: &Ruby, module: RModule) -> Result<(), Error> {
     ffi.define_singleton_method("task_status", function!(task_status, 1))?;
     ffi.define_singleton_method("wait_for_task", function!(wait_for_task, 2))?;
     ffi.define_singleton_method("__provoke_panic", function!(provoke_panic, 1))?;
+    ffi.define_singleton_method("__measure_thread_wake", function!(measure_thread_wake, 2))?;
     crate::logging::init(ruby, ffi)?;
     Ok(())
 }
@@ -118,7 +119,8 @@ fn bootstrap_worker(ruby: &Ruby, args: &[Value]) -> Result<RHash, Error> {
 fn start(ruby: &Ruby, config: WorkerConfig) -> Result<RHash, Error> {
     // Retried when Ruby merely had an interrupt flag set (a timer tick, SIGCHLD): only an
     // interrupt that raises may end a bootstrap. `start` never ran in that case: nothing to undo.
-    let system = match without_gvl_retrying(ruby, |_| Some(WorkerBootstrap::start(config.clone())))? {
+    let system = match without_gvl_retrying(ruby, |_| Some(WorkerBootstrap::start(config.clone())))?
+    {
         Ok(system) => Arc::new(system),
         Err(e) => return Err(bootstrap_failure(ruby, e)),
     };
@@ -129,9 +131,11 @@ fn start(ruby: &Ruby, config: WorkerConfig) -> Result<RHash, Error> {
     });
 
     // Wait for the engine to report running (backends may connect and migrate first).
-    let started = without_gvl_retrying(ruby, |cancel| match wait_reply(system.started(), cancel, None) {
-        Reply::Interrupted | Reply::TimedOut => None,
-        reply => Some(reply),
+    let started = without_gvl_retrying(ruby, |cancel| {
+        match wait_reply(system.started(), cancel, None) {
+            Reply::Interrupted | Reply::TimedOut => None,
+            reply => Some(reply),
+        }
     });
     let failure = match started {
         Ok(Reply::Value(Ok(()))) => None,
@@ -171,12 +175,14 @@ fn discard(ruby: &Ruby, system: &Arc<WorkerSystemHandle>) -> Result<(), Error> {
     system.request_stop();
     // An interrupt that raises (Ctrl-C) leaves the worker in place, still stopping: calling
     // stop_worker again waits for the rest. Interrupts that raise nothing do not end the wait.
-    without_gvl_retrying(ruby, |cancel| match wait_reply(system.stopped(), cancel, None) {
-        Reply::EngineGone | Reply::Value(_) => {
-            system.join();
-            Some(())
+    without_gvl_retrying(ruby, |cancel| {
+        match wait_reply(system.stopped(), cancel, None) {
+            Reply::EngineGone | Reply::Value(_) => {
+                system.join();
+                Some(())
+            }
+            Reply::Interrupted | Reply::TimedOut => None,
         }
-        Reply::Interrupted | Reply::TimedOut => None,
     })?;
     let mut slot = slot();
     if slot
@@ -419,12 +425,26 @@ fn provoke_panic(ruby: &Ruby, place: String) -> Result<(), Error> {
     errors::guard(ruby, || match place.as_str() {
         "gvl" => panic!("provoked panic with the GVL held"),
         "no_gvl" => {
-            without_gvl_retrying(ruby, |_| -> Option<()> { panic!("provoked panic without the GVL") })?;
+            without_gvl_retrying(ruby, |_| -> Option<()> {
+                panic!("provoked panic without the GVL")
+            })?;
             Ok(())
         }
         other => Err(errors::argument(
             ruby,
             format!("unknown place {other:?} (gvl or no_gvl)"),
         )),
+    })
+}
+
+/// For the dispatch-latency benchmark: wake-up latencies (ns) of a plain Rust thread waiting the
+/// way handler threads wait, `samples` times, `gap_seconds` apart. Runs with the GVL released.
+fn measure_thread_wake(ruby: &Ruby, samples: usize, gap_seconds: f64) -> Result<Vec<u64>, Error> {
+    errors::guard(ruby, || {
+        let gap = Duration::from_secs_f64(gap_seconds.clamp(0.0, 1.0));
+        let latencies = without_gvl(ruby, |_| {
+            tasker_worker::dispatch::measure_thread_wake(samples, gap)
+        })?;
+        Ok(latencies.unwrap_or_default())
     })
 }

@@ -169,3 +169,36 @@ pub(crate) fn channel(
 ) -> (Sender<StepExecutionEvent>, Receiver<StepExecutionEvent>) {
     crossbeam_channel::bounded(capacity)
 }
+
+/// The floor for dispatch latency on this machine: a plain Rust thread parked in the same kind of
+/// `select` a handler thread waits in, woken by a send. Returns each wake-up's latency in ns.
+/// `gap` between sends lets the thread park fully each time, as an idle worker would.
+pub fn measure_thread_wake(samples: usize, gap: Duration) -> Vec<u64> {
+    let (tx, rx) = crossbeam_channel::bounded::<Instant>(1);
+    let (_cancel_tx, cancel) = crossbeam_channel::bounded::<()>(1);
+    let waiter = std::thread::spawn(move || {
+        let mut latencies = Vec::with_capacity(samples);
+        loop {
+            let mut select = Select::new();
+            let events = select.recv(&rx);
+            select.recv(&cancel);
+            let op = select.select();
+            if op.index() != events {
+                break;
+            }
+            match op.recv(&rx) {
+                Ok(sent) => latencies.push(sent.elapsed().as_nanos() as u64),
+                Err(_) => break,
+            }
+        }
+        latencies
+    });
+    for _ in 0..samples {
+        std::thread::sleep(gap);
+        if tx.send(Instant::now()).is_err() {
+            break;
+        }
+    }
+    drop(tx);
+    waiter.join().unwrap_or_default()
+}

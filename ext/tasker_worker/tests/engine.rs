@@ -347,24 +347,42 @@ fn events_taken_after_a_shutdown_request_go_back_unrun() {
     let tasks: Vec<Uuid> = (0..10).map(|_| h.create("one", json!({}))).collect();
     let deadline = Instant::now() + Duration::from_secs(5);
     while h.system.status().steps_in_flight < 4 {
-        assert!(Instant::now() < deadline, "the dispatch channel never filled");
+        assert!(
+            Instant::now() < deadline,
+            "the dispatch channel never filled"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
     assert!(!h.system.is_draining());
     h.system.transition_to_graceful_shutdown().unwrap();
-    assert!(h.system.is_draining(), "draining is visible as soon as the request returns");
+    assert!(
+        h.system.is_draining(),
+        "draining is visible as soon as the request returns"
+    );
     // Whatever a taker still finds queued (the engine may not have recalled it yet) goes back.
     while let Take::Event(event) = h.system.port().try_take() {
         h.system.release_untaken(event.event_id);
     }
     while h.system.status().steps_in_flight > 0 {
-        assert!(Instant::now() < deadline, "released attempts stayed in flight");
+        assert!(
+            Instant::now() < deadline,
+            "released attempts stayed in flight"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
     for task in tasks {
-        let snapshot = h.system.request_task_status(task).unwrap().recv().unwrap().unwrap();
+        let snapshot = h
+            .system
+            .request_task_status(task)
+            .unwrap()
+            .recv()
+            .unwrap()
+            .unwrap();
         assert_eq!(
-            (snapshot.steps[0].status.as_str(), snapshot.steps[0].attempts),
+            (
+                snapshot.steps[0].status.as_str(),
+                snapshot.steps[0].attempts
+            ),
             ("enqueued", 0),
             "a released attempt does not count"
         );
