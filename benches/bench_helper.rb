@@ -46,7 +46,8 @@ module Bench
 
   def machine
     rustc = `rustc --version 2>/dev/null`.strip
-    "#{Etc.nprocessors} cores, Ruby #{RUBY_VERSION}, #{rustc.empty? ? "rustc ?" : rustc}, #{Time.now.utc.strftime("%F")}"
+    rustc = "rustc ?" if rustc.empty?
+    "#{Etc.nprocessors} cores, Ruby #{RUBY_VERSION}, #{rustc}, #{Time.now.utc.strftime("%F")}"
   end
 
   def header(name, command)
@@ -62,7 +63,7 @@ module Bench
     TaskerCore::Worker::Bootstrap.instance.shutdown!
   end
 
-  def fmt_us(ns)
-    format("%.1f µs", ns / 1000.0)
+  def fmt_us(nanos)
+    format("%.1f µs", nanos / 1000.0)
   end
 end

@@ -98,7 +98,7 @@ end
 
 def order_context(index)
   items = Array.new(1 + (index % 4)) do |i|
-    { "sku" => "SKU-#{(index * 7 + i) % 1000}", "price_cents" => 499 + (i * 250), "quantity" => 1 + (i % 3) }
+    { "sku" => "SKU-#{((index * 7) + i) % 1000}", "price_cents" => 499 + (i * 250), "quantity" => 1 + (i % 3) }
   end
   { "order_id" => index, "customer" => "customer-#{index % 500}", "items" => items }
 end
