@@ -2,8 +2,9 @@
 
 # Steps/s of the PostgreSQL backend: WORKERS worker processes with no-op handlers run TASKS pre-created
 # diamond tasks (4 steps each). `rake bench:postgres`, or:
-#   TASKS=5000 RUNS=5 WORKERS=2 CONCURRENCY=8 ruby benches/postgres_throughput.rb
+#   TASKS=5000 RUNS=5 WORKERS=2 CONCURRENCY=16 MODE=Hybrid ruby benches/postgres_throughput.rb
 # PGHOST/PGPORT/PGUSER (default 127.0.0.1:5432, postgres) name the server; every run uses a fresh database.
+# BENCH_SMOKE=1: 200 tasks, one run.
 #
 # A run: CREATORS processes (bootstrapped on a namespace nobody runs, so they claim nothing) create the
 # tasks with TaskerCore.create_task; then the workers start. The clock runs from the first handler call
@@ -15,16 +16,17 @@ require "open3"
 require "rbconfig"
 require "securerandom"
 require "tmpdir"
+require_relative "bench_helper"
 
 module PostgresThroughput
   LIB = File.expand_path("../lib", __dir__)
   HOST = ENV.fetch("PGHOST", "127.0.0.1")
   PORT = ENV.fetch("PGPORT", "5432")
   USER = ENV.fetch("PGUSER", "postgres")
-  TASKS = Integer(ENV.fetch("TASKS", "5000"))
-  RUNS = Integer(ENV.fetch("RUNS", "5"))
+  TASKS = Integer(ENV.fetch("TASKS", Bench.size(5000, 200).to_s))
+  RUNS = Bench::RUNS
   WORKERS = Integer(ENV.fetch("WORKERS", "2"))
-  CONCURRENCY = Integer(ENV.fetch("CONCURRENCY", "8"))
+  CONCURRENCY = Integer(ENV.fetch("CONCURRENCY", "16"))
   CREATORS = Integer(ENV.fetch("CREATORS", "4"))
   MODE = ENV.fetch("MODE", "Hybrid")
   STEPS_PER_TASK = 4
@@ -87,7 +89,7 @@ module PostgresThroughput
   end
 
   def now
-    Process.clock_gettime(Process::CLOCK_MONOTONIC)
+    Bench.now
   end
 
   def ruby_child(code, env, *args)
@@ -133,6 +135,7 @@ module PostgresThroughput
       left = Integer(psql("SELECT count(*) FROM tasker_tasks WHERE status <> 'complete'", db: db))
       return if left.zero?
       raise "#{left} tasks still unfinished after #{timeout}s" if now > deadline
+
       dead = workers.map(&:last).reject(&:alive?)
       raise "a worker exited early: #{dead.map(&:value).inspect}" unless dead.empty?
 
@@ -170,13 +173,13 @@ module PostgresThroughput
   end
 
   def main
-    puts "postgres throughput: #{TASKS} diamond tasks (#{TASKS * STEPS_PER_TASK} steps), #{WORKERS} workers x " \
-         "#{CONCURRENCY} threads, #{MODE}, no-op handlers, #{RUNS} runs"
+    Bench.header("postgres throughput", "rake bench:postgres")
+    puts "   #{TASKS} diamond tasks (#{TASKS * STEPS_PER_TASK} steps), #{WORKERS} worker processes x " \
+         "#{CONCURRENCY} handler threads, #{MODE}, no-op handlers, #{RUNS} runs"
     Dir.mktmpdir("tasker_bench") do |dir|
       File.write(File.join(dir, "diamond.yml"), TEMPLATE)
       rates = Array.new(RUNS) { |i| run_once(i, dir) }
-      median = rates.sort[rates.size / 2]
-      puts format("median: %<m>.0f steps/s (runs: %<r>s)", m: median, r: rates.map(&:round).join(", "))
+      puts format("median: %<m>.0f steps/s (runs: %<r>s)", m: Bench.median(rates), r: rates.map(&:round).join(", "))
     end
   end
 end

@@ -40,7 +40,7 @@ RSpec.describe "PostgreSQL backend: crash safety" do
     running_at_kill = running_in(doomed.pid)
     # What it held: claimed, not recorded. Each row turns visible again at its claim + 2 s.
     stranded = psql_rows("SELECT step_uuid, extract(epoch FROM visible_at) FROM tasker_ready_steps " \
-                         "WHERE claimed_by = 'crash-doomed'", db: db).to_h { |uuid, at| [uuid, Float(at)] }
+                         "WHERE claimed_by = 'crash-doomed'", db: db).to_h.transform_values { |at| Float(at) }
     expect(stranded.keys).to include(*running_at_kill)
 
     results = uuids.map { |uuid| TaskerCore.wait_for_task(uuid, timeout: 30) }
@@ -54,7 +54,9 @@ RSpec.describe "PostgreSQL backend: crash safety" do
     retaken.each do |step|
       expect(step).to include(status: "complete", attempts: 2)
       expect(step[:result]).to include("pid" => survivor.pid, "attempt" => 2)
-      restart = handler_log(log).find { |l| l[:step_uuid] == step[:step_uuid] && l[:event] == "start" && l[:attempt] == 2 }
+      restart = handler_log(log).find do |l|
+        l[:step_uuid] == step[:step_uuid] && l[:event] == "start" && l[:attempt] == 2
+      end
       # Not before the claim expired; soon after (a poll, then a free thread of the busy survivor).
       expect(restart[:at]).to be_between(stranded[step[:step_uuid]] - 0.05, stranded[step[:step_uuid]] + 3)
     end

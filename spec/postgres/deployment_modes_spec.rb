@@ -61,7 +61,6 @@ RSpec.describe "PostgreSQL backend: deployment modes" do
         pickup_delay(log).first
       end
 
-      warn "#{mode} delays: #{delays.map { |d| d.round(4) }}"
       expect(median(delays)).to be < 0.1
       expect(delays.max).to be < 0.4
       expect(delays.min).to be >= 0
@@ -78,7 +77,6 @@ RSpec.describe "PostgreSQL backend: deployment modes" do
 
     second_delay, = pickup_delay(log)
 
-    warn "polling delays #{first_delay} #{second_delay}"
     expect(first_delay).to be_between(0, 1.4)
     expect(second_delay).to be_between(0.5, 1.3)
     expect(worker.status).to include(deployment_mode: "Polling", steps_processed: 2)
@@ -97,7 +95,8 @@ RSpec.describe "PostgreSQL backend: deployment modes" do
     # Creation (the root is ready), the root's completion (ten children ready at once), the
     # completion of the last child (the join is ready). Child completions that ready nothing send none.
     expect(received.count { |channel, _| channel == "tasker_steps_ready" }).to eq(3)
-    expect(received.select { |channel, _| channel == "tasker_tasks_finished" }).to eq([["tasker_tasks_finished", task[:task_uuid]]])
+    expect(received.select { |channel, _| channel == "tasker_tasks_finished" })
+      .to eq([["tasker_tasks_finished", task[:task_uuid]]])
   end
 
   it "batches NOTIFYs under load: far fewer than the steps made ready" do
@@ -114,7 +113,6 @@ RSpec.describe "PostgreSQL backend: deployment modes" do
     ready = received.count { |channel, _| channel == "tasker_steps_ready" }
     # 240 steps became ready (20 roots at creation, 200 children, 20 joins): at most 20 + 20 + 20
     # notifications, one per creation and one per completion batch that readied something.
-    warn "ready notifications #{ready}"
     expect(ready).to be_between(20, 60)
     finished = received.select { |channel, _| channel == "tasker_tasks_finished" }.flat_map { |_, p| p.split(",") }
     expect(finished).to match_array(uuids)

@@ -9,7 +9,8 @@ RSpec.describe "PostgreSQL backend: resilience" do
     it "fails bootstrap_worker within 5 s with WorkerBootstrapError naming the URL, password masked" do
       started = pg_monotonic
       expect do
-        TaskerCore::FFI.bootstrap_worker(backend: "postgres", database_url: url, templates: PostgresHelpers::PG_TEMPLATES)
+        TaskerCore::FFI.bootstrap_worker(backend: "postgres", database_url: url,
+                                         templates: PostgresHelpers::PG_TEMPLATES)
       end.to raise_error(TaskerCore::WorkerBootstrapError) { |error|
         expect(error.message).to include("postgres://u:****@127.0.0.1:1/x")
         expect(error.message).not_to include("secretpw")
@@ -43,7 +44,9 @@ RSpec.describe "PostgreSQL backend: resilience" do
       out, status = Open3.capture2e("pg_ctlcluster", "--skip-systemctl-redirect", cluster, "main", "restart")
       raise "restarting PostgreSQL failed: #{out}" unless status.success?
 
-      eventually(timeout: 30, interval: 0.1) { system("pg_isready", "-q", "-h", PostgresHelpers::PG_HOST, "-p", PostgresHelpers::PG_PORT) }
+      eventually(timeout: 30, interval: 0.1) do
+        system("pg_isready", "-q", "-h", PostgresHelpers::PG_HOST, "-p", PostgresHelpers::PG_PORT)
+      end
     end
 
     def complete_tasks

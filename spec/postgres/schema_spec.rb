@@ -21,8 +21,8 @@ RSpec.describe "PostgreSQL backend: schema and templates" do
   it "bootstraps again on the same database without changing the schema, templates or tasks" do
     start_client(db)
     task = create_pg_task("linear", "value" => 1) # nobody runs the pg namespace yet: it stays pending
-    schema = -> { psql("SELECT table_name, column_name, data_type FROM information_schema.columns ORDER BY 1, 2", db: db) }
-    templates = -> { psql_rows("SELECT namespace, name, version, updated_at FROM tasker_templates ORDER BY 1, 2", db: db) }
+    schema = -> { psql("SELECT table_name, column_name, data_type FROM information_schema.columns ORDER BY 1, 2", db:) }
+    templates = -> { psql_rows("SELECT namespace, name, version, updated_at FROM tasker_templates ORDER BY 1, 2", db:) }
     before_schema = schema.call
     before_templates = templates.call
     TaskerCore::Worker::Bootstrap.instance.shutdown!
@@ -65,7 +65,7 @@ RSpec.describe "PostgreSQL backend: schema and templates" do
     storer = start_pg_worker(db, namespaces: ["storer_only"])
     storer.stop
     stored = psql_rows("SELECT namespace, name, version FROM tasker_templates ORDER BY name", db: db)
-    files = Dir[File.join(PostgresHelpers::PG_TEMPLATES, "*.yml")].sort
+    files = Dir[File.join(PostgresHelpers::PG_TEMPLATES, "*.yml")]
     expect(stored).to eq(files.map { |f| ["pg", File.basename(f, ".yml"), "1.0.0"] })
     expect(psql("SELECT yaml FROM tasker_templates WHERE name = 'linear'", db: db))
       .to eq(File.read(File.join(PostgresHelpers::PG_TEMPLATES, "linear.yml")).strip)

@@ -147,6 +147,18 @@ module WorkflowSpecHelpers
     TaskerCore.wait_for_task(create_workflow_task(name, context), timeout: timeout)
   end
 
+  # Take the next step event by hand, as a handler thread would: `false` means the wait ended early
+  # with nothing (Ruby may cut a GVL-released wait short at any time), so wait again until `within`
+  # has passed. Returns the event Hash, or false / nil.
+  def take_next_event(within: 2)
+    deadline = monotonic + within
+    event = false
+    while event == false && (left = deadline - monotonic).positive?
+      event = TaskerCore::FFI.next_step_event(left)
+    end
+    event
+  end
+
   def step_status(task_status, name)
     task_status.fetch(:steps).find { |s| s[:name] == name } || raise("no step #{name} in #{task_status.inspect}")
   end

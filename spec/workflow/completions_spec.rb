@@ -14,9 +14,10 @@ RSpec.describe "TaskerCore::FFI.send_step_completion_event" do
     ffi.bootstrap_worker(templates: WorkflowSpecHelpers::TEMPLATES_B, shutdown_timeout: 1)
   end
 
-  def take_event(task_uuid)
-    event = ffi.next_step_event(2)
-    expect(event).to be_a(Hash)
+  def take_event(task_uuid, within: 2)
+    event = take_next_event(within: within)
+    expect(event).to be_a(Hash), "no event within #{within}s (got #{event.inspect}); " \
+                                 "task: #{TaskerCore.task_status(task_uuid).inspect}"
     expect(event[:task_uuid]).to eq(task_uuid)
     event
   end

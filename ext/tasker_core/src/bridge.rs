@@ -14,7 +14,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tasker_worker::dispatch::wait_reply;
 use tasker_worker::{
-    CompletionVerdict, EngineError, Reply, Take, WorkerBootstrap, WorkerConfig, WorkerSystemHandle,
+    CompletionVerdict, EngineError, Reply, Take, WorkerBootstrap, WorkerConfig, WorkerState,
+    WorkerSystemHandle,
 };
 use tracing::warn;
 use uuid::Uuid;
@@ -94,6 +95,13 @@ fn bootstrap_worker(ruby: &Ruby, args: &[Value]) -> Result<RHash, Error> {
         let map = convert::config_map(ruby, config)?;
         let config = WorkerConfig::from_map(&map, |key| std::env::var(key).ok())
             .map_err(|e| errors::engine(ruby, e))?;
+        if let Some(previous) = current() {
+            // An engine that already ended (it failed, or stopped without stop_worker) is
+            // cleared away, not reported as running.
+            if matches!(previous.state(), WorkerState::Stopped | WorkerState::Error) {
+                discard(ruby, &previous)?;
+            }
+        }
         if let Some(running) = current() {
             return Err(errors::bootstrap(
                 ruby,

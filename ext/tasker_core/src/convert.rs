@@ -224,11 +224,32 @@ pub fn config_map(ruby: &Ruby, config: Value) -> Result<Map<String, Json>, Error
             }),
         ));
     };
+    // `concurrency: 2, "concurrency" => 8` would otherwise keep one of them silently.
+    if let Some(key) = duplicate_key(ruby, hash)? {
+        return Err(errors::configuration(
+            ruby,
+            format!("{key}: given twice (as a Symbol and as a String)"),
+        ));
+    }
     match ruby_to_json(ruby, hash.as_value(), "config") {
         Ok(Json::Object(map)) => Ok(map),
         Ok(_) => unreachable!("a Hash converts to an object"),
         Err(e) => Err(errors::configuration(ruby, e.to_string())),
     }
+}
+
+fn duplicate_key(ruby: &Ruby, hash: RHash) -> Result<Option<String>, Error> {
+    let mut seen = std::collections::HashSet::new();
+    let mut duplicate = None;
+    hash.foreach(|k: Value, _: Value| {
+        let key = key_string(ruby, k, "config")?;
+        if !seen.insert(key.clone()) {
+            duplicate = Some(key);
+            return Ok(ForEach::Stop);
+        }
+        Ok(ForEach::Continue)
+    })?;
+    Ok(duplicate)
 }
 
 /// A step execution event as the contract describes it (symbol keys; users' data string-keyed).

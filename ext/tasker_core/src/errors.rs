@@ -72,7 +72,7 @@ pub fn engine(ruby: &Ruby, e: EngineError) -> Error {
     match e {
         EngineError::Configuration(_) => configuration(ruby, message),
         EngineError::Bootstrap(_) => bootstrap(ruby, message),
-        EngineError::NotInitialized => not_initialized(ruby, message),
+        EngineError::NotInitialized | EngineError::ShuttingDown => not_initialized(ruby, message),
         EngineError::InvalidArgument(_) => argument(ruby, message),
         EngineError::UnknownTask(_) | EngineError::Internal(_) => ffi(ruby, message),
     }

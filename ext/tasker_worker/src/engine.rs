@@ -156,7 +156,7 @@ impl<B: Backend> Engine<B> {
                 let result = if st.accepting {
                     self.backend.create_task(key, template, context).await
                 } else {
-                    Err(EngineError::NotInitialized)
+                    Err(EngineError::ShuttingDown)
                 };
                 let _ = reply.try_send(result);
             }
@@ -262,6 +262,7 @@ impl<B: Backend> Engine<B> {
                 .fetch_sub(unstarted.len() as u64, Ordering::AcqRel);
             self.backend.release(unstarted).await;
         }
+        self.backend.stop_claiming().await;
         info!(
             in_flight = self.shared.in_flight.load(Ordering::Acquire),
             "graceful shutdown: no new steps start, in-flight steps finish"

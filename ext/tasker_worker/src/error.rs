@@ -13,6 +13,9 @@ pub enum EngineError {
     /// A call that needs a running worker was made without one.
     #[error("worker not initialized: call TaskerCore::FFI.bootstrap_worker (or Worker::Bootstrap.start!) first")]
     NotInitialized,
+    /// The worker is shutting down and takes no new tasks.
+    #[error("the worker is shutting down: it takes no new tasks (start a worker to create tasks)")]
+    ShuttingDown,
     /// A task uuid the engine does not know (never created, or finished and evicted).
     #[error("unknown task {0}")]
     UnknownTask(String),

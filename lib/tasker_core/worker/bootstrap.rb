@@ -112,13 +112,21 @@ module TaskerCore
       # Each thread waits inside Rust with the GVL released; `nil` means the worker stopped.
       def start_thread(index)
         bridge = EventBridge.instance
-        Thread.new do
-          Thread.current.name = "tasker-handler-#{index}"
-          Thread.current.report_on_exception = true
-          while (event = TaskerCore::FFI.next_step_event)
+        thread = Thread.new do
+          # nil: the worker is stopping, leave. false (a wait cut short with nothing: Thread#wakeup,
+          # a signal, any interrupt that raises nothing) must not end the loop: `while (event = ...)`
+          # would, and the pool would shrink one thread at a time.
+          loop do
+            event = TaskerCore::FFI.next_step_event
+            break if event.nil?
+
             dispatch(bridge, event)
           end
         end
+        # Named here, not inside the thread, so the name is there as soon as start! returns.
+        thread.name = "tasker-handler-#{index}"
+        thread.report_on_exception = true
+        thread
       end
 
       def dispatch(bridge, event)

@@ -56,6 +56,10 @@ pub trait Backend: Send + 'static {
     /// Attempts dispatched but never taken by a Ruby thread (shutdown): make them ready again.
     async fn release(&mut self, unstarted: Vec<InFlight>);
 
+    /// The worker is shutting down: claim nothing more. A backend that claims ahead of the
+    /// engine (postgres claims in its record transactions) releases what it still holds.
+    async fn stop_claiming(&mut self) {}
+
     /// When `claim` may find new work without any message arriving (a retry falls due, a poll).
     fn next_wakeup(&self) -> Option<Instant>;
 

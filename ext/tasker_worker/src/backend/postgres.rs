@@ -20,9 +20,9 @@ use crate::events::{
 };
 use crate::template::{TaskTemplate, TemplateKey, TemplateRegistry};
 use serde_json::Value;
-use sqlx::postgres::{PgListener, PgPoolOptions};
+use sqlx::postgres::{PgListener, PgPoolOptions, PgRow};
 use sqlx::{PgPool, Postgres, Row, Transaction};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
@@ -68,8 +68,15 @@ pub struct PostgresBackend {
     retry_write_at: Option<Instant>,
     next_housekeeping: Instant,
     next_cleanup: Instant,
-    /// Attempts claimed here and not yet recorded or released.
+    /// Attempts claimed here and not yet recorded or released (`prefetched` included).
     outstanding: usize,
+    /// Claimed in a record transaction, not yet handed to the engine.
+    prefetched: Vec<PgRow>,
+    /// The worker is shutting down: claim nothing more.
+    stopping: bool,
+    /// The template of each attempt claimed here and not yet recorded (by step), so recording
+    /// it needs no lookup.
+    flight_templates: HashMap<Uuid, Arc<TaskTemplate>>,
     /// A claim due without any notification: at start (steps may already be waiting), and in
     /// EventDriven mode when the earliest hidden row becomes visible (a retry's backoff ends, the
     /// claim of a worker that died expires). Not a poll: a wake-up at a time the table names.
@@ -93,6 +100,9 @@ impl PostgresBackend {
             next_housekeeping: Instant::now() + HOUSEKEEPING_EVERY,
             next_cleanup: Instant::now() + cleanup_every,
             outstanding: 0,
+            prefetched: Vec::new(),
+            stopping: false,
+            flight_templates: HashMap::new(),
             wake_claim_at: Some(Instant::now()),
         }
     }
@@ -278,13 +288,209 @@ impl PostgresBackend {
         }
     }
 
+    /// Events for claimed rows (templates, dependency results). An attempt beyond the last one
+    /// allowed (its worker died holding the last) is recorded as timed out instead.
+    async fn build_events(
+        &mut self,
+        pool: &PgPool,
+        rows: &[PgRow],
+        now: Instant,
+    ) -> EngineResult<Vec<(StepExecutionEvent, InFlight)>> {
+        // Dependency results of every claimed step, in one query.
+        let task_uuids: Vec<Uuid> = rows.iter().map(|r| r.get("task_uuid")).collect();
+        let results = sqlx::query(
+            "SELECT task_uuid, step_index, result FROM tasker_steps WHERE task_uuid = ANY($1) AND status = 'complete'",
+        )
+        .bind(&task_uuids)
+        .fetch_all(pool)
+        .await
+        .map_err(db)?;
+        let mut result_of: HashMap<(Uuid, i32), Arc<Value>> = HashMap::new();
+        for r in results {
+            result_of.insert(
+                (r.get("task_uuid"), r.get("step_index")),
+                Arc::new(r.get::<Option<Value>, _>("result").unwrap_or(Value::Null)),
+            );
+        }
+
+        let mut claimed = Vec::with_capacity(rows.len());
+        let mut exhausted = Vec::new();
+        let mut infos: HashMap<Uuid, Arc<TaskInfo>> = HashMap::new();
+        for row in rows {
+            let key = TemplateKey {
+                namespace: row.get("namespace"),
+                name: row.get("name"),
+                version: row.get("version"),
+            };
+            let template = self.template(&key).await?;
+            let task_uuid: Uuid = row.get("task_uuid");
+            let index = row.get::<i32, _>("step_index") as usize;
+            let attempt = row.get::<i32, _>("attempts") as u32;
+            let definition = Arc::clone(&template.steps[index]);
+            let flight = InFlight {
+                task_uuid,
+                step_uuid: row.get("step_uuid"),
+                step_index: index,
+                attempt,
+                deadline: now + definition.timeout,
+                timeout: definition.timeout,
+            };
+            self.flight_templates
+                .insert(flight.step_uuid, Arc::clone(&template));
+            if attempt > definition.retry.max_attempts {
+                // The worker holding the last allowed attempt died: that attempt failed.
+                exhausted.push(flight);
+                continue;
+            }
+            let info = infos
+                .entry(task_uuid)
+                .or_insert_with(|| {
+                    Arc::new(TaskInfo {
+                        task_uuid,
+                        namespace: Arc::from(key.namespace.as_str()),
+                        name: Arc::from(key.name.as_str()),
+                        version: Arc::from(key.version.as_str()),
+                        context: Arc::new(row.get::<Value, _>("context")),
+                    })
+                })
+                .clone();
+            let dependency_results = template.dependencies[index]
+                .iter()
+                .map(|&d| {
+                    let result = result_of
+                        .get(&(task_uuid, d as i32))
+                        .cloned()
+                        .unwrap_or_else(|| Arc::new(Value::Null));
+                    (Arc::clone(&template.steps[d].name), result)
+                })
+                .collect();
+            let event = StepExecutionEvent {
+                event_id: Uuid::new_v4(),
+                step_uuid: flight.step_uuid,
+                task: info,
+                definition,
+                attempt,
+                dependency_results,
+                ready_at_ns: row.get::<i64, _>("ready_at_ns").max(0) as u64,
+            };
+            claimed.push((event, flight));
+        }
+        if !exhausted.is_empty() {
+            let lost = exhausted
+                .into_iter()
+                .map(|mut f| {
+                    f.attempt -= 1;
+                    (f, AttemptOutcome::TimedOut)
+                })
+                .collect::<Vec<_>>();
+            // Roll the attempt counter back to the lost attempt, then record it as timed out.
+            let steps: Vec<Uuid> = lost.iter().map(|(f, _)| f.step_uuid).collect();
+            sqlx::query(
+                "UPDATE tasker_steps SET attempts = attempts - 1 WHERE step_uuid = ANY($1)",
+            )
+            .bind(&steps)
+            .execute(pool)
+            .await
+            .map_err(db)?;
+            self.record(lost, now).await?;
+        }
+        Ok(claimed)
+    }
+
+    /// Claimed attempts that never ran: the attempt does not count, the step is claimable now.
+    async fn release_attempts(&mut self, steps: Vec<Uuid>, attempts: Vec<i32>) {
+        let Ok(pool) = self.pool() else { return };
+        let result = sqlx::query(
+            "WITH input AS (SELECT * FROM unnest($1::uuid[], $2::int4[]) AS i(step_uuid, attempt)),
+             back AS (
+               UPDATE tasker_steps s SET attempts = s.attempts - 1, status = 'enqueued'
+               FROM input i WHERE s.step_uuid = i.step_uuid AND s.attempts = i.attempt AND s.status = 'in_progress'
+               RETURNING s.step_uuid
+             ), visible AS (
+               UPDATE tasker_ready_steps r SET visible_at = now(), claimed_by = NULL
+               FROM back WHERE r.step_uuid = back.step_uuid
+             )
+             SELECT pg_notify($3, '')",
+        )
+        .bind(&steps)
+        .bind(&attempts)
+        .bind(STEPS_READY)
+        .execute(pool)
+        .await;
+        if let Err(e) = result {
+            warn!(error = %e, "releasing unstarted steps failed; they become claimable after their timeout");
+        }
+    }
+
+    /// How many steps a claim may take now: none unless something may be ready (a notification,
+    /// our own enqueue, a poll or wake-up falling due), and no more than `max_in_flight` allows.
+    fn claim_room(&mut self, now: Instant) -> usize {
+        if self.stopping {
+            return 0;
+        }
+        if self.polls() && self.next_poll.is_none_or(|at| now >= at) {
+            self.maybe_ready = true;
+        }
+        if self.wake_claim_at.is_some_and(|at| now >= at) {
+            self.wake_claim_at = None;
+            self.maybe_ready = true;
+        }
+        if !self.maybe_ready {
+            return 0;
+        }
+        self.settings.max_in_flight.saturating_sub(self.outstanding)
+    }
+
+    /// After a claim of `room` that took `got`: whether anything visible may be left.
+    async fn claimed(&mut self, pool: &PgPool, room: usize, got: usize, now: Instant) {
+        self.outstanding += got;
+        if self.polls() {
+            self.next_poll = Some(now + self.settings.poll_interval);
+        }
+        if got < room {
+            self.maybe_ready = false;
+            if !self.polls() {
+                self.schedule_wake(pool, now).await;
+            }
+        }
+    }
+
+    /// One transaction: record the outcomes, then claim what this worker has room for (the
+    /// successors just made ready among them), so a loop of the engine costs one commit.
     async fn write_outcomes(
         &mut self,
         outcomes: &[(InFlight, AttemptOutcome)],
+        now: Instant,
     ) -> EngineResult<Vec<Uuid>> {
-        let mut tx = self.pool()?.begin().await.map_err(db)?;
-        let finished = record_in(&mut tx, self, outcomes).await?;
+        let pool = self.pool()?.clone();
+        let mut tx = pool.begin().await.map_err(db)?;
+        let (finished, readiness) = record_in(&mut tx, self, outcomes).await?;
+        let room = if std::env::var_os("TASKER_PG_NO_PREFETCH").is_some() {
+            0
+        } else {
+            self.claim_room(now)
+        };
+        let claimed = if room > 0 {
+            claim_rows(&mut *tx, &self.settings, room).await?
+        } else {
+            Vec::new()
+        };
+        // Other workers need a NOTIFY only for what this one did not take: a retry falling due
+        // later, or ready steps beyond its room. One per batch (NOTIFY takes a global lock at commit).
+        let left_over = readiness.readied && (room == 0 || claimed.len() == room);
+        if readiness.retried || left_over {
+            sqlx::query("SELECT pg_notify($1, '')")
+                .bind(STEPS_READY)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        notify_finished(&mut tx, &finished).await?;
         tx.commit().await.map_err(db)?;
+        if room > 0 {
+            self.claimed(&pool, room, claimed.len(), now).await;
+            self.prefetched.extend(claimed);
+        }
         Ok(finished)
     }
 }
@@ -293,6 +499,99 @@ impl PostgresBackend {
 /// (so a short TTL is honoured within about twice its length).
 fn cleanup_every(ttl: Duration) -> Duration {
     CLEANUP_EVERY.min(ttl).max(Duration::from_millis(100))
+}
+
+/// Record successful attempts ($1 steps, $2 attempts, $3 results) and their effects: each edge
+/// ($4 completed step → $5 task, $6 successor index, $7 its timeout, $8 namespace) of a current
+/// completion counts toward that successor. Returns ("done", step) per current completion,
+/// ("ready", step) per successor made ready, ("finished", task) per task now complete.
+const COMPLETE_SQL: &str = "WITH input AS (
+       SELECT * FROM unnest($1::uuid[], $2::int4[], $3::jsonb[]) AS i(step_uuid, attempt, result)
+     ), done AS (
+       UPDATE tasker_steps s SET status = 'complete', result = i.result, error_message = NULL
+       FROM input i
+       WHERE s.step_uuid = i.step_uuid AND s.attempts = i.attempt AND s.status = 'in_progress'
+       RETURNING s.step_uuid, s.task_uuid
+     ), gone AS (
+       DELETE FROM tasker_ready_steps r USING done d WHERE r.step_uuid = d.step_uuid
+     ), dec AS (
+       SELECT e.task_uuid, e.step_index, count(*)::int4 AS n, min(e.timeout_ms) AS timeout_ms,
+              min(e.namespace) AS namespace
+       FROM unnest($4::uuid[], $5::uuid[], $6::int4[], $7::int4[], $8::text[])
+              AS e(src, task_uuid, step_index, timeout_ms, namespace)
+       JOIN done d ON d.step_uuid = e.src
+       GROUP BY e.task_uuid, e.step_index
+     ), upd AS (
+       UPDATE tasker_steps s
+       SET waiting_on = s.waiting_on - d.n,
+           status = CASE WHEN s.waiting_on - d.n = 0 AND t.status <> 'error' THEN 'enqueued' ELSE s.status END,
+           ready_at = CASE WHEN s.waiting_on - d.n = 0 THEN now() ELSE s.ready_at END
+       FROM dec d JOIN tasker_tasks t ON t.task_uuid = d.task_uuid
+       WHERE s.task_uuid = d.task_uuid AND s.step_index = d.step_index
+       RETURNING s.step_uuid, s.task_uuid, s.waiting_on, d.timeout_ms, d.namespace, t.status AS task_status
+     ), ready AS (
+       INSERT INTO tasker_ready_steps (step_uuid, task_uuid, namespace, timeout_ms)
+       SELECT step_uuid, task_uuid, namespace, timeout_ms FROM upd
+       WHERE waiting_on = 0 AND task_status <> 'error'
+       ON CONFLICT (step_uuid) DO NOTHING
+       RETURNING step_uuid
+     ), fin AS (
+       UPDATE tasker_tasks t
+       SET incomplete_steps = t.incomplete_steps - f.n,
+           status = CASE WHEN t.incomplete_steps - f.n = 0 THEN 'complete'
+                         WHEN t.status = 'pending' THEN 'in_progress' ELSE t.status END,
+           finished_at = CASE WHEN t.incomplete_steps - f.n = 0 THEN now() ELSE t.finished_at END
+       FROM (SELECT task_uuid, count(*)::int4 AS n FROM done GROUP BY task_uuid) f
+       WHERE t.task_uuid = f.task_uuid
+       RETURNING t.task_uuid, t.incomplete_steps
+     )
+     SELECT 'done' AS kind, step_uuid AS id FROM done
+     UNION ALL SELECT 'ready', step_uuid FROM ready
+     UNION ALL SELECT 'finished', task_uuid FROM fin WHERE incomplete_steps = 0";
+
+/// Claim up to $2 ready steps of namespaces $1 for worker $3: visibility pushed forward by each
+/// step's timeout, attempt counted, task marked in progress. Returns what events are built from.
+const CLAIM_SQL: &str = "WITH claimable AS (
+               SELECT c.step_uuid FROM unnest($1::text[]) AS ns(namespace)
+               CROSS JOIN LATERAL (
+                 SELECT r.step_uuid, r.visible_at FROM tasker_ready_steps r
+                 WHERE r.namespace = ns.namespace AND r.visible_at <= now()
+                 ORDER BY r.visible_at LIMIT $2
+                 FOR UPDATE SKIP LOCKED
+               ) c
+               ORDER BY c.visible_at LIMIT $2
+             ), claimed AS (
+               UPDATE tasker_ready_steps r
+               SET visible_at = now() + make_interval(secs => r.timeout_ms / 1000.0), claimed_by = $3
+               FROM claimable c WHERE r.step_uuid = c.step_uuid
+               RETURNING r.step_uuid, r.timeout_ms
+             ), bumped AS (
+               UPDATE tasker_steps s SET attempts = s.attempts + 1, status = 'in_progress'
+               FROM claimed c WHERE s.step_uuid = c.step_uuid
+               RETURNING s.step_uuid, s.task_uuid, s.step_index, s.attempts,
+                         (extract(epoch FROM coalesce(s.ready_at, now())) * 1e9)::int8 AS ready_at_ns, c.timeout_ms
+             ), started AS (
+               UPDATE tasker_tasks t SET status = 'in_progress'
+               WHERE t.task_uuid IN (SELECT task_uuid FROM bumped) AND t.status = 'pending'
+             )
+             SELECT b.*, t.namespace, t.name, t.version, t.context
+             FROM bumped b JOIN tasker_tasks t ON t.task_uuid = b.task_uuid";
+
+async fn claim_rows<'e, E>(
+    executor: E,
+    settings: &PostgresSettings,
+    max: usize,
+) -> EngineResult<Vec<PgRow>>
+where
+    E: sqlx::Executor<'e, Database = Postgres>,
+{
+    sqlx::query(CLAIM_SQL)
+        .bind(&settings.namespaces)
+        .bind(max as i64)
+        .bind(&settings.worker_id)
+        .fetch_all(executor)
+        .await
+        .map_err(db)
 }
 
 fn db(e: sqlx::Error) -> EngineError {
@@ -352,12 +651,21 @@ fn failure_message(c: &crate::events::StepExecutionCompletionEvent) -> String {
     }
 }
 
+/// What a batch of outcomes made claimable.
+#[derive(Default)]
+struct Readiness {
+    /// Successors became ready now.
+    readied: bool,
+    /// Steps will be ready again after their backoff.
+    retried: bool,
+}
+
 /// One batch of outcomes, inside `tx`. Returns the tasks that finished.
 async fn record_in(
     tx: &mut Transaction<'static, Postgres>,
     backend: &mut PostgresBackend,
     outcomes: &[(InFlight, AttemptOutcome)],
-) -> EngineResult<Vec<Uuid>> {
+) -> EngineResult<(Vec<Uuid>, Readiness)> {
     // Lock rows in one order in every transaction, so concurrent batches cannot deadlock.
     let mut ordered: Vec<&(InFlight, AttemptOutcome)> = outcomes.iter().collect();
     ordered.sort_by_key(|(f, _)| (f.task_uuid, f.step_index));
@@ -365,6 +673,13 @@ async fn record_in(
     let mut ok_steps = Vec::new();
     let mut ok_attempts = Vec::new();
     let mut ok_results = Vec::new();
+    let (mut edge_src, mut edge_task, mut edge_index, mut edge_timeout, mut edge_namespace) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::<String>::new(),
+    );
     let mut retry_steps = Vec::new();
     let mut retry_attempts = Vec::new();
     let mut retry_delays = Vec::new();
@@ -373,16 +688,21 @@ async fn record_in(
     let mut fail_attempts = Vec::new();
     let mut fail_messages = Vec::new();
 
-    // Failures need the step's retry policy: resolve templates by task.
-    let failing: Vec<Uuid> = ordered
-        .iter()
-        .filter(|(_, o)| !matches!(o, AttemptOutcome::Completed(c) if c.success))
-        .map(|(f, _)| f.task_uuid)
-        .collect();
+    // Templates by task (successors, retry policies): known from the claim, else looked up.
     let mut template_of: HashMap<Uuid, Arc<TaskTemplate>> = HashMap::new();
-    if !failing.is_empty() {
+    for (flight, _) in &ordered {
+        if let Some(t) = backend.flight_templates.get(&flight.step_uuid) {
+            template_of.insert(flight.task_uuid, Arc::clone(t));
+        }
+    }
+    let unknown: Vec<Uuid> = ordered
+        .iter()
+        .map(|(f, _)| f.task_uuid)
+        .filter(|t| !template_of.contains_key(t))
+        .collect();
+    if !unknown.is_empty() {
         let rows = sqlx::query("SELECT task_uuid, namespace, name, version FROM tasker_tasks WHERE task_uuid = ANY($1)")
-            .bind(&failing)
+            .bind(&unknown)
             .fetch_all(&mut **tx)
             .await
             .map_err(db)?;
@@ -402,6 +722,16 @@ async fn record_in(
                 ok_steps.push(flight.step_uuid);
                 ok_attempts.push(flight.attempt as i32);
                 ok_results.push(c.result.clone());
+                // The successors this completion counts toward (applied only if it is current).
+                if let Some(template) = template_of.get(&flight.task_uuid) {
+                    for &next in &template.dependents[flight.step_index] {
+                        edge_src.push(flight.step_uuid);
+                        edge_task.push(flight.task_uuid);
+                        edge_index.push(next as i32);
+                        edge_timeout.push(ms(template.steps[next].timeout));
+                        edge_namespace.push(template.namespace.clone());
+                    }
+                }
                 continue;
             }
             AttemptOutcome::Completed(c) => (c.retryable, c.retry_after, failure_message(c)),
@@ -434,119 +764,36 @@ async fn record_in(
     }
 
     let mut finished = Vec::new();
-    let mut newly_ready = false;
+    let mut readiness = Readiness::default();
 
     if !ok_steps.is_empty() {
-        let done = sqlx::query(
-            "WITH input AS (
-               SELECT * FROM unnest($1::uuid[], $2::int4[], $3::jsonb[]) AS i(step_uuid, attempt, result)
-             ), done AS (
-               UPDATE tasker_steps s SET status = 'complete', result = i.result, error_message = NULL
-               FROM input i
-               WHERE s.step_uuid = i.step_uuid AND s.attempts = i.attempt AND s.status = 'in_progress'
-               RETURNING s.step_uuid, s.task_uuid, s.step_index
-             ), gone AS (
-               DELETE FROM tasker_ready_steps r USING done d WHERE r.step_uuid = d.step_uuid
-             )
-             SELECT d.task_uuid, d.step_index, t.namespace, t.name, t.version
-             FROM done d JOIN tasker_tasks t ON t.task_uuid = d.task_uuid",
-        )
-        .bind(&ok_steps)
-        .bind(&ok_attempts)
-        .bind(&ok_results)
-        .fetch_all(&mut **tx)
-        .await
-        .map_err(db)?;
-        if done.len() < ok_steps.len() {
+        // One statement: results, the hot table, successors (a successor whose last dependency
+        // just completed becomes ready), task counters. Every part keys on the completions that
+        // were current (`done`): a stale one changes nothing.
+        let rows = sqlx::query(COMPLETE_SQL)
+            .bind(&ok_steps)
+            .bind(&ok_attempts)
+            .bind(&ok_results)
+            .bind(&edge_src)
+            .bind(&edge_task)
+            .bind(&edge_index)
+            .bind(&edge_timeout)
+            .bind(&edge_namespace)
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(db)?;
+        let mut done = 0;
+        for row in rows {
+            match row.get::<&str, _>("kind") {
+                "done" => done += 1,
+                "ready" => readiness.readied = true,
+                _ => finished.push(row.get::<Uuid, _>("id")),
+            }
+        }
+        if done < ok_steps.len() {
             debug!(
-                stale = ok_steps.len() - done.len(),
+                stale = ok_steps.len() - done,
                 "completions for attempts that are no longer current"
-            );
-        }
-
-        // Successors: how many of each one's dependencies just completed.
-        let mut decrements: BTreeMap<(Uuid, i32), (i32, i32, String)> = BTreeMap::new();
-        let mut completed_per_task: BTreeMap<Uuid, i32> = BTreeMap::new();
-        for row in &done {
-            let task_uuid: Uuid = row.get("task_uuid");
-            let index: i32 = row.get("step_index");
-            let key = TemplateKey {
-                namespace: row.get("namespace"),
-                name: row.get("name"),
-                version: row.get("version"),
-            };
-            let template = backend.template(&key).await?;
-            *completed_per_task.entry(task_uuid).or_default() += 1;
-            for &next in &template.dependents[index as usize] {
-                let entry = decrements
-                    .entry((task_uuid, next as i32))
-                    .or_insert_with(|| {
-                        (0, ms(template.steps[next].timeout), key.namespace.clone())
-                    });
-                entry.0 += 1;
-            }
-        }
-        if !decrements.is_empty() {
-            let (mut tasks, mut indices, mut counts, mut timeouts, mut namespaces) =
-                (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            for ((task, index), (n, timeout, ns)) in decrements {
-                tasks.push(task);
-                indices.push(index);
-                counts.push(n);
-                timeouts.push(timeout);
-                namespaces.push(ns);
-            }
-            let ready = sqlx::query(
-                "WITH dec AS (
-                   SELECT * FROM unnest($1::uuid[], $2::int4[], $3::int4[], $4::int4[], $5::text[])
-                     AS d(task_uuid, step_index, n, timeout_ms, namespace)
-                 ), upd AS (
-                   UPDATE tasker_steps s
-                   SET waiting_on = s.waiting_on - d.n,
-                       status = CASE WHEN s.waiting_on - d.n = 0 AND t.status <> 'error' THEN 'enqueued' ELSE s.status END,
-                       ready_at = CASE WHEN s.waiting_on - d.n = 0 THEN now() ELSE s.ready_at END
-                   FROM dec d JOIN tasker_tasks t ON t.task_uuid = d.task_uuid
-                   WHERE s.task_uuid = d.task_uuid AND s.step_index = d.step_index
-                   RETURNING s.step_uuid, s.task_uuid, s.waiting_on, d.timeout_ms, d.namespace, t.status AS task_status
-                 )
-                 INSERT INTO tasker_ready_steps (step_uuid, task_uuid, namespace, timeout_ms)
-                 SELECT step_uuid, task_uuid, namespace, timeout_ms FROM upd
-                 WHERE waiting_on = 0 AND task_status <> 'error'
-                 ON CONFLICT (step_uuid) DO NOTHING
-                 RETURNING step_uuid",
-            )
-            .bind(&tasks)
-            .bind(&indices)
-            .bind(&counts)
-            .bind(&timeouts)
-            .bind(&namespaces)
-            .fetch_all(&mut **tx)
-            .await
-            .map_err(db)?;
-            newly_ready |= !ready.is_empty();
-        }
-        if !completed_per_task.is_empty() {
-            let tasks: Vec<Uuid> = completed_per_task.keys().copied().collect();
-            let counts: Vec<i32> = completed_per_task.values().copied().collect();
-            let rows = sqlx::query(
-                "WITH fin AS (SELECT * FROM unnest($1::uuid[], $2::int4[]) AS f(task_uuid, n))
-                 UPDATE tasker_tasks t
-                 SET incomplete_steps = t.incomplete_steps - f.n,
-                     status = CASE WHEN t.incomplete_steps - f.n = 0 THEN 'complete'
-                                   WHEN t.status = 'pending' THEN 'in_progress' ELSE t.status END,
-                     finished_at = CASE WHEN t.incomplete_steps - f.n = 0 THEN now() ELSE t.finished_at END
-                 FROM fin f WHERE t.task_uuid = f.task_uuid
-                 RETURNING t.task_uuid, t.incomplete_steps",
-            )
-            .bind(&tasks)
-            .bind(&counts)
-            .fetch_all(&mut **tx)
-            .await
-            .map_err(db)?;
-            finished.extend(
-                rows.iter()
-                    .filter(|r| r.get::<i32, _>("incomplete_steps") == 0)
-                    .map(|r| r.get::<Uuid, _>("task_uuid")),
             );
         }
     }
@@ -574,7 +821,7 @@ async fn record_in(
         .execute(&mut **tx)
         .await
         .map_err(db)?;
-        newly_ready = true;
+        readiness.retried = true;
     }
 
     if !fail_steps.is_empty() {
@@ -610,17 +857,10 @@ async fn record_in(
         finished.extend(errored);
     }
 
-    // One NOTIFY per batch per channel (NOTIFY takes a global lock at commit).
-    if newly_ready {
-        sqlx::query("SELECT pg_notify($1, '')")
-            .bind(STEPS_READY)
-            .execute(&mut **tx)
-            .await
-            .map_err(db)?;
+    if readiness.readied || readiness.retried {
         backend.maybe_ready = true;
     }
-    notify_finished(tx, &finished).await?;
-    Ok(finished)
+    Ok((finished, readiness))
 }
 
 async fn notify_finished(
@@ -817,159 +1057,34 @@ impl Backend for PostgresBackend {
         max: usize,
         now: Instant,
     ) -> EngineResult<Vec<(StepExecutionEvent, InFlight)>> {
-        if self.polls() && self.next_poll.is_none_or(|at| now >= at) {
-            self.maybe_ready = true;
-        }
-        if self.wake_claim_at.is_some_and(|at| now >= at) {
-            self.wake_claim_at = None;
-            self.maybe_ready = true;
-        }
-        let max = max.min(self.settings.max_in_flight.saturating_sub(self.outstanding));
-        if !self.maybe_ready || max == 0 {
-            return Ok(Vec::new());
-        }
-        if self.polls() {
-            self.next_poll = Some(now + self.settings.poll_interval);
-        }
+        // Claimed by the last record transaction: hand those out first.
+        let mut rows: Vec<PgRow> = {
+            let n = self.prefetched.len().min(max);
+            self.prefetched.drain(..n).collect()
+        };
+        let room = (max - rows.len()).min(self.claim_room(now));
         let pool = self.pool()?.clone();
-        let rows = sqlx::query(
-            "WITH claimable AS (
-               SELECT step_uuid FROM tasker_ready_steps
-               WHERE namespace = ANY($1) AND visible_at <= now()
-               ORDER BY visible_at LIMIT $2
-               FOR UPDATE SKIP LOCKED
-             ), claimed AS (
-               UPDATE tasker_ready_steps r
-               SET visible_at = now() + make_interval(secs => r.timeout_ms / 1000.0), claimed_by = $3
-               FROM claimable c WHERE r.step_uuid = c.step_uuid
-               RETURNING r.step_uuid, r.timeout_ms
-             ), bumped AS (
-               UPDATE tasker_steps s SET attempts = s.attempts + 1, status = 'in_progress'
-               FROM claimed c WHERE s.step_uuid = c.step_uuid
-               RETURNING s.step_uuid, s.task_uuid, s.step_index, s.attempts,
-                         (extract(epoch FROM coalesce(s.ready_at, now())) * 1e9)::int8 AS ready_at_ns, c.timeout_ms
-             ), started AS (
-               UPDATE tasker_tasks t SET status = 'in_progress'
-               WHERE t.task_uuid IN (SELECT task_uuid FROM bumped) AND t.status = 'pending'
-             )
-             SELECT b.*, t.namespace, t.name, t.version, t.context
-             FROM bumped b JOIN tasker_tasks t ON t.task_uuid = b.task_uuid",
-        )
-        .bind(&self.settings.namespaces)
-        .bind(max as i64)
-        .bind(&self.settings.worker_id)
-        .fetch_all(&pool)
-        .await
-        .map_err(db)?;
-        if rows.len() < max {
-            self.maybe_ready = false;
-            if !self.polls() {
-                self.schedule_wake(&pool, now).await;
+        if room > 0 {
+            match claim_rows(&pool, &self.settings, room).await {
+                Ok(fresh) => {
+                    self.claimed(&pool, room, fresh.len(), now).await;
+                    rows.extend(fresh);
+                }
+                Err(e) if rows.is_empty() => return Err(e),
+                Err(e) => warn!(error = %e, "claiming ready steps failed"),
             }
         }
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-
-        // Dependency results of every claimed step, in one query.
-        let task_uuids: Vec<Uuid> = rows.iter().map(|r| r.get("task_uuid")).collect();
-        let results = sqlx::query(
-            "SELECT task_uuid, step_index, result FROM tasker_steps WHERE task_uuid = ANY($1) AND status = 'complete'",
-        )
-        .bind(&task_uuids)
-        .fetch_all(&pool)
-        .await
-        .map_err(db)?;
-        let mut result_of: HashMap<(Uuid, i32), Arc<Value>> = HashMap::new();
-        for r in results {
-            result_of.insert(
-                (r.get("task_uuid"), r.get("step_index")),
-                Arc::new(r.get::<Option<Value>, _>("result").unwrap_or(Value::Null)),
-            );
-        }
-
-        let mut claimed = Vec::with_capacity(rows.len());
-        let mut exhausted = Vec::new();
-        let mut infos: HashMap<Uuid, Arc<TaskInfo>> = HashMap::new();
-        for row in rows {
-            let key = TemplateKey {
-                namespace: row.get("namespace"),
-                name: row.get("name"),
-                version: row.get("version"),
-            };
-            let template = self.template(&key).await?;
-            let task_uuid: Uuid = row.get("task_uuid");
-            let index = row.get::<i32, _>("step_index") as usize;
-            let attempt = row.get::<i32, _>("attempts") as u32;
-            let definition = Arc::clone(&template.steps[index]);
-            let flight = InFlight {
-                task_uuid,
-                step_uuid: row.get("step_uuid"),
-                step_index: index,
-                attempt,
-                deadline: now + definition.timeout,
-                timeout: definition.timeout,
-            };
-            if attempt > definition.retry.max_attempts {
-                // The worker holding the last allowed attempt died: that attempt failed.
-                exhausted.push(flight);
-                continue;
+        match self.build_events(&pool, &rows, now).await {
+            Ok(claimed) => Ok(claimed),
+            Err(e) => {
+                // Claimed in the database: keep them for the next try, never lose them.
+                self.prefetched.splice(0..0, rows);
+                Err(e)
             }
-            let info = infos
-                .entry(task_uuid)
-                .or_insert_with(|| {
-                    Arc::new(TaskInfo {
-                        task_uuid,
-                        namespace: Arc::from(key.namespace.as_str()),
-                        name: Arc::from(key.name.as_str()),
-                        version: Arc::from(key.version.as_str()),
-                        context: Arc::new(row.get::<Value, _>("context")),
-                    })
-                })
-                .clone();
-            let dependency_results = template.dependencies[index]
-                .iter()
-                .map(|&d| {
-                    let result = result_of
-                        .get(&(task_uuid, d as i32))
-                        .cloned()
-                        .unwrap_or_else(|| Arc::new(Value::Null));
-                    (Arc::clone(&template.steps[d].name), result)
-                })
-                .collect();
-            let event = StepExecutionEvent {
-                event_id: Uuid::new_v4(),
-                step_uuid: flight.step_uuid,
-                task: info,
-                definition,
-                attempt,
-                dependency_results,
-                ready_at_ns: row.get::<i64, _>("ready_at_ns").max(0) as u64,
-            };
-            claimed.push((event, flight));
         }
-        if !exhausted.is_empty() {
-            let lost = exhausted
-                .into_iter()
-                .map(|mut f| {
-                    f.attempt -= 1;
-                    (f, AttemptOutcome::TimedOut)
-                })
-                .collect::<Vec<_>>();
-            // Roll the attempt counter back to the lost attempt, then record it as timed out.
-            self.outstanding += lost.len();
-            let steps: Vec<Uuid> = lost.iter().map(|(f, _)| f.step_uuid).collect();
-            sqlx::query(
-                "UPDATE tasker_steps SET attempts = attempts - 1 WHERE step_uuid = ANY($1)",
-            )
-            .bind(&steps)
-            .execute(&pool)
-            .await
-            .map_err(db)?;
-            self.record(lost, now).await?;
-        }
-        self.outstanding += claimed.len();
-        Ok(claimed)
     }
 
     async fn record(
@@ -986,8 +1101,11 @@ impl Backend for PostgresBackend {
         }
         let mut attempt = 0;
         loop {
-            match self.write_outcomes(&outcomes).await {
+            match self.write_outcomes(&outcomes, now).await {
                 Ok(finished) => {
+                    for (flight, _) in &outcomes {
+                        self.flight_templates.remove(&flight.step_uuid);
+                    }
                     if !self.waiters.is_empty() {
                         self.answer_waiters(finished).await;
                     }
@@ -1012,29 +1130,24 @@ impl Backend for PostgresBackend {
 
     async fn release(&mut self, unstarted: Vec<InFlight>) {
         self.outstanding = self.outstanding.saturating_sub(unstarted.len());
+        for flight in &unstarted {
+            self.flight_templates.remove(&flight.step_uuid);
+        }
         let steps: Vec<Uuid> = unstarted.iter().map(|f| f.step_uuid).collect();
         let attempts: Vec<i32> = unstarted.iter().map(|f| f.attempt as i32).collect();
-        let Ok(pool) = self.pool() else { return };
-        let result = sqlx::query(
-            "WITH input AS (SELECT * FROM unnest($1::uuid[], $2::int4[]) AS i(step_uuid, attempt)),
-             back AS (
-               UPDATE tasker_steps s SET attempts = s.attempts - 1, status = 'enqueued'
-               FROM input i WHERE s.step_uuid = i.step_uuid AND s.attempts = i.attempt AND s.status = 'in_progress'
-               RETURNING s.step_uuid
-             ), visible AS (
-               UPDATE tasker_ready_steps r SET visible_at = now(), claimed_by = NULL
-               FROM back WHERE r.step_uuid = back.step_uuid
-             )
-             SELECT pg_notify($3, '')",
-        )
-        .bind(&steps)
-        .bind(&attempts)
-        .bind(STEPS_READY)
-        .execute(pool)
-        .await;
-        if let Err(e) = result {
-            warn!(error = %e, "releasing unstarted steps failed; they become claimable after their timeout");
+        self.release_attempts(steps, attempts).await;
+    }
+
+    async fn stop_claiming(&mut self) {
+        self.stopping = true;
+        if self.prefetched.is_empty() {
+            return;
         }
+        let held = std::mem::take(&mut self.prefetched);
+        self.outstanding = self.outstanding.saturating_sub(held.len());
+        let steps = held.iter().map(|r| r.get::<Uuid, _>("step_uuid")).collect();
+        let attempts = held.iter().map(|r| r.get::<i32, _>("attempts")).collect();
+        self.release_attempts(steps, attempts).await;
     }
 
     fn next_wakeup(&self) -> Option<Instant> {
