@@ -75,6 +75,12 @@ RSpec.describe "TaskerCore::FFI.bootstrap_worker configuration" do
   end
 
   describe "string keys" do
+    it "may not repeat a Symbol key: the config error names it" do
+      expect { ffi.bootstrap_worker(:concurrency => 2, "concurrency" => 8) }
+        .to raise_error(TaskerCore::ConfigurationError, /concurrency: given twice/)
+      expect(ffi.worker_status[:running]).to be(false)
+    end
+
     it "work like symbol keys" do
       result = ffi.bootstrap_worker("worker_id" => "string-keys", "concurrency" => 2, "log_level" => "error")
 

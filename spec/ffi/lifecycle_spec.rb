@@ -238,7 +238,7 @@ RSpec.describe "TaskerCore::FFI worker lifecycle" do
 
       # The contract's class for "no worker to take this"; the engine refuses rather than queueing.
       expect { TaskerCore.create_task(namespace: "lifecycle", name: "naps") }
-        .to raise_error(TaskerCore::WorkerNotInitializedError)
+        .to raise_error(TaskerCore::WorkerNotInitializedError, /shutting down: it takes no new tasks/)
     end
   end
 
