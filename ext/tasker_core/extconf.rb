@@ -28,9 +28,11 @@ File.write("Makefile", <<~MAKE)
   \tcd #{root} && RUBY=#{ruby} $(CARGO) build --locked --profile #{profile} -p tasker_core --target-dir #{target_dir}
   \tcp #{artifact} $(SO)
 
+  # Copy then rename: a process that has the old library mapped keeps its inode intact.
   install: $(SO)
   \tmkdir -p $(DESTDIR)$(sitearchdir)/tasker_core
-  \tcp $(SO) $(DESTDIR)$(sitearchdir)/tasker_core/$(SO)
+  \tcp $(SO) $(DESTDIR)$(sitearchdir)/tasker_core/$(SO).tmp
+  \tmv -f $(DESTDIR)$(sitearchdir)/tasker_core/$(SO).tmp $(DESTDIR)$(sitearchdir)/tasker_core/$(SO)
   #{installing && !ENV["CARGO_TARGET_DIR"] ? "\trm -rf #{target_dir}" : ""}
 
   clean:

@@ -82,8 +82,9 @@ RSpec.describe "PostgreSQL backend: deployment modes" do
     expect(worker.status).to include(deployment_mode: "Polling", steps_processed: 2)
   end
 
-  it "sends one steps-ready NOTIFY per transaction that made steps ready, not one per step" do
-    start_pg_worker(db, deployment_mode: "EventDriven")
+  it "sends one steps-ready NOTIFY per transaction, and only for steps the sender did not claim itself" do
+    # 4 handler threads: a worker holds at most 8 claimed steps.
+    start_pg_worker(db, deployment_mode: "EventDriven", concurrency: 4)
     start_client(db)
     listener = PostgresHelpers::NotificationListener.new(db, "tasker_steps_ready", "tasker_tasks_finished")
 
@@ -92,9 +93,10 @@ RSpec.describe "PostgreSQL backend: deployment modes" do
     received = listener.notifications
 
     expect(task[:status]).to eq("complete")
-    # Creation (the root is ready), the root's completion (ten children ready at once), the
-    # completion of the last child (the join is ready). Child completions that ready nothing send none.
-    expect(received.count { |channel, _| channel == "tasker_steps_ready" }).to eq(3)
+    # Creation (the root is ready: one NOTIFY). The root's completion readies ten children: the
+    # worker claims 8 in that same transaction and announces the rest (one NOTIFY, not ten). The
+    # last child's completion readies the join, which that transaction claims: nothing to announce.
+    expect(received.count { |channel, _| channel == "tasker_steps_ready" }).to eq(2)
     expect(received.select { |channel, _| channel == "tasker_tasks_finished" })
       .to eq([["tasker_tasks_finished", task[:task_uuid]]])
   end
@@ -112,7 +114,8 @@ RSpec.describe "PostgreSQL backend: deployment modes" do
     expect(results.map { |r| r[:status] }.uniq).to eq(["complete"])
     ready = received.count { |channel, _| channel == "tasker_steps_ready" }
     # 240 steps became ready (20 roots at creation, 200 children, 20 joins): at most 20 + 20 + 20
-    # notifications, one per creation and one per completion batch that readied something.
+    # notifications, one per creation and one per completion batch that readied something (fewer:
+    # a batch whose new steps its worker claimed at once announces nothing).
     expect(ready).to be_between(20, 60)
     finished = received.select { |channel, _| channel == "tasker_tasks_finished" }.flat_map { |_, p| p.split(",") }
     expect(finished).to match_array(uuids)

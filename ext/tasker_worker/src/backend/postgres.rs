@@ -465,11 +465,7 @@ impl PostgresBackend {
         let pool = self.pool()?.clone();
         let mut tx = pool.begin().await.map_err(db)?;
         let (finished, readiness) = record_in(&mut tx, self, outcomes).await?;
-        let room = if std::env::var_os("TASKER_PG_NO_PREFETCH").is_some() {
-            0
-        } else {
-            self.claim_room(now)
-        };
+        let room = self.claim_room(now);
         let claimed = if room > 0 {
             claim_rows(&mut *tx, &self.settings, room).await?
         } else {
