@@ -9,7 +9,7 @@ ENV["TASKER_TEMPLATE_PATH"] ||= File.join(FIXTURES, "templates")
 ENV["TASKER_LOG_LEVEL"] ||= "error"
 
 require "tasker_core"
-Dir[File.join(__dir__, "support", "**", "*.rb")].sort.each { |f| require f }
+Dir[File.join(__dir__, "support", "**", "*.rb")].each { |f| require f }
 
 RSpec.configure do |config|
   config.expect_with(:rspec) { |c| c.syntax = :expect }

@@ -84,15 +84,15 @@ module WorkflowHandlers
       return if plan["until_attempt"] && step.attempts >= plan["until_attempt"]
 
       message = "planned #{kind} failure on attempt #{step.attempts}"
-      case kind
-      when "retryable" then raise TaskerCore::RetryableError.new(message, retry_after: plan["retry_after"])
-      when "standard" then raise message
-      when "permanent" then raise TaskerCore::PermanentError, message
-      when "not_implemented" then raise NotImplementedError, message
-      when "stack" then raise SystemStackError, message
-      else raise ArgumentError, "unknown planned failure #{kind.inspect}"
-      end
+      raise TaskerCore::RetryableError.new(message, retry_after: plan["retry_after"]) if kind == "retryable"
+
+      raise PLANNED_FAILURES.fetch(kind) { raise ArgumentError, "unknown planned failure #{kind.inspect}" }, message
     end
+
+    PLANNED_FAILURES = {
+      "standard" => RuntimeError, "permanent" => TaskerCore::PermanentError,
+      "not_implemented" => NotImplementedError, "stack" => SystemStackError
+    }.freeze
   end
 
   # Counts executions per step_uuid (for "no step runs twice"), then sleeps like Scripted.

@@ -1,7 +1,7 @@
 # frozen_string_literal: true
 
 module WorkflowTasksSpec
-  UUID_PATTERN = /\A\h{8}-\h{4}-\h{4}-\h{4}-\h{12}\z/.freeze
+  UUID_PATTERN = /\A\h{8}-\h{4}-\h{4}-\h{4}-\h{12}\z/
   STEP_STATUSES = %w[pending enqueued in_progress complete error waiting_for_retry].freeze
   # spec/fixtures/templates_b/dag.yml
   DAG_STEPS = %w[fetch left right side join finish].freeze
@@ -104,7 +104,12 @@ module WorkflowTasksSpec
       it "wait_for_task raises Timeout::Error past its timeout, without holding the GVL" do
         uuid = create_workflow_task("quick", "plan" => { "work" => { "sleep" => 1.0 } })
         ticks = 0
-        ticker = Thread.new { loop { ticks += 1; sleep 0.01 } }
+        ticker = Thread.new do
+          loop do
+            ticks += 1
+            sleep 0.01
+          end
+        end
 
         started = monotonic
         expect { TaskerCore.wait_for_task(uuid, timeout: 0.3) }.to raise_error(Timeout::Error, /#{uuid}/)
@@ -121,9 +126,8 @@ module WorkflowTasksSpec
     describe "DAG execution" do
       it "runs a step only after all its dependencies completed, passing their results by step name" do
         uuids = Array.new(5) { create_workflow_task("dag") }
-        uuids.each { |uuid| expect(TaskerCore.wait_for_task(uuid, timeout: 10)[:status]).to eq("complete") }
-
         uuids.each do |uuid|
+          expect(TaskerCore.wait_for_task(uuid, timeout: 10)[:status]).to eq("complete")
           runs = WorkflowRecorder.for_task(uuid).to_h { |e| [e.name, e] }
           expect(runs.keys).to match_array(DAG_STEPS)
 

@@ -35,7 +35,7 @@ module WorkflowTemplatesSpec
           dependencies: [ship]
           handler: { callable: WorkflowHandlers::Scripted }
     YAML
-    "a step depending on itself" => [<<~YAML, ["pack", "itself"]],
+    "a step depending on itself" => [<<~YAML, %w[pack itself]],
       namespace: shop
       name: selfish
       version: 1.0.0
@@ -55,7 +55,7 @@ module WorkflowTemplatesSpec
           dependencies: [packk]
           handler: { callable: WorkflowHandlers::Scripted }
     YAML
-    "a duplicate step name" => [<<~YAML, ["duplicate", "pack"]],
+    "a duplicate step name" => [<<~YAML, %w[duplicate pack]],
       namespace: shop
       name: twice
       version: 1.0.0
@@ -83,7 +83,7 @@ module WorkflowTemplatesSpec
         - name: ship
           handler: { callable: "ship it!" }
     YAML
-    "a step without handler" => [<<~YAML, ["ship", "handler"]],
+    "a step without handler" => [<<~YAML, %w[ship handler]],
       namespace: shop
       name: no_handler
       version: 1.0.0
@@ -102,7 +102,7 @@ module WorkflowTemplatesSpec
           handler: { callable: WorkflowHandlers::Scripted }
           retry: { max_attempts: 0 }
     YAML
-    "retry.max_attempts not a number" => [<<~YAML, ["pack", "max_attempts", "three"]],
+    "retry.max_attempts not a number" => [<<~YAML, %w[pack max_attempts three]],
       namespace: shop
       name: word_attempts
       version: 1.0.0
@@ -129,7 +129,7 @@ module WorkflowTemplatesSpec
           handler: { callable: WorkflowHandlers::Scripted }
           retry: { backoff_base_ms: -5 }
     YAML
-    "retry.max_backoff_ms below backoff_base_ms" => [<<~YAML, ["pack", "max_backoff_ms", "backoff_base_ms"]],
+    "retry.max_backoff_ms below backoff_base_ms" => [<<~YAML, %w[pack max_backoff_ms backoff_base_ms]],
       namespace: shop
       name: inverted_backoff
       version: 1.0.0
@@ -138,7 +138,7 @@ module WorkflowTemplatesSpec
           handler: { callable: WorkflowHandlers::Scripted }
           retry: { backoff_base_ms: 500, max_backoff_ms: 100 }
     YAML
-    "a zero timeout_seconds" => [<<~YAML, ["pack", "timeout_seconds"]],
+    "a zero timeout_seconds" => [<<~YAML, %w[pack timeout_seconds]],
       namespace: shop
       name: no_time
       version: 1.0.0
