@@ -2,7 +2,9 @@
 
 # Steps/s of the PostgreSQL backend: WORKERS worker processes with no-op handlers run TASKS pre-created
 # diamond tasks (4 steps each). `rake bench:postgres`, or:
-#   TASKS=5000 RUNS=5 WORKERS=2 CONCURRENCY=16 MODE=Hybrid ruby benches/postgres_throughput.rb
+#   TASKS=5000 RUNS=5 WORKERS=2 CONCURRENCY=32 MODE=Hybrid ruby benches/postgres_throughput.rb
+# CONCURRENCY (handler threads per worker) also sets how many steps a worker holds claimed at once
+# (2x): the batch size of its claim and record transactions, which is what bounds throughput here.
 # PGHOST/PGPORT/PGUSER (default 127.0.0.1:5432, postgres) name the server; every run uses a fresh database.
 # BENCH_SMOKE=1: 200 tasks, one run.
 #
@@ -26,7 +28,7 @@ module PostgresThroughput
   TASKS = Integer(ENV.fetch("TASKS", Bench.size(5000, 200).to_s))
   RUNS = Bench::RUNS
   WORKERS = Integer(ENV.fetch("WORKERS", "2"))
-  CONCURRENCY = Integer(ENV.fetch("CONCURRENCY", "16"))
+  CONCURRENCY = Integer(ENV.fetch("CONCURRENCY", "32"))
   CREATORS = Integer(ENV.fetch("CREATORS", "4"))
   MODE = ENV.fetch("MODE", "Hybrid")
   STEPS_PER_TASK = 4

@@ -48,13 +48,21 @@ RSpec.describe "TaskerCore::FFI.bootstrap_worker configuration" do
       { namespaces: 5 } => /namespaces/,
       { namespaces: ["nowhere"] } => /namespaces.*nowhere/,
       { enable_web_api: "yes" } => /enable_web_api/,
-      { environment: 3 } => /environment/,
-      { backend: "postgres" } => /database_url/
+      { environment: 3 } => /environment/
     }.each do |config, message|
       it "rejects #{config.inspect}" do
         expect { ffi.bootstrap_worker(config) }.to raise_error(TaskerCore::ConfigurationError, message)
         expect_nothing_started
       end
+    end
+
+    it "rejects backend: \"postgres\" with no database_url and no DATABASE_URL" do
+      saved = ENV.delete("DATABASE_URL")
+      expect { ffi.bootstrap_worker(backend: "postgres") }
+        .to raise_error(TaskerCore::ConfigurationError, /database_url: required/)
+      expect_nothing_started
+    ensure
+      ENV["DATABASE_URL"] = saved if saved
     end
 
     it "rejects an unknown key, naming it" do

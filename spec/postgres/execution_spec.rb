@@ -44,7 +44,7 @@ RSpec.describe "PostgreSQL backend: execution across processes" do
     expect(psql_count("SELECT count(*) FROM tasker_ready_steps", db: db)).to eq(0)
   end
 
-  it "hands each step its dependencies' results, whichever process produced them" do
+  it "hands each step its dependencies' results" do
     start_cluster
     uuids = Array.new(30) { |i| create_pg_task("linear", "value" => i * 10, "plan" => { "*" => { "sleep" => 0.01 } }) }
 
@@ -57,11 +57,32 @@ RSpec.describe "PostgreSQL backend: execution across processes" do
       expect(second["dependency_pids"]).to eq("first" => first["pid"])
       expect(third["dependency_pids"]).to eq("second" => second["pid"])
     end
-    # Some results did cross from one worker process to the other.
-    edges = results.flat_map do |r|
-      r[:steps].drop(1).map { |s| [s[:result]["pid"], s[:result]["dependency_pids"].values.first] }
+  end
+
+  it "hands a step the results its dependencies produced in another process" do
+    # A worker claims the successors of what it completes in the same transaction, so a chain
+    # tends to stay on one worker: stop the first one between the steps to make the results cross.
+    start_client(db)
+    uuids = Array.new(10) { |i| create_pg_task("linear", "value" => i, "plan" => { "second" => { "sleep" => 0.3 } }) }
+    # Every first step is ready (and older than any second) when it starts: it runs them all first.
+    first_worker = start_pg_worker(db, concurrency: 2)
+    eventually(timeout: 10) do
+      psql_count("SELECT count(*) FROM tasker_steps WHERE name = 'first' AND status = 'complete' " \
+                 "AND task_uuid = ANY(#{uuid_array(uuids)})", db: db) == 10
     end
-    expect(edges.count { |runner, producer| runner != producer }).to be >= 1
+    first_worker.stop
+    second_worker = start_pg_worker(db)
+
+    results = finals(uuids)
+
+    expect(results.map { |r| r[:steps].map { |s| s[:result]["value"] } })
+      .to eq(Array.new(10) { |i| [i + 1, i + 2, i + 3] })
+    expect(results.map { |r| step_of(r, "first")[:result]["pid"] }.uniq).to eq([first_worker.pid])
+    crossed = results.map { |r| step_of(r, "second")[:result] }.select { |r| r["pid"] == second_worker.pid }
+    # The stopped worker ran at most the seconds it had started (2 threads) before it stopped.
+    expect(crossed.size).to be >= 5
+    expect(crossed.map { |r| r["dependency_pids"] }.uniq).to eq([{ "first" => first_worker.pid }])
+    expect(results.flat_map { |r| r[:steps].map { |s| s[:attempts] } }.uniq).to eq([1])
   end
 
   it "retries with backoff, counting attempts, and runs the dependent once it succeeds" do

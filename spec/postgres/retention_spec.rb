@@ -3,10 +3,6 @@
 RSpec.describe "PostgreSQL backend: retention" do
   include_context "postgres database"
 
-  def uuid_array(uuids)
-    "ARRAY[#{uuids.map { |u| "'#{u}'::uuid" }.join(",")}]"
-  end
-
   def count_for(table, uuids)
     psql_count("SELECT count(*) FROM #{table} WHERE task_uuid = ANY(#{uuid_array(uuids)})", db: db)
   end

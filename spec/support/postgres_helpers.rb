@@ -175,6 +175,11 @@ module PostgresHelpers
     Integer(psql(sql, db: db))
   end
 
+  # SQL for an array of task uuids: `WHERE task_uuid = ANY(#{uuid_array(uuids)})`
+  def uuid_array(uuids)
+    "ARRAY[#{uuids.map { |u| "'#{u}'::uuid" }.join(",")}]::uuid[]"
+  end
+
   def pg_url(db)
     "postgres://#{PG_USER}@#{PG_HOST}:#{PG_PORT}/#{db}"
   end

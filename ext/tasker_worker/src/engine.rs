@@ -142,11 +142,17 @@ impl<B: Backend> Engine<B> {
                     .push((flight, AttemptOutcome::Completed(completion)));
                 return;
             }
+            // Only sets flags (work may be ready somewhere): no reason to cut the batch of
+            // outcomes short, which would cost a transaction per notification on the postgres backend.
+            EngineMessage::Notify(notification) => {
+                self.backend.notify(notification);
+                return;
+            }
             _ => self.flush(st).await,
         }
         match message {
             EngineMessage::Completion(..) => unreachable!("handled above"),
-            EngineMessage::Notify(notification) => self.backend.notify(notification),
+            EngineMessage::Notify(..) => unreachable!("handled above"),
             EngineMessage::CreateTask {
                 key,
                 template,
