@@ -5,10 +5,16 @@
 //!   worker died becomes claimable again once its claim is that old, and the next claim counts
 //!   a new attempt.
 //! - Recording a batch of outcomes is one transaction: results, retries, successors made ready,
-//!   task completion and one NOTIFY per batch. Every write is conditioned on the attempt number,
-//!   so a stale completion (its step was reclaimed meanwhile) changes nothing: each step's final
-//!   result is recorded exactly once.
-//! - Wake-ups: LISTEN/NOTIFY (EventDriven), a periodic claim (Polling), or both (Hybrid).
+//!   task completion, then a claim of what this worker has room for (often the successors just
+//!   made ready), so an engine loop costs one commit. Every write is conditioned on the attempt
+//!   number, so a stale completion (its step was reclaimed meanwhile) changes nothing: each
+//!   step's final result is recorded exactly once.
+//! - A worker holds at most `max_in_flight` claimed steps (twice its handler threads): a claimed
+//!   step's deadline runs from the claim, so it must not wait long for a free thread.
+//! - Wake-ups: LISTEN/NOTIFY (EventDriven), a periodic claim (Polling), or both (Hybrid). One
+//!   NOTIFY per transaction at most, and only for steps the sender did not claim itself.
+//!   EventDriven workers also wake when the earliest hidden row becomes visible (a retry's
+//!   backoff, an expired claim), and every mode claims once at start.
 
 use super::{Backend, Notification, SnapshotReply};
 use crate::config::DeploymentMode;
