@@ -290,6 +290,10 @@ fn next_step_event(ruby: &Ruby, args: &[Value]) -> Result<Value, Error> {
                 system.release_untaken(event.event_id);
                 return Ok(ruby.qnil().as_value());
             }
+            // Timed out while it waited to be taken: already recorded as a failed attempt.
+            if !system.is_in_flight(event.event_id) {
+                return Ok(ruby.qfalse().as_value());
+            }
             Ok(convert::event_to_ruby(ruby, &event)?.as_value())
         };
 

@@ -238,6 +238,13 @@ impl WorkerSystemHandle {
         self.draining.load(Ordering::Acquire)
     }
 
+    /// Whether an event's attempt is still current. An event can wait in the dispatch channel past
+    /// its step's timeout; the engine has then recorded that attempt as failed, and running it
+    /// would run the step twice.
+    pub fn is_in_flight(&self, event_id: Uuid) -> bool {
+        self.registry.contains(event_id)
+    }
+
     /// Give back an event taken from the dispatch channel that will not run: the attempt does
     /// not count, and the step stays ready (the engine's recall, for an event already taken).
     pub fn release_untaken(&self, event_id: Uuid) {

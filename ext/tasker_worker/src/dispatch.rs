@@ -28,6 +28,10 @@ impl InFlightRegistry {
             .map(|e| e.value().clone())
     }
 
+    pub fn contains(&self, event_id: Uuid) -> bool {
+        self.entries.contains_key(&event_id.as_u128())
+    }
+
     /// Exactly one caller wins the removal of an entry (completion vs timeout vs recall).
     pub fn take(&self, event_id: Uuid) -> Option<InFlight> {
         self.entries

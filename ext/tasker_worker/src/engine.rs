@@ -231,7 +231,8 @@ impl<B: Backend> Engine<B> {
         let claimed = match self.backend.claim(room, Instant::now()).await {
             Ok(claimed) => claimed,
             Err(e) => {
-                error!(error = %e, "claiming ready steps failed");
+                // Recoverable (e.g. the database restarting): the next pass claims again.
+                warn!(error = %e, "claiming ready steps failed; will retry");
                 return;
             }
         };

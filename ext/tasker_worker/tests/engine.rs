@@ -411,3 +411,39 @@ fn unknown_templates_and_bad_context_are_configuration_errors() {
     assert!(err.contains("context"), "{err}");
     h.stop();
 }
+
+#[test]
+fn an_event_that_timed_out_in_the_queue_is_no_longer_in_flight() {
+    // No handler threads: the step's only attempt times out while its event waits in the channel.
+    let h = start(SLOW, json!({}), 0, |_| Ok(json!({})));
+    let task = h.create("slow", json!({}));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while h.system.status().steps_failed < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the queued attempt never timed out"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let Take::Event(stale) = h.system.port().try_take() else {
+        panic!("the stale event was not queued")
+    };
+    assert_eq!(stale.attempt, 1);
+    assert!(
+        !h.system.is_in_flight(stale.event_id),
+        "a timed-out attempt is still handed out"
+    );
+    // The retry (attempt 2) is current.
+    let (_never, cancel) = crossbeam_channel::bounded::<()>(1);
+    let Take::Event(retry) = h.system.port().take(&cancel, Some(Duration::from_secs(5))) else {
+        panic!("no retry was dispatched")
+    };
+    assert_eq!(retry.attempt, 2);
+    assert!(h.system.is_in_flight(retry.event_id));
+    assert_eq!(
+        h.system.complete(completion(&retry, Ok(json!({})))),
+        CompletionVerdict::Accepted
+    );
+    assert_eq!(h.wait(task).status.as_str(), "complete");
+    h.stop();
+}
