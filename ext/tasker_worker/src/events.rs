@@ -62,6 +62,18 @@ pub struct StepExecutionCompletionEvent {
     pub completed_at: Option<String>,
 }
 
+impl StepExecutionCompletionEvent {
+    /// The failure as recorded on the step: `Class: message`, either part alone, or a default.
+    pub fn failure_message(&self) -> String {
+        match (&self.error_class, &self.error_message) {
+            (Some(class), Some(m)) => format!("{class}: {m}"),
+            (Some(class), None) => class.clone(),
+            (None, Some(m)) => m.clone(),
+            (None, None) => "handler reported failure".to_string(),
+        }
+    }
+}
+
 /// What the engine remembers about a dispatched attempt until its completion or timeout.
 #[derive(Debug, Clone)]
 pub struct InFlight {

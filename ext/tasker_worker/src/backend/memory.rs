@@ -146,15 +146,7 @@ impl MemoryBackend {
                 }
                 return;
             }
-            AttemptOutcome::Completed(c) => {
-                let message = match (&c.error_class, c.error_message) {
-                    (Some(class), Some(m)) => format!("{class}: {m}"),
-                    (Some(class), None) => class.clone(),
-                    (None, Some(m)) => m,
-                    (None, None) => "handler reported failure".to_string(),
-                };
-                (c.retryable, c.retry_after, message)
-            }
+            AttemptOutcome::Completed(c) => (c.retryable, c.retry_after, c.failure_message()),
             AttemptOutcome::TimedOut => (
                 true,
                 None,

@@ -644,15 +644,6 @@ fn ms(d: Duration) -> i32 {
     d.as_millis().min(i32::MAX as u128) as i32
 }
 
-fn failure_message(c: &crate::events::StepExecutionCompletionEvent) -> String {
-    match (&c.error_class, &c.error_message) {
-        (Some(class), Some(m)) => format!("{class}: {m}"),
-        (Some(class), None) => class.clone(),
-        (None, Some(m)) => m.clone(),
-        (None, None) => "handler reported failure".to_string(),
-    }
-}
-
 /// What a batch of outcomes made claimable.
 #[derive(Default)]
 struct Readiness {
@@ -736,7 +727,7 @@ async fn record_in(
                 }
                 continue;
             }
-            AttemptOutcome::Completed(c) => (c.retryable, c.retry_after, failure_message(c)),
+            AttemptOutcome::Completed(c) => (c.retryable, c.retry_after, c.failure_message()),
             AttemptOutcome::TimedOut => (
                 true,
                 None,
