@@ -5,6 +5,7 @@
 //! serialises those sections, the lock is never contended and never waits.
 
 use crate::convert::{self, fetch};
+use crate::definitions;
 use crate::errors;
 use crate::gvl::{check_interrupts, without_gvl, without_gvl_retrying};
 use magnus::{function, prelude::*, Error, RHash, RModule, RString, Ruby, Value};
@@ -35,16 +36,25 @@ fn slot() -> MutexGuard<'static, Option<RubyBridgeHandle>> {
     WORKER_SYSTEM.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The current worker, if one was started by this process (a forked child's copy is dropped
-/// without touching the parent's threads, which do not exist in the child).
+/// Set in a forked child by a `pthread_atfork` handler, so that the hot path need not ask the
+/// kernel for the pid on every call; cleared by the first `current()` after the fork.
+static FORKED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_fork_child() {
+    FORKED.store(true, Ordering::Release);
+}
+
+/// The current worker, if one was started by this process. After a fork, the parent's worker
+/// is dropped from the child's slot without touching its threads, which do not exist here.
 fn current() -> Option<Arc<WorkerSystemHandle>> {
     let mut slot = slot();
-    if let Some(bridge) = slot.as_ref() {
-        if bridge.system.pid() != std::process::id() {
-            if let Some(stale) = slot.take() {
-                std::mem::forget(stale);
-            }
-            return None;
+    if FORKED.swap(false, Ordering::AcqRel)
+        && slot
+            .as_ref()
+            .is_some_and(|bridge| bridge.system.pid() != std::process::id())
+    {
+        if let Some(stale) = slot.take() {
+            std::mem::forget(stale);
         }
     }
     slot.as_ref().map(|bridge| Arc::clone(&bridge.system))
@@ -55,6 +65,10 @@ fn require_worker(ruby: &Ruby) -> Result<Arc<WorkerSystemHandle>, Error> {
 }
 
 pub fn init(ruby: &Ruby, module: RModule) -> Result<(), Error> {
+    // SAFETY: registers a handler that only stores to an atomic (async-signal-safe).
+    unsafe {
+        libc::pthread_atfork(None, None, Some(on_fork_child));
+    }
     let ffi = module.define_module("FFI")?;
     ffi.define_singleton_method("bootstrap_worker", function!(bootstrap_worker, -1))?;
     ffi.define_singleton_method("stop_worker", function!(stop_worker, 0))?;
@@ -118,7 +132,7 @@ fn bootstrap_worker(ruby: &Ruby, args: &[Value]) -> Result<RHash, Error> {
                 "worker already running (another bootstrap is in progress)",
             ));
         }
-        let result = start(ruby, config);
+        let result = definitions::clear(ruby).and_then(|()| start(ruby, config));
         BOOTSTRAPPING.store(false, Ordering::Release);
         result
     })
@@ -294,7 +308,8 @@ fn next_step_event(ruby: &Ruby, args: &[Value]) -> Result<Value, Error> {
             if !system.is_in_flight(event.event_id) {
                 return Ok(ruby.qfalse().as_value());
             }
-            Ok(convert::event_to_ruby(ruby, &event)?.as_value())
+            let step_definition = definitions::step_definition(ruby, &event.definition)?;
+            Ok(convert::event_to_ruby(ruby, &event, step_definition)?.as_value())
         };
 
         // Fast path: an event is already waiting; take it without the GVL round trip.

@@ -3,12 +3,16 @@
 
 use crate::errors;
 use magnus::{
-    prelude::*, r_hash::ForEach, value::LazyId, Error, Float, Integer, RArray, RHash, RString,
-    Ruby, Symbol, Value,
+    prelude::*,
+    r_hash::ForEach,
+    rb_sys::{AsRawValue, FromRawValue},
+    value::LazyId,
+    Error, Float, Integer, IntoValue, RArray, RHash, RString, Ruby, Symbol, Value,
 };
 use serde_json::{Map, Number, Value as Json};
 use std::time::Duration;
 use tasker_worker::events::{StepSnapshot, TaskSnapshot};
+use tasker_worker::template::StepDefinition;
 use tasker_worker::{StepExecutionCompletionEvent, StepExecutionEvent, WorkerSystemStatus};
 use uuid::Uuid;
 
@@ -252,71 +256,266 @@ fn duplicate_key(ruby: &Ruby, hash: RHash) -> Result<Option<String>, Error> {
     Ok(duplicate)
 }
 
-/// A step execution event as the contract describes it (symbol keys; users' data string-keyed).
-pub fn event_to_ruby(ruby: &Ruby, event: &StepExecutionEvent) -> Result<RHash, Error> {
-    let task = &event.task;
-    let definition = &event.definition;
-
-    let task_hash = ruby.hash_new_capa_(5);
-    task_hash.aset(*TASK_UUID, uuid_str(ruby, task.task_uuid))?;
-    task_hash.aset(*NAMESPACE, ruby.str_new(&task.namespace))?;
-    task_hash.aset(*NAME, ruby.str_new(&task.name))?;
-    task_hash.aset(*VERSION, ruby.str_new(&task.version))?;
-    task_hash.aset(*CONTEXT, json_to_ruby(ruby, &task.context)?)?;
-
-    let retry = &definition.retry;
-    let workflow_step = ruby.hash_new_capa_(5);
-    workflow_step.aset(*STEP_UUID, uuid_str(ruby, event.step_uuid))?;
-    workflow_step.aset(*NAME, ruby.str_new(&definition.name))?;
-    workflow_step.aset(*ATTEMPTS, event.attempt)?;
-    workflow_step.aset(*MAX_ATTEMPTS, retry.max_attempts)?;
-    workflow_step.aset(*RETRYABLE, retry.retryable)?;
-
-    let dependency_results = ruby.hash_new_capa_(event.dependency_results.len());
-    for (name, result) in &event.dependency_results {
-        dependency_results.aset(ruby.str_new(name), json_to_ruby(ruby, result)?)?;
+/// A Hash built from key/value pairs with one `rb_hash_bulk_insert`, not an `rb_protect`ed
+/// `aset` per entry. A fresh Hash with Symbol keys cannot raise there (short of NoMemoryError,
+/// which any allocation in this file may raise as well).
+fn hash_of(ruby: &Ruby, pairs: &[Value]) -> RHash {
+    debug_assert!(pairs.len().is_multiple_of(2));
+    let hash = ruby.hash_new();
+    // SAFETY: `Value` is `repr(transparent)` over `VALUE`; the pairs live on this (scanned) stack.
+    unsafe {
+        rb_sys::rb_hash_bulk_insert(
+            pairs.len() as std::os::raw::c_long,
+            pairs.as_ptr() as *const rb_sys::VALUE,
+            hash.as_raw(),
+        );
     }
+    hash
+}
 
-    let handler = ruby.hash_new_capa_(2);
-    handler.aset(*CALLABLE, ruby.str_new(&definition.callable))?;
-    handler.aset(
-        *INITIALIZATION,
-        json_to_ruby(ruby, &definition.initialization)?,
-    )?;
-    let retry_hash = ruby.hash_new_capa_(5);
-    retry_hash.aset(*RETRYABLE, retry.retryable)?;
-    retry_hash.aset(*MAX_ATTEMPTS, retry.max_attempts)?;
-    retry_hash.aset(*BACKOFF, ruby.str_new(retry.backoff.as_str()))?;
-    retry_hash.aset(*BACKOFF_BASE_MS, retry.backoff_base_ms)?;
-    retry_hash.aset(*MAX_BACKOFF_MS, retry.max_backoff_ms)?;
+/// A frozen, deduplicated String (Ruby's fstring table): names repeat on every event, so after
+/// the first one they cost a table lookup and no allocation.
+pub fn interned(s: &str) -> Value {
+    // SAFETY: pointer and length of a valid UTF-8 `str`; the encoding is Ruby's UTF-8.
+    unsafe {
+        Value::from_raw(rb_sys::rb_enc_interned_str(
+            s.as_ptr() as *const std::os::raw::c_char,
+            s.len() as std::os::raw::c_long,
+            rb_sys::rb_utf8_encoding(),
+        ))
+    }
+}
+
+fn sym(ruby: &Ruby, key: &Key) -> Value {
+    (**key).into_value_with(ruby)
+}
+
+/// A frozen UUID String.
+fn frozen_uuid(ruby: &Ruby, id: Uuid) -> Value {
+    let s = uuid_str(ruby, id);
+    s.freeze();
+    s.as_value()
+}
+
+/// JSON → deeply frozen Ruby (template data shared by every event of a step).
+fn frozen_json_to_ruby(ruby: &Ruby, json: &Json) -> Result<Value, Error> {
+    Ok(match json {
+        Json::String(s) => interned(s),
+        Json::Array(items) => {
+            let array = ruby.ary_new_capa(items.len());
+            for item in items {
+                array.push(frozen_json_to_ruby(ruby, item)?)?;
+            }
+            array.freeze();
+            array.as_value()
+        }
+        Json::Object(map) => {
+            let hash = ruby.hash_new_capa_(map.len());
+            for (k, v) in map {
+                hash.aset(interned(k), frozen_json_to_ruby(ruby, v)?)?;
+            }
+            hash.freeze();
+            hash.as_value()
+        }
+        scalar => json_to_ruby(ruby, scalar)?,
+    })
+}
+
+/// A step's `step_definition` Hash, deeply frozen: the same for every event of that step, so
+/// the bridge builds it once and shares it (see `bridge::step_definition`).
+pub fn step_definition_to_ruby(ruby: &Ruby, definition: &StepDefinition) -> Result<RHash, Error> {
+    let retry = &definition.retry;
+    let handler = hash_of(
+        ruby,
+        &[
+            sym(ruby, &CALLABLE),
+            interned(&definition.callable),
+            sym(ruby, &INITIALIZATION),
+            frozen_json_to_ruby(ruby, &definition.initialization)?,
+        ],
+    );
+    handler.freeze();
+    let retry_hash = hash_of(
+        ruby,
+        &[
+            sym(ruby, &RETRYABLE),
+            retry.retryable.into_value_with(ruby),
+            sym(ruby, &MAX_ATTEMPTS),
+            retry.max_attempts.into_value_with(ruby),
+            sym(ruby, &BACKOFF),
+            interned(retry.backoff.as_str()),
+            sym(ruby, &BACKOFF_BASE_MS),
+            retry.backoff_base_ms.into_value_with(ruby),
+            sym(ruby, &MAX_BACKOFF_MS),
+            retry.max_backoff_ms.into_value_with(ruby),
+        ],
+    );
+    retry_hash.freeze();
     let dependencies = ruby.ary_new_capa(definition.dependencies.len());
     for d in &definition.dependencies {
-        dependencies.push(ruby.str_new(d))?;
+        dependencies.push(interned(d))?;
     }
-    let step_definition = ruby.hash_new_capa_(5);
-    step_definition.aset(*NAME, ruby.str_new(&definition.name))?;
-    step_definition.aset(*HANDLER, handler)?;
-    step_definition.aset(*DEPENDENCIES, dependencies)?;
-    step_definition.aset(*RETRY, retry_hash)?;
-    step_definition.aset(*TIMEOUT_SECONDS, definition.timeout.as_secs_f64())?;
-
-    let tss = ruby.hash_new_capa_(4);
-    tss.aset(*TASK, task_hash)?;
-    tss.aset(*WORKFLOW_STEP, workflow_step)?;
-    tss.aset(*DEPENDENCY_RESULTS, dependency_results)?;
-    tss.aset(*STEP_DEFINITION, step_definition)?;
-
-    let hash = ruby.hash_new_capa_(4);
-    hash.aset(*EVENT_ID, uuid_str(ruby, event.event_id))?;
-    hash.aset(*TASK_UUID, uuid_str(ruby, task.task_uuid))?;
-    hash.aset(*STEP_UUID, uuid_str(ruby, event.step_uuid))?;
-    hash.aset(*TASK_SEQUENCE_STEP, tss)?;
-    hash.aset(*READY_AT_NS, event.ready_at_ns)?;
+    dependencies.freeze();
+    let hash = hash_of(
+        ruby,
+        &[
+            sym(ruby, &NAME),
+            interned(&definition.name),
+            sym(ruby, &HANDLER),
+            handler.as_value(),
+            sym(ruby, &DEPENDENCIES),
+            dependencies.as_value(),
+            sym(ruby, &RETRY),
+            retry_hash.as_value(),
+            sym(ruby, &TIMEOUT_SECONDS),
+            definition.timeout.as_secs_f64().into_value_with(ruby),
+        ],
+    );
+    hash.freeze();
     Ok(hash)
 }
 
-fn required_uuid(ruby: &Ruby, hash: RHash, key: &Key) -> Result<Uuid, Error> {
-    let value = fetch(ruby, hash, key).expect("presence checked first");
+/// A step execution event as the contract describes it (symbol keys; users' data string-keyed).
+/// `step_definition` is the step's shared frozen Hash. Names and UUIDs are frozen Strings; the
+/// Hashes and users' data (`context`, `dependency_results`) are fresh for each event.
+pub fn event_to_ruby(
+    ruby: &Ruby,
+    event: &StepExecutionEvent,
+    step_definition: Value,
+) -> Result<RHash, Error> {
+    let task = &event.task;
+    let definition = &event.definition;
+    let task_uuid = frozen_uuid(ruby, task.task_uuid);
+    let step_uuid = frozen_uuid(ruby, event.step_uuid);
+
+    let task_hash = hash_of(
+        ruby,
+        &[
+            sym(ruby, &TASK_UUID),
+            task_uuid,
+            sym(ruby, &NAMESPACE),
+            interned(&task.namespace),
+            sym(ruby, &NAME),
+            interned(&task.name),
+            sym(ruby, &VERSION),
+            interned(&task.version),
+            sym(ruby, &CONTEXT),
+            json_to_ruby(ruby, &task.context)?,
+        ],
+    );
+    let retry = &definition.retry;
+    let workflow_step = hash_of(
+        ruby,
+        &[
+            sym(ruby, &STEP_UUID),
+            step_uuid,
+            sym(ruby, &NAME),
+            interned(&definition.name),
+            sym(ruby, &ATTEMPTS),
+            event.attempt.into_value_with(ruby),
+            sym(ruby, &MAX_ATTEMPTS),
+            retry.max_attempts.into_value_with(ruby),
+            sym(ruby, &RETRYABLE),
+            retry.retryable.into_value_with(ruby),
+        ],
+    );
+    let dependency_results = ruby.hash_new_capa_(event.dependency_results.len());
+    for (name, result) in &event.dependency_results {
+        dependency_results.aset(interned(name), json_to_ruby(ruby, result)?)?;
+    }
+    let tss = hash_of(
+        ruby,
+        &[
+            sym(ruby, &TASK),
+            task_hash.as_value(),
+            sym(ruby, &WORKFLOW_STEP),
+            workflow_step.as_value(),
+            sym(ruby, &DEPENDENCY_RESULTS),
+            dependency_results.as_value(),
+            sym(ruby, &STEP_DEFINITION),
+            step_definition,
+        ],
+    );
+    Ok(hash_of(
+        ruby,
+        &[
+            sym(ruby, &EVENT_ID),
+            frozen_uuid(ruby, event.event_id),
+            sym(ruby, &TASK_UUID),
+            task_uuid,
+            sym(ruby, &STEP_UUID),
+            step_uuid,
+            sym(ruby, &TASK_SEQUENCE_STEP),
+            tss.as_value(),
+            sym(ruby, &READY_AT_NS),
+            event.ready_at_ns.into_value_with(ruby),
+        ],
+    ))
+}
+
+/// The fields a completion may carry, in the order of [`CompletionFields`]' slots.
+const COMPLETION_KEYS: [&Key; 11] = [
+    &EVENT_ID,
+    &TASK_UUID,
+    &STEP_UUID,
+    &SUCCESS,
+    &RESULT,
+    &METADATA,
+    &ERROR_MESSAGE,
+    &ERROR_CLASS,
+    &RETRYABLE,
+    &RETRY_AFTER,
+    &COMPLETED_AT,
+];
+
+/// A completion Hash's known fields, read in one pass over the Hash (no String allocated to
+/// look up a String key). A Symbol key wins over the same name as a String; nil counts as absent.
+#[derive(Default)]
+struct CompletionFields {
+    values: [Option<Value>; 11],
+    from_symbol: [bool; 11],
+}
+
+impl CompletionFields {
+    fn read(hash: RHash) -> Result<Self, Error> {
+        let mut fields = Self::default();
+        hash.foreach(|key: Value, value: Value| {
+            if value.is_nil() {
+                return Ok(ForEach::Continue);
+            }
+            if let Some(symbol) = Symbol::from_value(key) {
+                if let Some(i) = COMPLETION_KEYS.iter().position(|k| symbol == ***k) {
+                    fields.values[i] = Some(value);
+                    fields.from_symbol[i] = true;
+                }
+            } else if let Some(text) = RString::from_value(key) {
+                // SAFETY: the bytes are only compared, before any Ruby call could change them.
+                let bytes = unsafe { text.as_slice() };
+                if let Some(i) = COMPLETION_KEYS
+                    .iter()
+                    .position(|k| k.name.as_bytes() == bytes)
+                {
+                    if !fields.from_symbol[i] {
+                        fields.values[i] = Some(value);
+                    }
+                }
+            }
+            Ok(ForEach::Continue)
+        })?;
+        Ok(fields)
+    }
+
+    fn get(&self, key: &Key) -> Option<Value> {
+        let i = COMPLETION_KEYS
+            .iter()
+            .position(|k| std::ptr::eq(*k, key))
+            .expect("a completion key");
+        self.values[i]
+    }
+}
+
+fn required_uuid(ruby: &Ruby, fields: &CompletionFields, key: &Key) -> Result<Uuid, Error> {
+    let value = fields.get(key).expect("presence checked first");
     let name = key.name;
     let text = RString::from_value(value).ok_or_else(|| {
         errors::argument(
@@ -326,13 +525,20 @@ fn required_uuid(ruby: &Ruby, hash: RHash, key: &Key) -> Result<Uuid, Error> {
             }),
         )
     })?;
-    let text = string(ruby, text, name)?;
-    Uuid::parse_str(&text)
-        .map_err(|_| errors::argument(ruby, format!("{name} must be a UUID, got {text:?}")))
+    // SAFETY: parsed at once, with no Ruby call in between.
+    let parsed = Uuid::try_parse_ascii(unsafe { text.as_slice() });
+    parsed.map_err(|_| {
+        let shown = text.to_string().unwrap_or_else(|_| "(not UTF-8)".into());
+        errors::argument(ruby, format!("{name} must be a UUID, got {shown:?}"))
+    })
 }
 
-fn optional_string(ruby: &Ruby, hash: RHash, key: &Key) -> Result<Option<String>, Error> {
-    let Some(value) = fetch(ruby, hash, key) else {
+fn optional_string(
+    ruby: &Ruby,
+    fields: &CompletionFields,
+    key: &Key,
+) -> Result<Option<String>, Error> {
+    let Some(value) = fields.get(key) else {
         return Ok(None);
     };
     let name = key.name;
@@ -347,13 +553,12 @@ fn optional_string(ruby: &Ruby, hash: RHash, key: &Key) -> Result<Option<String>
     }
 }
 
-fn optional_bool(ruby: &Ruby, hash: RHash, key: &Key) -> Result<Option<bool>, Error> {
-    let Some(value) = fetch(ruby, hash, key) else {
-        return Ok(None);
-    };
-    match to_json(ruby, value, "", 0) {
-        Ok(Json::Bool(b)) => Ok(Some(b)),
-        _ => Err(errors::argument(
+fn optional_bool(ruby: &Ruby, fields: &CompletionFields, key: &Key) -> Result<Option<bool>, Error> {
+    match fields.get(key) {
+        None => Ok(None),
+        Some(v) if v.as_raw() == ruby.qtrue().as_raw() => Ok(Some(true)),
+        Some(v) if v.as_raw() == ruby.qfalse().as_raw() => Ok(Some(false)),
+        Some(_) => Err(errors::argument(
             ruby,
             format!("{} must be true or false", key.name),
         )),
@@ -373,10 +578,11 @@ pub fn completion_from_ruby(
             }),
         ));
     };
+    let fields = CompletionFields::read(hash)?;
     let required = [&EVENT_ID, &TASK_UUID, &STEP_UUID, &SUCCESS];
     let missing: Vec<&str> = required
         .iter()
-        .filter(|k| fetch(ruby, hash, k).is_none())
+        .filter(|k| fields.get(k).is_none())
         .map(|k| k.name)
         .collect();
     if !missing.is_empty() {
@@ -388,8 +594,8 @@ pub fn completion_from_ruby(
             ),
         ));
     }
-    let success = optional_bool(ruby, hash, &SUCCESS)?.expect("presence checked");
-    let retry_after = match fetch(ruby, hash, &RETRY_AFTER) {
+    let success = optional_bool(ruby, &fields, &SUCCESS)?.expect("presence checked");
+    let retry_after = match fields.get(&RETRY_AFTER) {
         None => None,
         Some(v) => match to_json(ruby, v, "retry_after", 0)?.as_f64() {
             Some(s) if s.is_finite() && s >= 0.0 => Some(Duration::from_secs_f64(s)),
@@ -401,7 +607,7 @@ pub fn completion_from_ruby(
             }
         },
     };
-    let metadata = match fetch(ruby, hash, &METADATA) {
+    let metadata = match fields.get(&METADATA) {
         None => Json::Object(Map::new()),
         Some(v) => match ruby_to_json(ruby, v, "metadata")? {
             object @ Json::Object(_) => object,
@@ -409,20 +615,20 @@ pub fn completion_from_ruby(
         },
     };
     Ok(StepExecutionCompletionEvent {
-        event_id: required_uuid(ruby, hash, &EVENT_ID)?,
-        task_uuid: required_uuid(ruby, hash, &TASK_UUID)?,
-        step_uuid: required_uuid(ruby, hash, &STEP_UUID)?,
+        event_id: required_uuid(ruby, &fields, &EVENT_ID)?,
+        task_uuid: required_uuid(ruby, &fields, &TASK_UUID)?,
+        step_uuid: required_uuid(ruby, &fields, &STEP_UUID)?,
         success,
-        result: match fetch(ruby, hash, &RESULT) {
+        result: match fields.get(&RESULT) {
             None => Json::Null,
             Some(v) => ruby_to_json(ruby, v, "result")?,
         },
         metadata,
-        error_message: optional_string(ruby, hash, &ERROR_MESSAGE)?,
-        error_class: optional_string(ruby, hash, &ERROR_CLASS)?,
-        retryable: optional_bool(ruby, hash, &RETRYABLE)?.unwrap_or(true),
+        error_message: optional_string(ruby, &fields, &ERROR_MESSAGE)?,
+        error_class: optional_string(ruby, &fields, &ERROR_CLASS)?,
+        retryable: optional_bool(ruby, &fields, &RETRYABLE)?.unwrap_or(true),
         retry_after,
-        completed_at: optional_string(ruby, hash, &COMPLETED_AT)?,
+        completed_at: optional_string(ruby, &fields, &COMPLETED_AT)?,
     })
 }
 

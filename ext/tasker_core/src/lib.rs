@@ -3,6 +3,7 @@
 
 mod bridge;
 mod convert;
+mod definitions;
 mod errors;
 mod gvl;
 mod logging;

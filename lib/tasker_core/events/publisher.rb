@@ -428,6 +428,13 @@ module TaskerCore
         self
       end
 
+      # Lets a publisher skip building a payload nobody would receive.
+      # @return [Boolean] whether the registered event has any subscriber
+      # @raise [UnregisteredEventError]
+      def subscribers?(event_id)
+        !__bus__.channel(event_id).subscriptions.empty?
+      end
+
       # @return [Boolean]
       def event_registered?(event_id)
         __bus__.registered?(event_id)

@@ -2,17 +2,17 @@
 
 module TaskerCore
   module Models
-    # The task a step belongs to.
+    # The task a step belongs to. Reads the event's Hash on demand (built once per step).
     class TaskWrapper
-      attr_reader :task_uuid, :namespace, :name, :version, :context
-
       def initialize(data)
-        @task_uuid = data[:task_uuid]
-        @namespace = data[:namespace]
-        @name = data[:name]
-        @version = data[:version]
-        @context = data[:context]
+        @data = data
       end
+
+      def task_uuid = @data[:task_uuid]
+      def namespace = @data[:namespace]
+      def name = @data[:name]
+      def version = @data[:version]
+      def context = @data[:context]
 
       def to_h
         { task_uuid: task_uuid, namespace: namespace, name: name, version: version, context: context }
@@ -21,15 +21,15 @@ module TaskerCore
 
     # The step being executed; `attempts` is this attempt's number (1 on the first run).
     class WorkflowStepWrapper
-      attr_reader :step_uuid, :name, :attempts, :max_attempts, :retryable
-
       def initialize(data)
-        @step_uuid = data[:step_uuid]
-        @name = data[:name]
-        @attempts = data[:attempts]
-        @max_attempts = data[:max_attempts]
-        @retryable = data[:retryable]
+        @data = data
       end
+
+      def step_uuid = @data[:step_uuid]
+      def name = @data[:name]
+      def attempts = @data[:attempts]
+      def max_attempts = @data[:max_attempts]
+      def retryable = @data[:retryable]
 
       def retryable?
         retryable
@@ -44,17 +44,18 @@ module TaskerCore
       end
     end
 
-    # The template's definition of the step.
+    # The template's definition of the step. From the engine it is a deeply frozen Hash, shared
+    # by every execution of the step: the template is the same each time.
     class StepDefinitionWrapper
-      attr_reader :name, :handler, :dependencies, :retry, :timeout_seconds
-
       def initialize(data)
-        @name = data[:name]
-        @handler = data[:handler]
-        @dependencies = data[:dependencies]
-        @retry = data[:retry]
-        @timeout_seconds = data[:timeout_seconds]
+        @data = data
       end
+
+      def name = @data[:name]
+      def handler = @data[:handler]
+      def dependencies = @data[:dependencies]
+      def retry = @data[:retry]
+      def timeout_seconds = @data[:timeout_seconds]
 
       def callable
         handler[:callable]
@@ -72,14 +73,28 @@ module TaskerCore
 
     # Everything a handler knows about one step execution: `task`, `workflow_step`,
     # `dependency_results` (dependency step name => its result) and `step_definition`.
+    # The parts are wrapped when first asked for: most handlers never read some of them.
     class TaskSequenceStepWrapper
-      attr_reader :task, :workflow_step, :dependency_results, :step_definition
-
       def initialize(data)
-        @task = TaskWrapper.new(data[:task])
-        @workflow_step = WorkflowStepWrapper.new(data[:workflow_step])
-        @dependency_results = data[:dependency_results]
-        @step_definition = StepDefinitionWrapper.new(data[:step_definition])
+        raise ArgumentError, "task_sequence_step must be a Hash, got #{data.class}" unless data.is_a?(Hash)
+
+        @data = data
+      end
+
+      def task
+        @task ||= TaskWrapper.new(@data[:task])
+      end
+
+      def workflow_step
+        @workflow_step ||= WorkflowStepWrapper.new(@data[:workflow_step])
+      end
+
+      def dependency_results
+        @data[:dependency_results]
+      end
+
+      def step_definition
+        @step_definition ||= StepDefinitionWrapper.new(@data[:step_definition])
       end
 
       # The result of dependency `name` (String or Symbol); KeyError names the known ones.

@@ -132,7 +132,7 @@ module TaskerCore
       def dispatch(bridge, event)
         return if event == false # woken without work (a signal, Thread#wakeup)
 
-        bridge.publish_step_execution(event)
+        bridge.dispatch_step_execution(event)
       rescue SignalException, SystemExit
         raise
       rescue Exception => e # rubocop:disable Lint/RescueException

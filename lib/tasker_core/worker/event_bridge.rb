@@ -52,14 +52,30 @@ module TaskerCore
         wrapped
       end
 
+      # @api private The worker's own path: `event_data` is the Hash the engine just built for this
+      # step and nobody else holds, so it is wrapped in place rather than copied.
+      # @return [Hash, nil] the published event data, nil when the bridge is stopped
+      def dispatch_step_execution(event_data)
+        return unless @active
+
+        event_data[:task_sequence_step] = wrap_sequence_step(event_data[:task_sequence_step])
+        publish(STEP_EXECUTION, event_data)
+        event_data
+      end
+
       def subscribe_to_step_execution(&)
         subscribe(STEP_EXECUTION, &)
       end
 
       # Validate, hand to the engine, then publish step.completion.sent.
+      # Rust validates (ArgumentError naming missing or ill-typed fields) before anything changes.
       # @return [Boolean] whether the engine accepted it (false: unknown, late or already completed)
-      def publish_step_completion(completion_data)
-        completion = normalize_completion(completion_data)
+      def publish_step_completion(completion)
+        raise ArgumentError, "completion must be a Hash, got #{completion.class}" unless completion.is_a?(Hash)
+        # The symbol-keyed copy with defaults is only built when someone listens for it.
+        return TaskerCore::FFI.send_step_completion_event(completion) unless subscribers?(STEP_COMPLETION)
+
+        completion = normalize_completion(completion)
         accepted = TaskerCore::FFI.send_step_completion_event(completion)
         publish(STEP_COMPLETION, completion.merge(accepted: accepted))
         accepted
@@ -79,8 +95,6 @@ module TaskerCore
       end
 
       def normalize_completion(data)
-        raise ArgumentError, "completion must be a Hash, got #{data.class}" unless data.is_a?(Hash)
-
         completion = data.transform_keys(&:to_sym)
         missing = REQUIRED_COMPLETION_FIELDS.reject { |k| completion.key?(k) }
         raise ArgumentError, "Missing required fields in completion: #{missing.join(", ")}" unless missing.empty?

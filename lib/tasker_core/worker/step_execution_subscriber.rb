@@ -43,12 +43,14 @@ module TaskerCore
       end
 
       def success(data, returned)
-        result, metadata = if returned.is_a?(StepHandler::StepResult)
-                             [returned.result, returned.metadata || {}]
-                           else
-                             [returned, {}]
-                           end
-        base(data).merge!(success: true, result: result, metadata: metadata)
+        # One Hash literal: this runs once per step.
+        if returned.is_a?(StepHandler::StepResult)
+          { event_id: data[:event_id], task_uuid: data[:task_uuid], step_uuid: data[:step_uuid], success: true,
+            result: returned.result, metadata: returned.metadata || {} }
+        else
+          { event_id: data[:event_id], task_uuid: data[:task_uuid], step_uuid: data[:step_uuid], success: true,
+            result: returned, metadata: {} }
+        end
       end
 
       def failure(data, error, retryable:, retry_after: nil)

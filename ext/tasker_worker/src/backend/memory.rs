@@ -365,6 +365,10 @@ impl Backend for MemoryBackend {
         }
     }
 
+    fn spin_before_park(&self) -> bool {
+        true
+    }
+
     fn next_wakeup(&self) -> Option<Instant> {
         self.retries.peek().map(|Reverse((due, _, _, _))| *due)
     }

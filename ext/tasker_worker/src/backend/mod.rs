@@ -66,6 +66,13 @@ pub trait Backend: Send + 'static {
     /// Something outside the process happened (a NOTIFY, a reconnect).
     fn notify(&mut self, _notification: Notification) {}
 
+    /// Whether the engine may poll its inbox briefly before it sleeps (see `engine::Spinner`).
+    /// Worth it when recording is cheap and handlers answer in microseconds; a database backend
+    /// shares its cores with the database and other workers, so it sleeps at once.
+    fn spin_before_park(&self) -> bool {
+        false
+    }
+
     /// Connection pool (size, idle); (0, 0) without a database.
     fn pool_stats(&self) -> (u32, u32) {
         (0, 0)
