@@ -10,25 +10,35 @@ require "securerandom"
 module Baseline
   module_function
 
-  def event(task_uuid, index)
+  # The template's step definitions, as the engine shares them: built once, frozen.
+  DEFINITIONS = Array.new(64) do |index|
     {
-      event_id: SecureRandom.uuid, task_uuid: task_uuid, step_uuid: SecureRandom.uuid,
+      name: "s#{index}", handler: { callable: "Bench::Noop", initialization: {}.freeze }.freeze,
+      dependencies: [].freeze,
+      retry: { retryable: true, max_attempts: 3, backoff: "exponential", backoff_base_ms: 100,
+               max_backoff_ms: 30_000 }.freeze,
+      timeout_seconds: 30.0
+    }.freeze
+  end
+
+  # The event Hash the engine hands over: ids, the task, the step, its dependencies' results.
+  def event(task_uuid, index)
+    step_uuid = SecureRandom.uuid
+    {
+      event_id: SecureRandom.uuid, task_uuid: task_uuid, step_uuid: step_uuid,
       task_sequence_step: {
         task: { task_uuid: task_uuid, namespace: "bench", name: "wide", version: "1.0.0", context: {} },
-        workflow_step: { step_uuid: SecureRandom.uuid, name: "s#{index}", attempts: 1, max_attempts: 3,
+        workflow_step: { step_uuid: step_uuid, name: DEFINITIONS[index][:name], attempts: 1, max_attempts: 3,
                          retryable: true },
         dependency_results: {},
-        step_definition: {
-          name: "s#{index}", handler: { callable: "Bench::Noop", initialization: {} }, dependencies: [],
-          retry: { retryable: true, max_attempts: 3, backoff: "exponential", backoff_base_ms: 100,
-                   max_backoff_ms: 30_000 },
-          timeout_seconds: 30.0
-        }
+        step_definition: DEFINITIONS[index]
       },
       ready_at_ns: Process.clock_gettime(Process::CLOCK_REALTIME, :nanosecond)
     }
   end
 
+  # Per step: build the event, wrap it, resolve and call the handler, build the completion the
+  # subscriber builds. No engine, no thread hand-off, no bookkeeping.
   def steps_per_second(steps)
     registry = TaskerCore::Registry::HandlerRegistry.instance
     task_uuid = SecureRandom.uuid
@@ -39,7 +49,7 @@ module Baseline
       handler = registry.resolve(sequence.step_definition.callable).new(config: sequence.step_definition.initialization)
       result = handler.call(sequence.task, sequence, sequence.workflow_step)
       { event_id: data[:event_id], task_uuid: data[:task_uuid], step_uuid: data[:step_uuid], success: true,
-        result: result, metadata: {}, completed_at: Time.now.utc.iso8601(6) }
+        result: result, metadata: {} }
     end
     steps / (Bench.now - started)
   end

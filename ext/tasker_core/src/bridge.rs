@@ -13,7 +13,7 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use tasker_worker::dispatch::wait_reply;
+use tasker_worker::dispatch::{wait_reply, WakeShape};
 use tasker_worker::{
     CompletionVerdict, EngineError, Reply, Take, WorkerBootstrap, WorkerConfig, WorkerState,
     WorkerSystemHandle,
@@ -86,7 +86,7 @@ pub fn init(ruby: &Ruby, module: RModule) -> Result<(), Error> {
     ffi.define_singleton_method("task_status", function!(task_status, 1))?;
     ffi.define_singleton_method("wait_for_task", function!(wait_for_task, 2))?;
     ffi.define_singleton_method("__provoke_panic", function!(provoke_panic, 1))?;
-    ffi.define_singleton_method("__measure_thread_wake", function!(measure_thread_wake, 2))?;
+    ffi.define_singleton_method("__measure_thread_wake", function!(measure_thread_wake, 3))?;
     crate::logging::init(ruby, ffi)?;
     Ok(())
 }
@@ -465,12 +465,28 @@ fn provoke_panic(ruby: &Ruby, place: String) -> Result<(), Error> {
 }
 
 /// For the dispatch-latency benchmark: wake-up latencies (ns) of a plain Rust thread waiting the
-/// way handler threads wait, `samples` times, `gap_seconds` apart. Runs with the GVL released.
-fn measure_thread_wake(ruby: &Ruby, samples: usize, gap_seconds: f64) -> Result<Vec<u64>, Error> {
+/// way handler threads wait, `samples` times, `gap_seconds` apart, woken in `shape` ("pair" or
+/// "engine", see `WakeShape`). Runs with the GVL released.
+fn measure_thread_wake(
+    ruby: &Ruby,
+    samples: usize,
+    gap_seconds: f64,
+    shape: String,
+) -> Result<Vec<u64>, Error> {
     errors::guard(ruby, || {
+        let shape = match shape.as_str() {
+            "pair" => WakeShape::Pair,
+            "engine" => WakeShape::Engine,
+            other => {
+                return Err(errors::argument(
+                    ruby,
+                    format!("unknown shape {other:?} (pair or engine)"),
+                ))
+            }
+        };
         let gap = Duration::from_secs_f64(gap_seconds.clamp(0.0, 1.0));
         let latencies = without_gvl(ruby, |_| {
-            tasker_worker::dispatch::measure_thread_wake(samples, gap)
+            tasker_worker::dispatch::measure_thread_wake(samples, gap, shape)
         })?;
         Ok(latencies.unwrap_or_default())
     })

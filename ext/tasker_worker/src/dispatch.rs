@@ -174,35 +174,78 @@ pub(crate) fn channel(
     crossbeam_channel::bounded(capacity)
 }
 
+/// How the floor's waiting thread is woken (see [`measure_thread_wake`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WakeShape {
+    /// A sender wakes the waiter, then sleeps: nothing else wants a core.
+    Pair,
+    /// The shape of the benchmark's dispatch: a creator thread asks an engine thread for a task
+    /// and blocks for the answer; the engine wakes the waiter, then answers the creator (so two
+    /// threads wake at once on a 2-core machine), then polls for 50 µs as the engine's
+    /// spinner does.
+    Engine,
+}
+
 /// The floor for dispatch latency on this machine: a plain Rust thread parked in the same kind of
-/// `select` a handler thread waits in, woken by a send. Returns each wake-up's latency in ns.
-/// `gap` between sends lets the thread park fully each time, as an idle worker would.
-pub fn measure_thread_wake(samples: usize, gap: Duration) -> Vec<u64> {
+/// `select` a handler thread waits in (events, closed, cancel), woken by a send. Returns each
+/// wake-up's latency in ns. `gap` between rounds lets the threads park fully each time, as on an
+/// idle worker.
+pub fn measure_thread_wake(samples: usize, gap: Duration, shape: WakeShape) -> Vec<u64> {
     let (tx, rx) = crossbeam_channel::bounded::<Instant>(1);
+    let (_closed_tx, closed) = crossbeam_channel::bounded::<()>(1);
     let (_cancel_tx, cancel) = crossbeam_channel::bounded::<()>(1);
     let waiter = std::thread::spawn(move || {
         let mut latencies = Vec::with_capacity(samples);
         loop {
             let mut select = Select::new();
             let events = select.recv(&rx);
+            select.recv(&closed);
             select.recv(&cancel);
             let op = select.select();
             if op.index() != events {
                 break;
             }
             match op.recv(&rx) {
-                Ok(sent) => latencies.push(sent.elapsed().as_nanos() as u64),
+                Ok(ready) => latencies.push(ready.elapsed().as_nanos() as u64),
                 Err(_) => break,
             }
         }
         latencies
     });
-    for _ in 0..samples {
-        std::thread::sleep(gap);
-        if tx.send(Instant::now()).is_err() {
-            break;
+    match shape {
+        WakeShape::Pair => {
+            for _ in 0..samples {
+                std::thread::sleep(gap);
+                if tx.send(Instant::now()).is_err() {
+                    break;
+                }
+            }
+            drop(tx);
+        }
+        WakeShape::Engine => {
+            let (requests, inbox) = crossbeam_channel::bounded::<Sender<()>>(1);
+            let engine = std::thread::spawn(move || {
+                while let Ok(reply) = inbox.recv() {
+                    if tx.send(Instant::now()).is_err() {
+                        break;
+                    }
+                    let _ = reply.send(());
+                    let until = Instant::now() + Duration::from_micros(50);
+                    while Instant::now() < until && inbox.is_empty() {
+                        std::thread::yield_now();
+                    }
+                }
+            });
+            for _ in 0..samples {
+                std::thread::sleep(gap);
+                let (reply, answer) = crossbeam_channel::bounded(1);
+                if requests.send(reply).is_err() || answer.recv().is_err() {
+                    break;
+                }
+            }
+            drop(requests);
+            let _ = engine.join();
         }
     }
-    drop(tx);
     waiter.join().unwrap_or_default()
 }

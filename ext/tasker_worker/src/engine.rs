@@ -119,6 +119,10 @@ struct LoopState {
     stop_by: Option<Instant>,
     next_sweep: Option<Instant>,
     outcomes: Vec<(InFlight, AttemptOutcome)>,
+    /// `create_task` answers held until the new task's first steps are dispatched (in-process
+    /// backends): the handler thread is woken before the caller, and does not wait for the
+    /// GVL while the caller, woken first, holds it.
+    created: Vec<(Sender<EngineResult<Uuid>>, EngineResult<Uuid>)>,
 }
 
 impl<B: Backend> Engine<B> {
@@ -142,8 +146,10 @@ impl<B: Backend> Engine<B> {
             stop_by: None,
             next_sweep: None,
             outcomes: Vec::new(),
+            created: Vec::new(),
         };
-        let mut spinner = Spinner::new(self.backend.spin_before_park());
+        let mut spinner = Spinner::new(self.backend.in_process());
+
         loop {
             let wake = [self.backend.next_wakeup(), st.next_sweep, st.stop_by]
                 .into_iter()
@@ -178,6 +184,9 @@ impl<B: Backend> Engine<B> {
             self.flush(&mut st).await;
             if st.accepting {
                 self.fill(&mut st).await;
+            }
+            for (reply, result) in st.created.drain(..) {
+                let _ = reply.try_send(result);
             }
             if let Some(stop_by) = st.stop_by {
                 let in_flight = self.shared.in_flight.load(Ordering::Acquire);
@@ -227,7 +236,11 @@ impl<B: Backend> Engine<B> {
                 } else {
                     Err(EngineError::ShuttingDown)
                 };
-                let _ = reply.try_send(result);
+                if self.backend.in_process() {
+                    st.created.push((reply, result));
+                } else {
+                    let _ = reply.try_send(result);
+                }
             }
             EngineMessage::TaskStatus { task_uuid, reply } => {
                 let _ = reply.try_send(self.backend.task_status(task_uuid).await);

@@ -365,7 +365,7 @@ impl Backend for MemoryBackend {
         }
     }
 
-    fn spin_before_park(&self) -> bool {
+    fn in_process(&self) -> bool {
         true
     }
 

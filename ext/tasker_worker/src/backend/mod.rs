@@ -66,10 +66,12 @@ pub trait Backend: Send + 'static {
     /// Something outside the process happened (a NOTIFY, a reconnect).
     fn notify(&mut self, _notification: Notification) {}
 
-    /// Whether the engine may poll its inbox briefly before it sleeps (see `engine::Spinner`).
-    /// Worth it when recording is cheap and handlers answer in microseconds; a database backend
-    /// shares its cores with the database and other workers, so it sleeps at once.
-    fn spin_before_park(&self) -> bool {
+    /// Whether claiming and recording happen in this process, without I/O. The engine then
+    /// tunes for microsecond hand-offs: it polls its inbox briefly before it sleeps (see
+    /// `engine::Spinner`), and dispatches the steps a new task made ready before it answers
+    /// `create_task`. A database backend shares its cores with the database and other workers,
+    /// and a claim there is a query, so it does neither.
+    fn in_process(&self) -> bool {
         false
     }
 
