@@ -303,6 +303,40 @@ RSpec.describe "TaskerCore::FFI worker lifecycle" do
     end
   end
 
+  describe "after fork" do
+    # Runs one step by hand on the current worker: {worker:, accepted:, status:}.
+    def run_one_step
+      uuid = TaskerCore.create_task(namespace: "workflow", name: "quick")
+      event = ffi.next_step_event(5)
+      accepted = ffi.send_step_completion_event(event_id: event[:event_id], task_uuid: uuid,
+                                                step_uuid: event[:step_uuid], success: true)
+      { worker: ffi.worker_status[:worker_id], accepted: accepted,
+        status: TaskerCore.wait_for_task(uuid, timeout: 5)[:status] }
+    end
+
+    it "a child does not see the parent's worker and can start its own; the parent's keeps running" do
+      ffi.bootstrap_worker(templates: WorkflowSpecHelpers::TEMPLATES_B, worker_id: "parent")
+      reader, writer = IO.pipe
+      pid = fork do
+        reader.close
+        report = { after_fork: ffi.worker_status }
+        ffi.bootstrap_worker(templates: WorkflowSpecHelpers::TEMPLATES_B, worker_id: "child")
+        report[:run] = run_one_step
+        ffi.stop_worker
+        writer.write(Marshal.dump(report))
+        exit!(0)
+      end
+      writer.close
+      report = Marshal.load(reader.read) # rubocop:disable Security/MarshalLoad
+      _, status = Process.wait2(pid)
+
+      expect(status).to be_success
+      expect(report[:after_fork]).to eq(running: false, state: "stopped")
+      expect(report[:run]).to eq(worker: "child", accepted: true, status: "complete")
+      expect(run_one_step).to eq(worker: "parent", accepted: true, status: "complete")
+    end
+  end
+
   describe "repeated bootstrap and stop" do
     it "leaks no threads over 30 cycles in one process" do
       # Warm up: the first cycle may create threads the process keeps (Ruby's own helpers).
