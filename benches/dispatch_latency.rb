@@ -17,7 +17,12 @@ latencies = []
 subscription = lambda do |event|
   latencies << (Process.clock_gettime(Process::CLOCK_REALTIME, :nanosecond) - event[:ready_at_ns])
 end
-ruby_runs = Array.new(Bench::RUNS) do
+# Interleaved: each run measures Ruby, then both floors, so that a run's ratio compares
+# measurements taken moments apart on this (noisy) machine.
+ruby_runs = []
+engine_runs = []
+pair_runs = []
+Bench::RUNS.times do
   latencies.clear
   # Subscribed before the worker's own subscriber, so it runs just before the handler is entered.
   TaskerCore::Worker::EventBridge.instance.subscribe("step.execution.received", &subscription)
@@ -29,10 +34,10 @@ ruby_runs = Array.new(Bench::RUNS) do
   end
   Bench.stop_worker
   TaskerCore::Worker::EventBridge.instance.unsubscribe(subscription)
-  latencies.dup
+  ruby_runs << latencies.dup
+  engine_runs << TaskerCore::FFI.__measure_thread_wake(samples, 0.0005, "engine")
+  pair_runs << TaskerCore::FFI.__measure_thread_wake(samples, 0.0005, "pair")
 end
-engine_runs = Array.new(Bench::RUNS) { TaskerCore::FFI.__measure_thread_wake(samples, 0.0005, "engine") }
-pair_runs = Array.new(Bench::RUNS) { TaskerCore::FFI.__measure_thread_wake(samples, 0.0005, "pair") }
 
 [["Ruby handler entered (engine ready -> subscriber)", ruby_runs],
  ["plain Rust thread, engine-shaped wake (floor)", engine_runs],
@@ -43,6 +48,12 @@ pair_runs = Array.new(Bench::RUNS) { TaskerCore::FFI.__measure_thread_wake(sampl
   puts format("   %-52s p50 %s  p90 %s  p99 %s  (median over %d runs of %d)", label, Bench.fmt_us(p50),
               Bench.fmt_us(p90), Bench.fmt_us(p99), per_run.size, samples)
 end
-p50 = ->(runs) { Bench.median(runs.map { |r| Bench.percentile(r, 50) }).to_f }
-puts format("   ratio p50 Ruby / engine-shaped floor: %.2fx   (Ruby / pair wake: %.2fx)",
-            p50.call(ruby_runs) / p50.call(engine_runs), p50.call(ruby_runs) / p50.call(pair_runs))
+ratios = lambda do |floor_runs|
+  ruby_runs.zip(floor_runs).map { |r, f| Bench.percentile(r, 50).to_f / Bench.percentile(f, 50) }
+end
+engine_ratios = ratios.call(engine_runs)
+pair_ratios = ratios.call(pair_runs)
+puts format("   p50 ratio, Ruby / engine-shaped floor: median %.2fx (runs: %s)", Bench.median(engine_ratios),
+            engine_ratios.map { |r| format("%.2f", r) }.join(", "))
+puts format("   p50 ratio, Ruby / pair wake:           median %.2fx (runs: %s)", Bench.median(pair_ratios),
+            pair_ratios.map { |r| format("%.2f", r) }.join(", "))
