@@ -7,6 +7,8 @@
 #     here (the main thread's create_task is answered as the handler thread is woken), and the
 #     floor the ratio is taken against.
 #   - "pair": one thread wakes another and sleeps; nothing else wants a core (the lowest wake).
+# Also, in the same runs: successor steps in a running workflow (steps 2-4 of a 4-step chain),
+# ready when the engine records the previous step's completion.
 #   rake bench:latency
 
 require_relative "bench_helper"
@@ -14,16 +16,21 @@ require_relative "bench_helper"
 samples = Bench.size(2_000, 50)
 Bench.header("dispatch latency (idle worker, one step at a time)", "rake bench:latency")
 latencies = []
+successors = []
 subscription = lambda do |event|
-  latencies << (Process.clock_gettime(Process::CLOCK_REALTIME, :nanosecond) - event[:ready_at_ns])
+  latency = Process.clock_gettime(Process::CLOCK_REALTIME, :nanosecond) - event[:ready_at_ns]
+  # "only" (the single-step task) and "one" (a chain's first step) start idle; the rest follow a step.
+  (%w[only one].include?(event[:task_sequence_step].workflow_step.name) ? latencies : successors) << latency
 end
 # Interleaved: each run measures Ruby, then both floors, so that a run's ratio compares
 # measurements taken moments apart on this (noisy) machine.
 ruby_runs = []
+successor_runs = []
 engine_runs = []
 pair_runs = []
 Bench::RUNS.times do
   latencies.clear
+  successors.clear
   # Subscribed before the worker's own subscriber, so it runs just before the handler is entered.
   TaskerCore::Worker::EventBridge.instance.subscribe("step.execution.received", &subscription)
   Bench.start_worker(concurrency: 1)
@@ -32,14 +39,20 @@ Bench::RUNS.times do
     TaskerCore.wait_for_task(uuid, timeout: 10)
     sleep 0.0005 # let every thread park, as on an idle worker
   end
+  (samples / 3).times do
+    TaskerCore.wait_for_task(TaskerCore.create_task(namespace: "bench", name: "chain4"), timeout: 10)
+    sleep 0.0005
+  end
   Bench.stop_worker
   TaskerCore::Worker::EventBridge.instance.unsubscribe(subscription)
   ruby_runs << latencies.dup
+  successor_runs << successors.dup
   engine_runs << TaskerCore::FFI.__measure_thread_wake(samples, 0.0005, "engine")
   pair_runs << TaskerCore::FFI.__measure_thread_wake(samples, 0.0005, "pair")
 end
 
 [["Ruby handler entered (engine ready -> subscriber)", ruby_runs],
+ ["  successor step in a running workflow", successor_runs],
  ["plain Rust thread, engine-shaped wake (floor)", engine_runs],
  ["plain Rust thread, pair wake", pair_runs]].each do |label, per_run|
   p50 = Bench.median(per_run.map { |r| Bench.percentile(r, 50) })

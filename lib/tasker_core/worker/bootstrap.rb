@@ -119,6 +119,7 @@ module TaskerCore
           loop do
             event = TaskerCore::FFI.next_step_event
             break if event.nil?
+            next unless event
 
             dispatch(bridge, event)
           end
@@ -130,15 +131,13 @@ module TaskerCore
       end
 
       def dispatch(bridge, event)
-        return if event == false # woken without work (a signal, Thread#wakeup)
-
         bridge.dispatch_step_execution(event)
       rescue SignalException, SystemExit
         raise
       rescue Exception => e # rubocop:disable Lint/RescueException
         # A listener raised: report it and keep the thread (the step itself was completed or times out).
         logger.error("subscriber raised", error: e.class.name, message: e.message.to_s)
-        bridge.publish_bridge_error(e, event_id: event[:event_id]) if event.is_a?(Hash)
+        bridge.publish_bridge_error(e, event_id: event[:event_id])
       end
 
       def run_shutdown_handlers

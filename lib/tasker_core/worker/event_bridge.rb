@@ -58,7 +58,7 @@ module TaskerCore
       def dispatch_step_execution(event_data)
         return unless @active
 
-        event_data[:task_sequence_step] = wrap_sequence_step(event_data[:task_sequence_step])
+        event_data[:task_sequence_step] = Models::TaskSequenceStepWrapper.new(event_data[:task_sequence_step])
         publish(STEP_EXECUTION, event_data)
         event_data
       end
