@@ -1,7 +1,7 @@
 # frozen_string_literal: true
 
-# Dispatch latency: the engine marks a step ready -> the Ruby handler is entered, on an idle
-# worker, one step at a time; beside plain Rust threads woken the same way in the same run:
+# Dispatch latency: the engine marks a step ready -> the Ruby handler's #call is entered, on an
+# idle worker, one step at a time; beside plain Rust threads woken the same way in the same run:
 #   - "engine-shaped": a creator thread asks an engine thread for work and blocks for the answer;
 #     the engine wakes a waiting thread, answers the creator and polls on. This is what happens
 #     here (the main thread's create_task is answered as the handler thread is woken), and the
@@ -15,13 +15,33 @@ require_relative "bench_helper"
 
 samples = Bench.size(2_000, 50)
 Bench.header("dispatch latency (idle worker, one step at a time)", "rake bench:latency")
+# The handler notes when it is entered; a listener subscribed before the worker's subscriber notes
+# when the engine made the step ready (the event's ready_at_ns), keyed by step.
+module Bench
+  class Probe < TaskerCore::StepHandler::Base
+    ENTERED = {} # step_uuid => CLOCK_REALTIME ns
+
+    def call(_task, _sequence, step)
+      ENTERED[step.step_uuid] = Process.clock_gettime(Process::CLOCK_REALTIME, :nanosecond)
+      {}
+    end
+  end
+end
+ready = {} # step_uuid => [ready_at_ns, step name]
+subscription = lambda do |event|
+  ready[event[:step_uuid]] = [event[:ready_at_ns], event[:task_sequence_step].workflow_step.name]
+end
 latencies = []
 successors = []
-subscription = lambda do |event|
-  latency = Process.clock_gettime(Process::CLOCK_REALTIME, :nanosecond) - event[:ready_at_ns]
-  # "only" (the single-step task) and "one" (a chain's first step) start idle; the rest follow a step.
-  (%w[only one].include?(event[:task_sequence_step].workflow_step.name) ? latencies : successors) << latency
+collect = lambda do
+  ready.each do |step_uuid, (ready_at, name)|
+    # "only" and "one" (a chain's first step) start on an idle worker; the rest follow a step.
+    (%w[only one].include?(name) ? latencies : successors) << (Bench::Probe::ENTERED.fetch(step_uuid) - ready_at)
+  end
+  ready.clear
+  Bench::Probe::ENTERED.clear
 end
+
 # Interleaved: each run measures Ruby, then both floors, so that a run's ratio compares
 # measurements taken moments apart on this (noisy) machine.
 ruby_runs = []
@@ -35,23 +55,24 @@ Bench::RUNS.times do
   TaskerCore::Worker::EventBridge.instance.subscribe("step.execution.received", &subscription)
   Bench.start_worker(concurrency: 1)
   samples.times do
-    uuid = TaskerCore.create_task(namespace: "bench", name: "single")
+    uuid = TaskerCore.create_task(namespace: "bench", name: "probe")
     TaskerCore.wait_for_task(uuid, timeout: 10)
     sleep 0.0005 # let every thread park, as on an idle worker
   end
   (samples / 3).times do
-    TaskerCore.wait_for_task(TaskerCore.create_task(namespace: "bench", name: "chain4"), timeout: 10)
+    TaskerCore.wait_for_task(TaskerCore.create_task(namespace: "bench", name: "probe_chain"), timeout: 10)
     sleep 0.0005
   end
   Bench.stop_worker
   TaskerCore::Worker::EventBridge.instance.unsubscribe(subscription)
+  collect.call
   ruby_runs << latencies.dup
   successor_runs << successors.dup
   engine_runs << TaskerCore::FFI.__measure_thread_wake(samples, 0.0005, "engine")
   pair_runs << TaskerCore::FFI.__measure_thread_wake(samples, 0.0005, "pair")
 end
 
-[["Ruby handler entered (engine ready -> subscriber)", ruby_runs],
+[["Ruby handler entered (engine ready -> #call)", ruby_runs],
  ["  successor step in a running workflow", successor_runs],
  ["plain Rust thread, engine-shaped wake (floor)", engine_runs],
  ["plain Rust thread, pair wake", pair_runs]].each do |label, per_run|
