@@ -19,10 +19,13 @@ Bench.header("dispatch latency (idle worker, one step at a time)", "rake bench:l
 # when the engine made the step ready (the event's ready_at_ns), keyed by step.
 module Bench
   class Probe < TaskerCore::StepHandler::Base
-    ENTERED = {} # step_uuid => CLOCK_REALTIME ns
+    @entered = {} # step_uuid => CLOCK_REALTIME ns
+    class << self
+      attr_reader :entered
+    end
 
     def call(_task, _sequence, step)
-      ENTERED[step.step_uuid] = Process.clock_gettime(Process::CLOCK_REALTIME, :nanosecond)
+      Probe.entered[step.step_uuid] = Process.clock_gettime(Process::CLOCK_REALTIME, :nanosecond)
       {}
     end
   end
@@ -36,10 +39,10 @@ successors = []
 collect = lambda do
   ready.each do |step_uuid, (ready_at, name)|
     # "only" and "one" (a chain's first step) start on an idle worker; the rest follow a step.
-    (%w[only one].include?(name) ? latencies : successors) << (Bench::Probe::ENTERED.fetch(step_uuid) - ready_at)
+    (%w[only one].include?(name) ? latencies : successors) << (Bench::Probe.entered.fetch(step_uuid) - ready_at)
   end
   ready.clear
-  Bench::Probe::ENTERED.clear
+  Bench::Probe.entered.clear
 end
 
 # Interleaved: each run measures Ruby, then both floors, so that a run's ratio compares
