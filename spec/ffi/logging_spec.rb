@@ -156,6 +156,31 @@ RSpec.describe "Logging through the engine's subscriber" do
     end
   end
 
+  describe "a slow stderr" do
+    it "blocks only the thread that logs, never the other Ruby threads (lines are written without the GVL)" do
+      # stderr is a pipe nobody reads: once its buffer is full, every write blocks.
+      code = <<~RUBY
+        require "tasker_core"
+        logger = Thread.new { 5_000.times { TaskerCore::FFI.log_error("x" * 200) } }
+        sleep 0.5
+        $stdout.puts "main thread ran; logging thread blocked: \#{logger.alive?}"
+        $stdout.flush
+        exit!(0)
+      RUBY
+      stdout_r, stdout_w = IO.pipe
+      stderr_r, stderr_w = IO.pipe
+      pid = Process.spawn(RbConfig.ruby, "-I", SpecHelpers::LIB, "-e", code, out: stdout_w, err: stderr_w)
+      stdout_w.close
+      stderr_w.close
+      line = IO.select([stdout_r], nil, nil, 10) && stdout_r.gets
+      Process.kill("KILL", pid) unless line
+      Process.wait(pid)
+      stderr_r.close
+
+      expect(line).to eq("main thread ran; logging thread blocked: true\n")
+    end
+  end
+
   describe TaskerCore::Logger do
     it "writes through the same subscriber, honouring the worker's level" do
       lines = log_lines(<<~RUBY, env: { "TASKER_LOG_LEVEL" => "error" })

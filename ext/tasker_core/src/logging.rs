@@ -3,6 +3,7 @@
 
 use crate::convert;
 use crate::errors;
+use crate::gvl::without_gvl_retrying;
 use magnus::{function, prelude::*, r_hash::ForEach, Error, RHash, RModule, RString, Ruby, Value};
 use std::fmt::Write;
 use tracing::Level;
@@ -97,8 +98,12 @@ fn log(ruby: &Ruby, level: Level, args: &[Value]) -> Result<(), Error> {
                 tracing::event!(target: "tasker_core::ruby", Level::$l, context = %context, "{message}")
             },)* } };
         }
-        emit!(TRACE, DEBUG, INFO, WARN, ERROR);
-        Ok(())
+        // Written with the GVL released: writing takes stderr's lock, which the engine thread may
+        // hold for as long as stderr is slow (a full pipe), and no lock is taken with the GVL held.
+        without_gvl_retrying(ruby, |_| {
+            emit!(TRACE, DEBUG, INFO, WARN, ERROR);
+            Some(())
+        })
     })
 }
 
