@@ -1,5 +1,7 @@
 # frozen_string_literal: true
 
+require "io/wait"
+
 # Logging is process-global (one tracing subscriber, one level): every example runs a child
 # process and reads what it wrote to stderr.
 RSpec.describe "Logging through the engine's subscriber" do
@@ -172,7 +174,7 @@ RSpec.describe "Logging through the engine's subscriber" do
       pid = Process.spawn(RbConfig.ruby, "-I", SpecHelpers::LIB, "-e", code, out: stdout_w, err: stderr_w)
       stdout_w.close
       stderr_w.close
-      line = IO.select([stdout_r], nil, nil, 10) && stdout_r.gets
+      line = stdout_r.wait_readable(10) && stdout_r.gets
       Process.kill("KILL", pid) unless line
       Process.wait(pid)
       stderr_r.close
