@@ -352,3 +352,52 @@ impl<B: Backend> Engine<B> {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spinner_takes_a_message_that_arrives_while_it_polls() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut spinner = Spinner::new(true);
+        let sender = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_micros(10));
+            let _ = tx.send(EngineMessage::GracefulShutdown);
+            tx
+        });
+        // On a slow machine the message may come after a budget or a cool-down: poll until it does.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut got = None;
+        while got.is_none() && Instant::now() < deadline {
+            got = spinner.poll(&mut rx);
+        }
+        let _tx = sender.join().unwrap();
+        assert!(matches!(got, Some(EngineMessage::GracefulShutdown)));
+        assert_eq!(spinner.misses, 0);
+    }
+
+    #[test]
+    fn spinner_backs_off_after_fruitless_polls_and_never_spins_when_disabled() {
+        let (_tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<EngineMessage>();
+        let mut spinner = Spinner::new(true);
+        for _ in 0..Spinner::MAX_MISSES {
+            assert!(spinner.poll(&mut rx).is_none());
+        }
+        assert_eq!(spinner.cooldown, Spinner::COOLDOWN_PARKS);
+        for _ in 0..Spinner::COOLDOWN_PARKS {
+            assert!(spinner.poll(&mut rx).is_none());
+        }
+        assert_eq!(spinner.cooldown, 0, "spins again after the cool-down");
+
+        let mut disabled = Spinner::new(false);
+        let started = Instant::now();
+        for _ in 0..1000 {
+            assert!(disabled.poll(&mut rx).is_none());
+        }
+        assert!(
+            started.elapsed() < Spinner::BUDGET * 100,
+            "a disabled spinner returns at once"
+        );
+    }
+}
