@@ -9,7 +9,8 @@
 # BENCH_SMOKE=1: 200 tasks, one run.
 #
 # A run: CREATORS processes (bootstrapped on a namespace nobody runs, so they claim nothing) create the
-# tasks with TaskerCore.create_task; then the workers start. The clock runs from the first handler call
+# tasks with TaskerCore.create_task, or with create_tasks CREATE_BATCH at a time (CREATE_BATCH=500);
+# then the workers start. The clock runs from the first handler call
 # (any worker) to the last task's finished_at in the database, so process and bootstrap start-up are
 # not counted. Prints each run and the median.
 
@@ -30,6 +31,8 @@ module PostgresThroughput
   WORKERS = Integer(ENV.fetch("WORKERS", "2"))
   CONCURRENCY = Integer(ENV.fetch("CONCURRENCY", "32"))
   CREATORS = Integer(ENV.fetch("CREATORS", "4"))
+  # Tasks per create_tasks call in the creator processes (1: one create_task call per task).
+  CREATE_BATCH = Integer(ENV.fetch("CREATE_BATCH", "1"))
   MODE = ENV.fetch("MODE", "Hybrid")
   STEPS_PER_TASK = 4
 
@@ -50,7 +53,15 @@ module PostgresThroughput
     TaskerCore::Worker::Bootstrap.start!(backend: "postgres", database_url: ENV.fetch("BENCH_URL"),
                                          templates: ENV.fetch("BENCH_TEMPLATES"), namespaces: ["bench_creator"],
                                          log_level: "error")
-    Integer(ARGV[0]).times { TaskerCore.create_task(namespace: "bench", name: "diamond", context: {}) }
+    count = Integer(ARGV[0])
+    batch = Integer(ENV.fetch("BENCH_BATCH"))
+    if batch <= 1
+      count.times { TaskerCore.create_task(namespace: "bench", name: "diamond", context: {}) }
+    else
+      count.times.each_slice(batch) do |slice|
+        TaskerCore.create_tasks(namespace: "bench", name: "diamond", contexts: Array.new(slice.size) { {} })
+      end
+    end
   RUBY
 
   # Runs steps until its stdin closes; then prints {first_call:, steps:} (first_call in epoch seconds).
@@ -149,6 +160,7 @@ module PostgresThroughput
     db = "tasker_bench_#{SecureRandom.hex(4)}"
     psql("CREATE DATABASE #{db}")
     env = { "BENCH_URL" => url(db), "BENCH_TEMPLATES" => templates, "BENCH_CONCURRENCY" => CONCURRENCY.to_s,
+            "BENCH_BATCH" => CREATE_BATCH.to_s,
             "BENCH_MODE" => MODE, "TASKER_LOG_LEVEL" => "error" }
     create_seconds = create_tasks(env)
     workers = start_workers(env)

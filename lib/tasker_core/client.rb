@@ -8,6 +8,14 @@ module TaskerCore
       FFI.create_task(namespace: namespace, name: name, version: version, context: context)
     end
 
+    # Many tasks of one template at once, like Sidekiq's push_bulk: one hand-off to the engine
+    # and, on PostgreSQL, one transaction (all are created or none).
+    # @param contexts [Array<Hash>] one task per context
+    # @return [Array<String>] the new tasks' uuids, in the order of `contexts`
+    def create_tasks(namespace:, name:, contexts:, version: "1.0.0")
+      FFI.create_tasks(namespace: namespace, name: name, version: version, contexts: contexts)
+    end
+
     # @return [Hash] {task_uuid:, namespace:, name:, version:, status:, steps: [...]}
     def task_status(task_uuid)
       FFI.task_status(task_uuid)

@@ -44,6 +44,34 @@ RSpec.describe "PostgreSQL backend: execution across processes" do
     expect(psql_count("SELECT count(*) FROM tasker_ready_steps", db: db)).to eq(0)
   end
 
+  it "creates a batch with create_tasks in one transaction, runs every task with its own context" do
+    start_cluster
+    contexts = Array.new(200) { |i| { "value" => i * 10 } }
+
+    uuids = TaskerCore.create_tasks(namespace: PostgresHelpers::PG_NAMESPACE, name: "linear", contexts: contexts)
+
+    expect(uuids.size).to eq(200)
+    expect(uuids.uniq.size).to eq(200)
+    # All 200 tasks were committed together: the rows are there in full at once.
+    expect(psql_count("SELECT count(*) FROM tasker_tasks WHERE task_uuid = ANY(#{uuid_array(uuids)})", db: db))
+      .to eq(200)
+    finals(uuids).each_with_index do |result, i|
+      expect(result[:status]).to eq("complete")
+      expect(result[:steps].map { |s| s[:result]["value"] }).to eq([(i * 10) + 1, (i * 10) + 2, (i * 10) + 3])
+    end
+  end
+
+  it "creates nothing from a batch with an unknown template or a context that is not a Hash" do
+    start_cluster
+    before = psql_count("SELECT count(*) FROM tasker_tasks", db: db)
+
+    expect { TaskerCore.create_tasks(namespace: PostgresHelpers::PG_NAMESPACE, name: "nope", contexts: [{}, {}]) }
+      .to raise_error(TaskerCore::ConfigurationError, %r{pg/nope})
+    expect { TaskerCore.create_tasks(namespace: PostgresHelpers::PG_NAMESPACE, name: "linear", contexts: [{}, [1]]) }
+      .to raise_error(TaskerCore::ConfigurationError, /contexts\[1\]: must be a Hash/)
+    expect(psql_count("SELECT count(*) FROM tasker_tasks", db: db)).to eq(before)
+  end
+
   it "hands each step its dependencies' results" do
     start_cluster
     uuids = Array.new(30) { |i| create_pg_task("linear", "value" => i * 10, "plan" => { "*" => { "sleep" => 0.01 } }) }

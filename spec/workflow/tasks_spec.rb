@@ -44,6 +44,40 @@ module WorkflowTasksSpec
       end
     end
 
+    describe "create_tasks" do
+      it "creates one task per context, in order, each run with its own context" do
+        contexts = Array.new(20) { |i| { "plan" => {}, "n" => i } }
+
+        uuids = TaskerCore.create_tasks(namespace: "workflow", name: "quick", contexts: contexts)
+
+        expect(uuids.size).to eq(20)
+        expect(uuids).to all(match(UUID_PATTERN))
+        expect(uuids.uniq.size).to eq(20)
+        uuids.each_with_index do |uuid, i|
+          expect(TaskerCore.wait_for_task(uuid, timeout: 10)[:status]).to eq("complete")
+          expect(WorkflowRecorder.for_task(uuid).map { |e| e.task.context["n"] }).to eq([i])
+        end
+      end
+
+      it "answers [] for no contexts" do
+        expect(TaskerCore.create_tasks(namespace: "workflow", name: "quick", contexts: [])).to eq([])
+      end
+
+      it "creates nothing when one context is bad, and names it" do
+        before = TaskerCore::FFI.worker_status[:steps_processed]
+        expect { TaskerCore.create_tasks(namespace: "workflow", name: "quick", contexts: [{}, [1], {}]) }
+          .to raise_error(TaskerCore::ConfigurationError, "contexts[1]: must be a Hash")
+        expect { TaskerCore.create_tasks(namespace: "workflow", name: "quick", contexts: [{ "at" => Object.new }]) }
+          .to raise_error(TaskerCore::ConfigurationError, /\Acontexts\[0\]: a Object is not JSON-able/)
+        expect { TaskerCore.create_tasks(namespace: "workflow", name: "quick", contexts: { "a" => 1 }) }
+          .to raise_error(TaskerCore::ConfigurationError, "contexts: must be an Array of Hashes")
+        expect { TaskerCore.create_tasks(namespace: "workflow", name: "nope", contexts: [{}]) }
+          .to raise_error(TaskerCore::ConfigurationError, %r{workflow/nope@1\.0\.0})
+        sleep 0.05
+        expect(TaskerCore::FFI.worker_status).to include(steps_processed: before, steps_in_flight: 0)
+      end
+    end
+
     describe "task_status and wait_for_task" do
       it "report the task and every step while it runs" do
         uuid = create_workflow_task("dag", "plan" => { "fetch" => { "sleep" => 0.3 } })

@@ -8,7 +8,7 @@ use crate::convert::{self, fetch};
 use crate::definitions;
 use crate::errors;
 use crate::gvl::{check_interrupts, without_gvl, without_gvl_retrying};
-use magnus::{function, prelude::*, Error, RHash, RModule, RString, Ruby, Value};
+use magnus::{function, prelude::*, Error, RArray, RHash, RModule, RString, Ruby, Value};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -83,6 +83,7 @@ pub fn init(ruby: &Ruby, module: RModule) -> Result<(), Error> {
     )?;
     ffi.define_singleton_method("next_step_event", function!(next_step_event, -1))?;
     ffi.define_singleton_method("create_task", function!(create_task, 1))?;
+    ffi.define_singleton_method("create_tasks", function!(create_tasks, 1))?;
     ffi.define_singleton_method("task_status", function!(task_status, 1))?;
     ffi.define_singleton_method("wait_for_task", function!(wait_for_task, 2))?;
     ffi.define_singleton_method("__provoke_panic", function!(provoke_panic, 1))?;
@@ -365,40 +366,86 @@ fn await_reply<T: Send>(
     }
 }
 
+/// The template a `create_task(s)` request names: (namespace, name, version).
+fn template_of(ruby: &Ruby, request: RHash) -> Result<(String, String, String), Error> {
+    let text = |key: &convert::Key, default: Option<&str>| -> Result<String, Error> {
+        let name = key.name;
+        match fetch(ruby, request, key) {
+            Some(v) => match RString::from_value(v).map(|s| s.to_string()) {
+                Some(Ok(s)) if !s.is_empty() => Ok(s),
+                _ => Err(errors::configuration(
+                    ruby,
+                    format!("{name}: must be a non-empty String"),
+                )),
+            },
+            None => default.map(str::to_owned).ok_or_else(|| {
+                errors::configuration(ruby, format!("{name}: required to create a task"))
+            }),
+        }
+    };
+    Ok((
+        text(&convert::NAMESPACE, None)?,
+        text(&convert::NAME, None)?,
+        text(&convert::VERSION, Some("1.0.0"))?,
+    ))
+}
+
+fn context_of(ruby: &Ruby, value: Option<Value>, what: &str) -> Result<serde_json::Value, Error> {
+    match value {
+        None => Ok(serde_json::Value::Object(Default::default())),
+        Some(v) => {
+            convert::ruby_to_json(ruby, v, what).map_err(|e| errors::as_configuration(ruby, e))
+        }
+    }
+}
+
+/// Hand the request to the engine and wait (GVL released) for the new tasks' uuids.
+fn create(
+    ruby: &Ruby,
+    request: RHash,
+    contexts: Vec<serde_json::Value>,
+) -> Result<Vec<Uuid>, Error> {
+    let system = require_worker(ruby)?;
+    let (namespace, name, version) = template_of(ruby, request)?;
+    let reply = system
+        .request_create_tasks(&namespace, &name, &version, contexts)
+        .map_err(|e| errors::engine(ruby, e))?;
+    match await_reply(ruby, reply, None)? {
+        Some(Ok(uuids)) => Ok(uuids),
+        Some(Err(e)) => Err(errors::engine(ruby, e)),
+        None => unreachable!("no timeout was given"),
+    }
+}
+
 fn create_task(ruby: &Ruby, request: RHash) -> Result<RString, Error> {
     errors::guard(ruby, || {
-        let system = require_worker(ruby)?;
-        let text = |key: &convert::Key, default: Option<&str>| -> Result<String, Error> {
-            let name = key.name;
-            match fetch(ruby, request, key) {
-                Some(v) => match RString::from_value(v).map(|s| s.to_string()) {
-                    Some(Ok(s)) if !s.is_empty() => Ok(s),
-                    _ => Err(errors::configuration(
-                        ruby,
-                        format!("{name}: must be a non-empty String"),
-                    )),
-                },
-                None => default.map(str::to_owned).ok_or_else(|| {
-                    errors::configuration(ruby, format!("{name}: required to create a task"))
-                }),
-            }
-        };
-        let namespace = text(&convert::NAMESPACE, None)?;
-        let name = text(&convert::NAME, None)?;
-        let version = text(&convert::VERSION, Some("1.0.0"))?;
-        let context = match fetch(ruby, request, &convert::CONTEXT) {
-            None => serde_json::Value::Object(Default::default()),
-            Some(v) => convert::ruby_to_json(ruby, v, "context")
-                .map_err(|e| errors::configuration(ruby, e.to_string()))?,
-        };
-        let reply = system
-            .request_create_task(&namespace, &name, &version, context)
-            .map_err(|e| errors::engine(ruby, e))?;
-        match await_reply(ruby, reply, None)? {
-            Some(Ok(uuid)) => Ok(convert::uuid_str(ruby, uuid)),
-            Some(Err(e)) => Err(errors::engine(ruby, e)),
-            None => unreachable!("no timeout was given"),
+        require_worker(ruby)?;
+        let context = context_of(ruby, fetch(ruby, request, &convert::CONTEXT), "context")?;
+        let uuids = create(ruby, request, vec![context])?;
+        Ok(convert::uuid_str(ruby, uuids[0]))
+    })
+}
+
+/// `create_tasks(namespace:, name:, version:, contexts: [...])`: one task per context, in one
+/// message to the engine (one transaction on postgres); their uuids, in order.
+fn create_tasks(ruby: &Ruby, request: RHash) -> Result<RArray, Error> {
+    errors::guard(ruby, || {
+        require_worker(ruby)?;
+        let list = fetch(ruby, request, &convert::CONTEXTS).ok_or_else(|| {
+            errors::configuration(ruby, "contexts: required (an Array of Hashes)")
+        })?;
+        let list = RArray::from_value(list)
+            .ok_or_else(|| errors::configuration(ruby, "contexts: must be an Array of Hashes"))?;
+        let mut contexts = Vec::with_capacity(list.len());
+        for (i, item) in list.into_iter().enumerate() {
+            contexts.push(context_of(ruby, Some(item), &format!("contexts[{i}]"))?);
         }
+        let uuids = create(ruby, request, contexts)?;
+        let array = ruby.ary_new_capa(uuids.len());
+        for uuid in uuids {
+            array.push(convert::uuid_str(ruby, uuid))?;
+        }
+        Ok(array)
     })
 }
 

@@ -60,7 +60,7 @@ keys! {
     STEPS_FAILED = "steps_failed", STEPS_IN_FLIGHT = "steps_in_flight",
     SUPPORTED_NAMESPACES = "supported_namespaces", WEB_API_ENABLED = "web_api_enabled",
     DATABASE_POOL_SIZE = "database_pool_size", DATABASE_POOL_IDLE = "database_pool_idle",
-    READY_AT_NS = "ready_at_ns",
+    READY_AT_NS = "ready_at_ns", CONTEXTS = "contexts",
 }
 
 const MAX_DEPTH: usize = 128;

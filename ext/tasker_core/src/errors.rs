@@ -58,6 +58,15 @@ pub fn configuration(ruby: &Ruby, message: impl Into<String>) -> Error {
     Error::new(ruby.get_inner(&CONFIGURATION), message.into())
 }
 
+/// The same problem as a `ConfigurationError` (a conversion's `ArgumentError` about a task's
+/// context is a configuration problem of the request). Interrupts and Ruby exceptions pass as is.
+pub fn as_configuration(ruby: &Ruby, e: Error) -> Error {
+    match e.error_type() {
+        magnus::error::ErrorType::Error(_, message) => configuration(ruby, message.to_string()),
+        _ => e,
+    }
+}
+
 pub fn ffi(ruby: &Ruby, message: impl Into<String>) -> Error {
     Error::new(ruby.get_inner(&FFI), message.into())
 }

@@ -290,7 +290,6 @@ impl WorkerSystemHandle {
         }
     }
 
-    /// Look up the template now (so a bad name fails at once) and ask the engine to create the task.
     /// Check what can be checked at once (a bad name fails here, on the caller's thread), then ask
     /// the engine to create the task. With postgres, templates that other processes stored count too.
     pub fn request_create_task(
@@ -299,9 +298,27 @@ impl WorkerSystemHandle {
         name: &str,
         version: &str,
         context: Value,
-    ) -> EngineResult<Receiver<EngineResult<Uuid>>> {
-        if !context.is_object() {
-            return Err(EngineError::config("context: must be a Hash"));
+    ) -> EngineResult<Receiver<EngineResult<Vec<Uuid>>>> {
+        self.request_create_tasks(namespace, name, version, vec![context])
+    }
+
+    /// [`Self::request_create_task`] for many tasks of one template at once: one message, and on
+    /// postgres one transaction. The answer lists the new tasks' uuids in the order of `contexts`.
+    pub fn request_create_tasks(
+        &self,
+        namespace: &str,
+        name: &str,
+        version: &str,
+        contexts: Vec<Value>,
+    ) -> EngineResult<Receiver<EngineResult<Vec<Uuid>>>> {
+        for (i, context) in contexts.iter().enumerate() {
+            if !context.is_object() {
+                return Err(EngineError::config(if contexts.len() == 1 {
+                    "context: must be a Hash".to_string()
+                } else {
+                    format!("contexts[{i}]: must be a Hash")
+                }));
+            }
         }
         let key = TemplateKey {
             namespace: namespace.into(),
@@ -325,10 +342,14 @@ impl WorkerSystemHandle {
             }
         }
         let (reply, answer) = crossbeam_channel::bounded(1);
-        self.send(EngineMessage::CreateTask {
+        if contexts.is_empty() {
+            let _ = reply.try_send(Ok(Vec::new()));
+            return Ok(answer);
+        }
+        self.send(EngineMessage::CreateTasks {
             key,
             template,
-            context,
+            contexts,
             reply,
         })?;
         Ok(answer)

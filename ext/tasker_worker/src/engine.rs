@@ -16,14 +16,18 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tracing::{error, info, warn};
 use uuid::Uuid;
 
+/// Where the new tasks' uuids go, in the order of their contexts.
+pub type CreatedReply = Sender<EngineResult<Vec<Uuid>>>;
+
 /// Everything that reaches the engine thread, in the order it was sent.
 pub enum EngineMessage {
     Completion(InFlight, Box<StepExecutionCompletionEvent>),
-    CreateTask {
+    /// One task per context, all of one template.
+    CreateTasks {
         key: TemplateKey,
         template: Option<Arc<TaskTemplate>>,
-        context: Value,
-        reply: Sender<EngineResult<Uuid>>,
+        contexts: Vec<Value>,
+        reply: CreatedReply,
     },
     Notify(Notification),
     TaskStatus {
@@ -122,7 +126,7 @@ struct LoopState {
     /// `create_task` answers held until the new task's first steps are dispatched (in-process
     /// backends): the handler thread is woken before the caller, and does not wait for the
     /// GVL while the caller, woken first, holds it.
-    created: Vec<(Sender<EngineResult<Uuid>>, EngineResult<Uuid>)>,
+    created: Vec<(CreatedReply, EngineResult<Vec<Uuid>>)>,
 }
 
 impl<B: Backend> Engine<B> {
@@ -225,14 +229,14 @@ impl<B: Backend> Engine<B> {
         match message {
             EngineMessage::Completion(..) => unreachable!("handled above"),
             EngineMessage::Notify(..) => unreachable!("handled above"),
-            EngineMessage::CreateTask {
+            EngineMessage::CreateTasks {
                 key,
                 template,
-                context,
+                contexts,
                 reply,
             } => {
                 let result = if st.accepting {
-                    self.backend.create_task(key, template, context).await
+                    self.backend.create_tasks(key, template, contexts).await
                 } else {
                     Err(EngineError::ShuttingDown)
                 };

@@ -85,7 +85,7 @@ impl Harness {
             .system
             .request_create_task("t", name, "1.0.0", context)
             .unwrap();
-        reply.recv().unwrap().unwrap()
+        reply.recv().unwrap().unwrap()[0]
     }
 
     fn wait(&self, task: Uuid) -> TaskSnapshot {
@@ -158,6 +158,51 @@ fn diamond_runs_in_dependency_order_and_passes_results() {
         (4, 0, 0)
     );
     assert_eq!(system.state(), WorkerState::Stopped);
+}
+
+#[test]
+fn a_batch_creates_one_task_per_context_in_order_and_runs_them_all() {
+    let h = start(DIAMOND, json!({"concurrency": 2}), 2, |e| {
+        let sum: i64 = e
+            .dependency_results
+            .iter()
+            .map(|(_, r)| r["n"].as_i64().unwrap())
+            .sum();
+        let base = e.task.context["n"].as_i64().unwrap_or(0);
+        Ok(json!({"n": if e.dependency_results.is_empty() { base + 1 } else { sum + 1 }}))
+    });
+    let contexts: Vec<Value> = (0..50).map(|n| json!({ "n": n })).collect();
+    let tasks = h
+        .system
+        .request_create_tasks("t", "diamond", "1.0.0", contexts)
+        .unwrap()
+        .recv()
+        .unwrap()
+        .unwrap();
+    assert_eq!(tasks.len(), 50);
+    for (n, task) in tasks.iter().enumerate() {
+        let snapshot = h.wait(*task);
+        assert_eq!(snapshot.status.as_str(), "complete");
+        let d = snapshot.steps.iter().find(|s| s.name == "d").unwrap();
+        // a = n+1, b = c = n+2, d = 2n+5: each task ran with its own context.
+        assert_eq!(d.result.as_ref().unwrap()["n"], 2 * n as i64 + 5);
+    }
+
+    let empty = h
+        .system
+        .request_create_tasks("t", "diamond", "1.0.0", Vec::new())
+        .unwrap()
+        .recv()
+        .unwrap()
+        .unwrap();
+    assert!(empty.is_empty());
+    let err = h
+        .system
+        .request_create_tasks("t", "diamond", "1.0.0", vec![json!({}), json!(3)])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("contexts[1]: must be a Hash"), "{err}");
+    assert_eq!(h.stop().status().steps_processed, 200);
 }
 
 const FLAKY: &str = r#"
@@ -265,7 +310,7 @@ fn timeouts_count_as_failed_attempts_and_late_completions_are_refused() {
         .unwrap()
         .recv()
         .unwrap()
-        .unwrap();
+        .unwrap()[0];
     let reply = system.request_wait_for_task(task).unwrap();
     let snapshot = reply.recv_timeout(Duration::from_secs(5)).unwrap().unwrap();
     assert_eq!(snapshot.status.as_str(), "error");

@@ -86,6 +86,53 @@ impl MemoryBackend {
         }
     }
 
+    fn create_one(&mut self, template: &Arc<TaskTemplate>, context: Value) -> Uuid {
+        let task_uuid = Uuid::new_v4();
+        let info = Arc::new(TaskInfo {
+            task_uuid,
+            namespace: Arc::from(template.namespace.as_str()),
+            name: Arc::from(template.name.as_str()),
+            version: Arc::from(template.version.as_str()),
+            context: Arc::new(context),
+        });
+        let now_ns = unix_ns();
+        let steps: Vec<Step> = template
+            .dependencies
+            .iter()
+            .map(|deps| Step {
+                uuid: Uuid::new_v4(),
+                status: if deps.is_empty() {
+                    StepStatus::Enqueued
+                } else {
+                    StepStatus::Pending
+                },
+                attempts: 0,
+                waiting_on: deps.len(),
+                result: None,
+                error_message: None,
+                ready_at_ns: now_ns,
+            })
+            .collect();
+        for (i, step) in steps.iter().enumerate() {
+            if step.waiting_on == 0 {
+                self.ready.push_back((task_uuid, i));
+            }
+        }
+        let incomplete = steps.len();
+        self.tasks.insert(
+            task_uuid,
+            Task {
+                info,
+                template: Arc::clone(template),
+                status: TaskStatus::Pending,
+                steps,
+                incomplete,
+                waiters: Vec::new(),
+            },
+        );
+        task_uuid
+    }
+
     fn unknown(task_uuid: Uuid) -> EngineError {
         EngineError::UnknownTask(format!(
             "{task_uuid}: never created on this worker, or finished and no longer retained (see task_retention)"
@@ -210,58 +257,18 @@ impl Backend for MemoryBackend {
         Ok(())
     }
 
-    async fn create_task(
+    async fn create_tasks(
         &mut self,
         key: TemplateKey,
         template: Option<Arc<TaskTemplate>>,
-        context: Value,
-    ) -> EngineResult<Uuid> {
+        contexts: Vec<Value>,
+    ) -> EngineResult<Vec<Uuid>> {
         let template =
             template.ok_or_else(|| EngineError::config(format!("unknown template {key}")))?;
-        let task_uuid = Uuid::new_v4();
-        let info = Arc::new(TaskInfo {
-            task_uuid,
-            namespace: Arc::from(template.namespace.as_str()),
-            name: Arc::from(template.name.as_str()),
-            version: Arc::from(template.version.as_str()),
-            context: Arc::new(context),
-        });
-        let now_ns = unix_ns();
-        let steps: Vec<Step> = template
-            .dependencies
-            .iter()
-            .map(|deps| Step {
-                uuid: Uuid::new_v4(),
-                status: if deps.is_empty() {
-                    StepStatus::Enqueued
-                } else {
-                    StepStatus::Pending
-                },
-                attempts: 0,
-                waiting_on: deps.len(),
-                result: None,
-                error_message: None,
-                ready_at_ns: now_ns,
-            })
-            .collect();
-        for (i, step) in steps.iter().enumerate() {
-            if step.waiting_on == 0 {
-                self.ready.push_back((task_uuid, i));
-            }
-        }
-        let incomplete = steps.len();
-        self.tasks.insert(
-            task_uuid,
-            Task {
-                info,
-                template,
-                status: TaskStatus::Pending,
-                steps,
-                incomplete,
-                waiters: Vec::new(),
-            },
-        );
-        Ok(task_uuid)
+        Ok(contexts
+            .into_iter()
+            .map(|context| self.create_one(&template, context))
+            .collect())
     }
 
     async fn task_status(&mut self, task_uuid: Uuid) -> EngineResult<TaskSnapshot> {

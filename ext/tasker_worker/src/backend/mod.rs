@@ -23,13 +23,15 @@ pub trait Backend: Send + 'static {
     /// `inbox` lets background listeners wake the engine with [`EngineMessage::Notify`].
     async fn start(&mut self, inbox: UnboundedSender<EngineMessage>) -> EngineResult<()>;
 
-    /// `template` is the locally loaded one, if any (a database backend may know more).
-    async fn create_task(
+    /// Create one task per context, all of one template, in order; all or none (one transaction
+    /// on a database). `template` is the locally loaded one, if any (a database backend may know
+    /// more). `contexts` is never empty.
+    async fn create_tasks(
         &mut self,
         key: TemplateKey,
         template: Option<Arc<TaskTemplate>>,
-        context: Value,
-    ) -> EngineResult<Uuid>;
+        contexts: Vec<Value>,
+    ) -> EngineResult<Vec<Uuid>>;
 
     async fn task_status(&mut self, task_uuid: Uuid) -> EngineResult<TaskSnapshot>;
 

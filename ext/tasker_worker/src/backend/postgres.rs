@@ -936,57 +936,70 @@ impl Backend for PostgresBackend {
         Ok(())
     }
 
-    async fn create_task(
+    async fn create_tasks(
         &mut self,
         key: TemplateKey,
         template: Option<Arc<TaskTemplate>>,
-        context: Value,
-    ) -> EngineResult<Uuid> {
+        contexts: Vec<Value>,
+    ) -> EngineResult<Vec<Uuid>> {
         let template = match template {
             Some(t) => t,
             None => self.template(&key).await?,
         };
-        let task_uuid = Uuid::new_v4();
+        // One row per task, one per step and one per root step, for every task at once: three
+        // statements and one commit, however many tasks.
         let n = template.steps.len();
-        let step_uuids: Vec<Uuid> = (0..n).map(|_| Uuid::new_v4()).collect();
-        let indices: Vec<i32> = (0..n as i32).collect();
-        let names: Vec<String> = template.steps.iter().map(|s| s.name.to_string()).collect();
-        let waiting: Vec<i32> = template
-            .dependencies
-            .iter()
-            .map(|d| d.len() as i32)
-            .collect();
+        let task_uuids: Vec<Uuid> = contexts.iter().map(|_| Uuid::new_v4()).collect();
         let roots: Vec<usize> = (0..n)
             .filter(|&i| template.dependencies[i].is_empty())
             .collect();
-        let root_uuids: Vec<Uuid> = roots.iter().map(|&i| step_uuids[i]).collect();
-        let root_timeouts: Vec<i32> = roots
-            .iter()
-            .map(|&i| ms(template.steps[i].timeout))
-            .collect();
+        let rows = task_uuids.len() * n;
+        let mut step_uuids = Vec::with_capacity(rows);
+        let mut step_tasks = Vec::with_capacity(rows);
+        let mut indices = Vec::with_capacity(rows);
+        let mut names = Vec::with_capacity(rows);
+        let mut waiting = Vec::with_capacity(rows);
+        let mut root_uuids = Vec::with_capacity(task_uuids.len() * roots.len());
+        let mut root_tasks = Vec::with_capacity(task_uuids.len() * roots.len());
+        let mut root_timeouts = Vec::with_capacity(task_uuids.len() * roots.len());
+        for &task_uuid in &task_uuids {
+            let first = step_uuids.len();
+            for (i, step) in template.steps.iter().enumerate() {
+                step_uuids.push(Uuid::new_v4());
+                step_tasks.push(task_uuid);
+                indices.push(i as i32);
+                names.push(step.name.to_string());
+                waiting.push(template.dependencies[i].len() as i32);
+            }
+            for &i in &roots {
+                root_uuids.push(step_uuids[first + i]);
+                root_tasks.push(task_uuid);
+                root_timeouts.push(ms(template.steps[i].timeout));
+            }
+        }
 
         let mut tx = self.pool()?.begin().await.map_err(db)?;
         sqlx::query(
             "INSERT INTO tasker_tasks (task_uuid, namespace, name, version, context, status, incomplete_steps)
-             VALUES ($1, $2, $3, $4, $5, 'pending', $6)",
+             SELECT u, $3, $4, $5, c, 'pending', $6 FROM unnest($1::uuid[], $2::jsonb[]) AS x(u, c)",
         )
-        .bind(task_uuid)
+        .bind(&task_uuids)
+        .bind(&contexts)
         .bind(&template.namespace)
         .bind(&template.name)
         .bind(&template.version)
-        .bind(&context)
         .bind(n as i32)
         .execute(&mut *tx)
         .await
         .map_err(db)?;
         sqlx::query(
             "INSERT INTO tasker_steps (step_uuid, task_uuid, step_index, name, status, waiting_on, ready_at)
-             SELECT u, $2, i, nm, CASE WHEN w = 0 THEN 'enqueued' ELSE 'pending' END, w,
+             SELECT u, t, i, nm, CASE WHEN w = 0 THEN 'enqueued' ELSE 'pending' END, w,
                     CASE WHEN w = 0 THEN now() END
-             FROM unnest($1::uuid[], $3::int4[], $4::text[], $5::int4[]) AS x(u, i, nm, w)",
+             FROM unnest($1::uuid[], $2::uuid[], $3::int4[], $4::text[], $5::int4[]) AS x(u, t, i, nm, w)",
         )
         .bind(&step_uuids)
-        .bind(task_uuid)
+        .bind(&step_tasks)
         .bind(&indices)
         .bind(&names)
         .bind(&waiting)
@@ -995,10 +1008,10 @@ impl Backend for PostgresBackend {
         .map_err(db)?;
         sqlx::query(
             "INSERT INTO tasker_ready_steps (step_uuid, task_uuid, namespace, timeout_ms)
-             SELECT u, $2, $3, t FROM unnest($1::uuid[], $4::int4[]) AS x(u, t)",
+             SELECT u, t, $3, ms FROM unnest($1::uuid[], $2::uuid[], $4::int4[]) AS x(u, t, ms)",
         )
         .bind(&root_uuids)
-        .bind(task_uuid)
+        .bind(&root_tasks)
         .bind(&template.namespace)
         .bind(&root_timeouts)
         .execute(&mut *tx)
@@ -1011,7 +1024,7 @@ impl Backend for PostgresBackend {
             .map_err(db)?;
         tx.commit().await.map_err(db)?;
         self.maybe_ready = true;
-        Ok(task_uuid)
+        Ok(task_uuids)
     }
 
     async fn task_status(&mut self, task_uuid: Uuid) -> EngineResult<TaskSnapshot> {
