@@ -119,19 +119,24 @@ steps:
   - { name: d, dependencies: [b, c], handler: { callable: H } }
 "#;
 
+/// A root answers the context's `n` + 1; any other step the sum of its dependencies' `n` + 1.
+fn add_one(e: &StepExecutionEvent) -> Outcome {
+    let sum: i64 = e
+        .dependency_results
+        .iter()
+        .map(|(_, r)| r["n"].as_i64().unwrap())
+        .sum();
+    let base = e.task.context["n"].as_i64().unwrap_or(0);
+    Ok(json!({"n": if e.dependency_results.is_empty() { base + 1 } else { sum + 1 }}))
+}
+
 #[test]
 fn diamond_runs_in_dependency_order_and_passes_results() {
     let order = Arc::new(Mutex::new(Vec::new()));
     let seen = Arc::clone(&order);
     let h = start(DIAMOND, json!({"concurrency": 3}), 3, move |e| {
         seen.lock().unwrap().push(e.definition.name.to_string());
-        let sum: i64 = e
-            .dependency_results
-            .iter()
-            .map(|(_, r)| r["n"].as_i64().unwrap())
-            .sum();
-        let base = e.task.context["n"].as_i64().unwrap_or(0);
-        Ok(json!({"n": if e.dependency_results.is_empty() { base + 1 } else { sum + 1 }}))
+        add_one(e)
     });
     let task = h.create("diamond", json!({"n": 10}));
     let snapshot = h.wait(task);
@@ -162,15 +167,7 @@ fn diamond_runs_in_dependency_order_and_passes_results() {
 
 #[test]
 fn a_batch_creates_one_task_per_context_in_order_and_runs_them_all() {
-    let h = start(DIAMOND, json!({"concurrency": 2}), 2, |e| {
-        let sum: i64 = e
-            .dependency_results
-            .iter()
-            .map(|(_, r)| r["n"].as_i64().unwrap())
-            .sum();
-        let base = e.task.context["n"].as_i64().unwrap_or(0);
-        Ok(json!({"n": if e.dependency_results.is_empty() { base + 1 } else { sum + 1 }}))
-    });
+    let h = start(DIAMOND, json!({"concurrency": 2}), 2, add_one);
     let contexts: Vec<Value> = (0..50).map(|n| json!({ "n": n })).collect();
     let tasks = h
         .system
