@@ -402,10 +402,10 @@ fn context_of(ruby: &Ruby, value: Option<Value>, what: &str) -> Result<serde_jso
 /// Hand the request to the engine and wait (GVL released) for the new tasks' uuids.
 fn create(
     ruby: &Ruby,
+    system: &WorkerSystemHandle,
     request: RHash,
     contexts: Vec<serde_json::Value>,
 ) -> Result<Vec<Uuid>, Error> {
-    let system = require_worker(ruby)?;
     let (namespace, name, version) = template_of(ruby, request)?;
     let reply = system
         .request_create_tasks(&namespace, &name, &version, contexts)
@@ -419,9 +419,9 @@ fn create(
 
 fn create_task(ruby: &Ruby, request: RHash) -> Result<RString, Error> {
     errors::guard(ruby, || {
-        require_worker(ruby)?;
+        let system = require_worker(ruby)?;
         let context = context_of(ruby, fetch(ruby, request, &convert::CONTEXT), "context")?;
-        let uuids = create(ruby, request, vec![context])?;
+        let uuids = create(ruby, &system, request, vec![context])?;
         Ok(convert::uuid_str(ruby, uuids[0]))
     })
 }
@@ -430,7 +430,7 @@ fn create_task(ruby: &Ruby, request: RHash) -> Result<RString, Error> {
 /// message to the engine (one transaction on postgres); their uuids, in order.
 fn create_tasks(ruby: &Ruby, request: RHash) -> Result<RArray, Error> {
     errors::guard(ruby, || {
-        require_worker(ruby)?;
+        let system = require_worker(ruby)?;
         let list = fetch(ruby, request, &convert::CONTEXTS).ok_or_else(|| {
             errors::configuration(ruby, "contexts: required (an Array of Hashes)")
         })?;
@@ -440,7 +440,7 @@ fn create_tasks(ruby: &Ruby, request: RHash) -> Result<RArray, Error> {
         for (i, item) in list.into_iter().enumerate() {
             contexts.push(context_of(ruby, Some(item), &format!("contexts[{i}]"))?);
         }
-        let uuids = create(ruby, request, contexts)?;
+        let uuids = create(ruby, &system, request, contexts)?;
         let array = ruby.ary_new_capa(uuids.len());
         for uuid in uuids {
             array.push(convert::uuid_str(ruby, uuid))?;

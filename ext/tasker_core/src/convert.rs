@@ -322,7 +322,7 @@ fn frozen_json_to_ruby(ruby: &Ruby, json: &Json) -> Result<Value, Error> {
 }
 
 /// A step's `step_definition` Hash, deeply frozen: the same for every event of that step, so
-/// the bridge builds it once and shares it (see `bridge::step_definition`).
+/// the bridge builds it once and shares it (see `definitions::step_definition`).
 pub fn step_definition_to_ruby(ruby: &Ruby, definition: &StepDefinition) -> Result<RHash, Error> {
     let retry = &definition.retry;
     let handler = hash_of(

@@ -299,6 +299,9 @@ impl WorkerSystemHandle {
         version: &str,
         context: Value,
     ) -> EngineResult<Receiver<EngineResult<Vec<Uuid>>>> {
+        if !context.is_object() {
+            return Err(EngineError::config("context: must be a Hash"));
+        }
         self.request_create_tasks(namespace, name, version, vec![context])
     }
 
@@ -311,14 +314,10 @@ impl WorkerSystemHandle {
         version: &str,
         contexts: Vec<Value>,
     ) -> EngineResult<Receiver<EngineResult<Vec<Uuid>>>> {
-        for (i, context) in contexts.iter().enumerate() {
-            if !context.is_object() {
-                return Err(EngineError::config(if contexts.len() == 1 {
-                    "context: must be a Hash".to_string()
-                } else {
-                    format!("contexts[{i}]: must be a Hash")
-                }));
-            }
+        if let Some(i) = contexts.iter().position(|c| !c.is_object()) {
+            return Err(EngineError::config(format!(
+                "contexts[{i}]: must be a Hash"
+            )));
         }
         let key = TemplateKey {
             namespace: namespace.into(),

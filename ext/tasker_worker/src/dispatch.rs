@@ -181,8 +181,8 @@ pub enum WakeShape {
     Pair,
     /// The shape of the benchmark's dispatch: a creator thread asks an engine thread for a task
     /// and blocks for the answer; the engine wakes the waiter, then answers the creator (so two
-    /// threads wake at once on a 2-core machine), then polls for 50 µs as the engine's
-    /// spinner does.
+    /// threads wake at once on a 2-core machine), then polls as long as the engine's spinner
+    /// does.
     Engine,
 }
 
@@ -230,7 +230,7 @@ pub fn measure_thread_wake(samples: usize, gap: Duration, shape: WakeShape) -> V
                         break;
                     }
                     let _ = reply.send(());
-                    let until = Instant::now() + Duration::from_micros(50);
+                    let until = Instant::now() + crate::engine::Spinner::BUDGET;
                     while Instant::now() < until && inbox.is_empty() {
                         std::thread::yield_now();
                     }

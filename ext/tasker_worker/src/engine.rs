@@ -53,7 +53,7 @@ const BATCH: usize = 256;
 /// holding the GVL: with fast handlers that wake was the largest single cost of a round trip.
 /// A spin that keeps finding nothing (slow handlers) turns itself off for a while, so an engine
 /// waiting on slow handlers stays asleep.
-struct Spinner {
+pub(crate) struct Spinner {
     enabled: bool,
     misses: u32,
     /// Parks to skip spinning for, after `MAX_MISSES` fruitless spins in a row.
@@ -61,7 +61,8 @@ struct Spinner {
 }
 
 impl Spinner {
-    const BUDGET: Duration = Duration::from_micros(50);
+    /// The longest poll; the dispatch-latency floor (`dispatch::WakeShape::Engine`) polls as long.
+    pub(crate) const BUDGET: Duration = Duration::from_micros(50);
     const MAX_MISSES: u32 = 3;
     const COOLDOWN_PARKS: u32 = 64;
 

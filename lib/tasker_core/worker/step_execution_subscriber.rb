@@ -43,14 +43,14 @@ module TaskerCore
       end
 
       def success(data, returned)
-        # One Hash literal: this runs once per step.
+        metadata = {}
         if returned.is_a?(StepHandler::StepResult)
-          { event_id: data[:event_id], task_uuid: data[:task_uuid], step_uuid: data[:step_uuid], success: true,
-            result: returned.result, metadata: returned.metadata || {} }
-        else
-          { event_id: data[:event_id], task_uuid: data[:task_uuid], step_uuid: data[:step_uuid], success: true,
-            result: returned, metadata: {} }
+          metadata = returned.metadata || metadata
+          returned = returned.result
         end
+        # One Hash literal: this runs once per step.
+        { event_id: data[:event_id], task_uuid: data[:task_uuid], step_uuid: data[:step_uuid], success: true,
+          result: returned, metadata: metadata }
       end
 
       def failure(data, error, retryable:, retry_after: nil)
