@@ -7,10 +7,10 @@ use crate::backend::memory::MemoryBackend;
 use crate::backend::postgres::{PostgresBackend, PostgresSettings};
 use crate::backend::Backend;
 use crate::config::{BackendKind, WorkerConfig};
-use crate::dispatch::{self, DispatchPort, InFlightRegistry};
+use crate::dispatch::{self, DispatchPort, InFlightRegistry, InterruptPort};
 use crate::engine::{Engine, EngineMessage};
 use crate::error::{EngineError, EngineResult};
-use crate::events::{StepExecutionCompletionEvent, TaskSnapshot};
+use crate::events::{AttemptOutcome, Phase, StepExecutionCompletionEvent, TaskSnapshot};
 use crate::status::{Shared, WorkerState, WorkerSystemStatus};
 use crate::template::{TemplateKey, TemplateRegistry};
 use crossbeam_channel::Receiver;
@@ -57,7 +57,8 @@ impl WorkerBootstrap {
         ));
         match config.backend {
             BackendKind::Memory => {
-                let backend = MemoryBackend::new(config.task_retention);
+                let backend =
+                    MemoryBackend::new(config.task_retention, config.task_index_retention);
                 Self::spawn(backend, config, templates, shared)
             }
             BackendKind::Postgres => {
@@ -96,6 +97,8 @@ impl WorkerBootstrap {
         let (started_tx, started_rx) = crossbeam_channel::bounded(1);
         let (inbox_tx, inbox_rx) = unbounded_channel();
         let registry = Arc::new(InFlightRegistry::default());
+        // Bounded: without a Ruby thread raising them, interrupts are dropped, not piled up.
+        let (interrupts_tx, interrupts_rx) = crossbeam_channel::bounded(1024);
         let engine = Engine {
             backend,
             shared: Arc::clone(&shared),
@@ -104,6 +107,7 @@ impl WorkerBootstrap {
             inbox_sender: inbox_tx.clone(),
             dispatch: dispatch_tx,
             recall: dispatch_rx.clone(),
+            interrupts: interrupts_tx,
             dispatch_capacity: capacity,
             shutdown_timeout: config.shutdown_timeout,
             closed: Some(closed_tx),
@@ -140,6 +144,7 @@ impl WorkerBootstrap {
             shared,
             inbox: inbox_tx,
             port: DispatchPort::new(dispatch_rx, closed_rx.clone()),
+            interrupt_port: InterruptPort::new(interrupts_rx, closed_rx.clone()),
             registry,
             templates,
             started: started_rx,
@@ -149,6 +154,13 @@ impl WorkerBootstrap {
             draining: AtomicBool::new(false),
         })
     }
+}
+
+/// A pending `wait_for_task`: receive the answer from `answer`.
+pub struct WaitTicket {
+    task_uuid: Uuid,
+    reply: crossbeam_channel::Sender<EngineResult<TaskSnapshot>>,
+    pub answer: Receiver<EngineResult<TaskSnapshot>>,
 }
 
 /// What happened to a completion handed to [`WorkerSystemHandle::complete`].
@@ -163,6 +175,7 @@ pub struct WorkerSystemHandle {
     shared: Arc<Shared>,
     inbox: UnboundedSender<EngineMessage>,
     port: DispatchPort,
+    interrupt_port: InterruptPort,
     registry: Arc<InFlightRegistry>,
     templates: Arc<TemplateRegistry>,
     started: Receiver<EngineResult<()>>,
@@ -209,6 +222,12 @@ impl WorkerSystemHandle {
         &self.port
     }
 
+    /// Where handler interrupts (timeouts, cancels) arrive: one Ruby thread takes them and
+    /// raises into the handler thread running the event.
+    pub fn interrupt_port(&self) -> &InterruptPort {
+        &self.interrupt_port
+    }
+
     pub fn templates(&self) -> &TemplateRegistry {
         &self.templates
     }
@@ -238,17 +257,26 @@ impl WorkerSystemHandle {
         self.draining.load(Ordering::Acquire)
     }
 
-    /// Whether an event's attempt is still current. An event can wait in the dispatch channel past
-    /// its step's timeout; the engine has then recorded that attempt as failed, and running it
-    /// would run the step twice.
+    /// Whether an event's attempt is still out (queued, running, or timed out and waiting for
+    /// its handler to return).
     pub fn is_in_flight(&self, event_id: Uuid) -> bool {
         self.registry.contains(event_id)
+    }
+
+    /// A handler thread took `event_id` and is about to run it. False if it must not run: it
+    /// timed out while queued (already recorded as a failed attempt, so running it would run
+    /// the step twice), or was withdrawn (its task was cancelled or failed).
+    pub fn begin_running(&self, event_id: Uuid) -> bool {
+        self.registry
+            .get(event_id)
+            .is_some_and(|flight| flight.phase.advance(Phase::Queued, Phase::Running))
     }
 
     /// Give back an event taken from the dispatch channel that will not run: the attempt does
     /// not count, and the step stays ready (the engine's recall, for an event already taken).
     pub fn release_untaken(&self, event_id: Uuid) {
         if let Some(flight) = self.registry.take(event_id) {
+            flight.phase.finish();
             let _ = self.send(EngineMessage::Release(flight));
         }
     }
@@ -264,6 +292,11 @@ impl WorkerSystemHandle {
     }
 
     /// Accept or refuse a completion without blocking (never waits for the engine).
+    ///
+    /// The completion of an attempt that timed out while its handler ran is refused (the
+    /// handler's result is discarded) but ends the attempt: it is recorded as timed out, and
+    /// the next attempt may start. After a cancel, what the handler reported is recorded (a
+    /// success stays a success; anything else leaves the step cancelled).
     pub fn complete(&self, completion: StepExecutionCompletionEvent) -> CompletionVerdict {
         let event_id = completion.event_id;
         let Some(flight) = self.registry.get(event_id) else {
@@ -277,17 +310,58 @@ impl WorkerSystemHandle {
                 completion.task_uuid, completion.step_uuid, flight.task_uuid, flight.step_uuid
             ));
         }
+        // Exactly one of completion, timeout sweep, cancel and recall moves the phase on.
+        let (outcome, verdict) = match flight.phase.finish() {
+            Some(Phase::Queued | Phase::Running) => (
+                AttemptOutcome::Completed(Box::new(completion)),
+                CompletionVerdict::Accepted,
+            ),
+            Some(Phase::Cancelled) => (
+                AttemptOutcome::Cancelled(Some(Box::new(completion))),
+                CompletionVerdict::Accepted,
+            ),
+            Some(Phase::TimedOut) => (
+                AttemptOutcome::TimedOut,
+                CompletionVerdict::Refused(format!(
+                    "completion for event {event_id} (task {}, step {}, attempt {}) arrived after the attempt timed out; \
+                     recorded as timed out, its result discarded",
+                    flight.task_uuid, flight.step_name, flight.attempt
+                )),
+            ),
+            Some(Phase::Done) | None => {
+                return CompletionVerdict::Refused(format!(
+                    "completion for event {event_id} arrived after its attempt ended"
+                ))
+            }
+        };
         let Some(flight) = self.registry.take(event_id) else {
             return CompletionVerdict::Refused(format!(
-                "completion for event {event_id} arrived after its timeout"
+                "completion for event {event_id} arrived after its attempt ended"
             ));
         };
-        match self.send(EngineMessage::Completion(flight, Box::new(completion))) {
-            Ok(()) => CompletionVerdict::Accepted,
+        match self.send(EngineMessage::Outcome(flight, outcome)) {
+            Ok(()) => verdict,
             Err(_) => CompletionVerdict::Refused(format!(
                 "completion for event {event_id} arrived after the worker stopped"
             )),
         }
+    }
+
+    /// Ask the engine to cancel a task; the answer says whether it was still unfinished.
+    pub fn request_cancel_task(
+        &self,
+        task_uuid: Uuid,
+    ) -> EngineResult<Receiver<EngineResult<bool>>> {
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        self.send(EngineMessage::CancelTask { task_uuid, reply })?;
+        Ok(answer)
+    }
+
+    /// Ask the engine to run an `error` or `cancelled` task again from its unfinished steps.
+    pub fn request_retry_task(&self, task_uuid: Uuid) -> EngineResult<Receiver<EngineResult<()>>> {
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        self.send(EngineMessage::RetryTask { task_uuid, reply })?;
+        Ok(answer)
     }
 
     /// Check what can be checked at once (a bad name fails here, on the caller's thread), then ask
@@ -363,13 +437,27 @@ impl WorkerSystemHandle {
         Ok(answer)
     }
 
-    pub fn request_wait_for_task(
-        &self,
-        task_uuid: Uuid,
-    ) -> EngineResult<Receiver<EngineResult<TaskSnapshot>>> {
+    /// Ask to be answered when the task finishes. A caller that stops waiting first (timeout,
+    /// interrupt) must hand the ticket to [`Self::abandon_wait`], or the engine keeps its reply.
+    pub fn request_wait_for_task(&self, task_uuid: Uuid) -> EngineResult<WaitTicket> {
         let (reply, answer) = crossbeam_channel::bounded(1);
-        self.send(EngineMessage::WaitForTask { task_uuid, reply })?;
-        Ok(answer)
+        self.send(EngineMessage::WaitForTask {
+            task_uuid,
+            reply: reply.clone(),
+        })?;
+        Ok(WaitTicket {
+            task_uuid,
+            reply,
+            answer,
+        })
+    }
+
+    /// The waiter gave up: the engine forgets it.
+    pub fn abandon_wait(&self, ticket: WaitTicket) {
+        let _ = self.send(EngineMessage::ForgetWaiter {
+            task_uuid: ticket.task_uuid,
+            reply: ticket.reply,
+        });
     }
 }
 

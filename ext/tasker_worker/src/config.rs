@@ -86,6 +86,7 @@ pub const CONFIG_KEYS: &[&str] = &[
     "poll_interval",
     "shutdown_timeout",
     "task_retention",
+    "task_index_retention",
     "database_pool_size",
     "finished_task_ttl",
 ];
@@ -110,6 +111,8 @@ pub struct WorkerConfig {
     pub shutdown_timeout: Duration,
     /// Finished tasks kept for `task_status` (memory backend); older ones are forgotten.
     pub task_retention: usize,
+    /// Beyond those, the final statuses of this many more (memory backend; see `MemoryBackend`).
+    pub task_index_retention: usize,
     pub database_pool_size: u32,
     /// The postgres backend deletes finished tasks older than this.
     pub finished_task_ttl: Duration,
@@ -231,6 +234,10 @@ impl WorkerConfig {
             Some(v) => integer_in("task_retention", v, 0, 100_000_000)? as usize,
             None => 10_000,
         };
+        let task_index_retention = match get("task_index_retention") {
+            Some(v) => integer_in("task_index_retention", v, 0, 100_000_000)? as usize,
+            None => 500_000,
+        };
         let database_pool_size = match get("database_pool_size") {
             Some(v) => integer_in("database_pool_size", v, 1, 1000)? as u32,
             None => 8,
@@ -279,6 +286,7 @@ impl WorkerConfig {
             poll_interval,
             shutdown_timeout,
             task_retention,
+            task_index_retention,
             database_pool_size,
             finished_task_ttl,
         })

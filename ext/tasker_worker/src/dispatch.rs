@@ -5,7 +5,7 @@
 //! [`InFlightRegistry`], a lock-free map, so that a completion can be accepted or refused
 //! on the Ruby thread without a lock and without a round trip to the engine.
 
-use crate::events::{InFlight, StepExecutionEvent};
+use crate::events::{InFlight, Phase, StepExecutionEvent, StepInterrupt};
 use crossbeam_channel::{Receiver, Select, Sender, TryRecvError};
 use crossbeam_skiplist::SkipMap;
 use std::time::{Duration, Instant};
@@ -47,19 +47,33 @@ impl InFlightRegistry {
         self.entries.is_empty()
     }
 
-    /// Event ids whose deadline has passed, and the earliest deadline still pending.
-    pub fn expired(&self, now: Instant) -> (Vec<Uuid>, Option<Instant>) {
+    /// Attempts still queued or running whose deadline has passed, and the earliest deadline
+    /// still pending. Attempts already timed out or cancelled (waiting for their handler to
+    /// return) are not timed again.
+    pub fn expired(&self, now: Instant) -> (Vec<(Uuid, InFlight)>, Option<Instant>) {
         let mut expired = Vec::new();
         let mut next: Option<Instant> = None;
         for entry in self.entries.iter() {
-            let deadline = entry.value().deadline;
-            if deadline <= now {
-                expired.push(Uuid::from_u128(*entry.key()));
+            let flight = entry.value();
+            if !matches!(flight.phase.get(), Phase::Queued | Phase::Running) {
+                continue;
+            }
+            if flight.deadline <= now {
+                expired.push((Uuid::from_u128(*entry.key()), flight.clone()));
             } else {
-                next = Some(next.map_or(deadline, |n| n.min(deadline)));
+                next = Some(next.map_or(flight.deadline, |n| n.min(flight.deadline)));
             }
         }
         (expired, next)
+    }
+
+    /// The attempts out for any of `tasks`.
+    pub fn of_tasks(&self, tasks: &[Uuid]) -> Vec<(Uuid, InFlight)> {
+        self.entries
+            .iter()
+            .filter(|e| tasks.contains(&e.value().task_uuid))
+            .map(|e| (Uuid::from_u128(*e.key()), e.value().clone()))
+            .collect()
     }
 }
 
@@ -128,6 +142,61 @@ impl DispatchPort {
                 Take::Nothing
             }
             _ => unreachable!("select returned an operation that was not registered"),
+        }
+    }
+}
+
+/// What a thread waiting for handler interrupts gets back.
+#[derive(Debug)]
+pub enum InterruptTake {
+    Interrupt(StepInterrupt),
+    /// The wait was cut short or timed out.
+    Nothing,
+    /// The worker stopped.
+    Closed,
+}
+
+/// The receiving side of the engine's handler interrupts (timeouts, cancels).
+#[derive(Clone)]
+pub struct InterruptPort {
+    interrupts: Receiver<StepInterrupt>,
+    closed: Receiver<()>,
+}
+
+impl InterruptPort {
+    pub(crate) fn new(interrupts: Receiver<StepInterrupt>, closed: Receiver<()>) -> Self {
+        Self { interrupts, closed }
+    }
+
+    /// Block until an interrupt is due, the worker closes, `cancel` receives, or `timeout` passes.
+    pub fn take(&self, cancel: &Receiver<()>, timeout: Option<Duration>) -> InterruptTake {
+        if let Ok(interrupt) = self.interrupts.try_recv() {
+            return InterruptTake::Interrupt(interrupt);
+        }
+        let mut select = Select::new();
+        let interrupts = select.recv(&self.interrupts);
+        let closed = select.recv(&self.closed);
+        select.recv(cancel);
+        let op = match timeout {
+            Some(t) => match select.select_timeout(t) {
+                Ok(op) => op,
+                Err(_) => return InterruptTake::Nothing,
+            },
+            None => select.select(),
+        };
+        match op.index() {
+            i if i == interrupts => match op.recv(&self.interrupts) {
+                Ok(interrupt) => InterruptTake::Interrupt(interrupt),
+                Err(_) => InterruptTake::Closed,
+            },
+            i if i == closed => {
+                let _ = op.recv(&self.closed);
+                InterruptTake::Closed
+            }
+            _ => {
+                let _ = op.recv(cancel);
+                InterruptTake::Nothing
+            }
         }
     }
 }

@@ -4,8 +4,11 @@
 use crate::backend::{Backend, Notification, SnapshotReply};
 use crate::dispatch::InFlightRegistry;
 use crate::error::{EngineError, EngineResult};
-use crate::events::{AttemptOutcome, InFlight, StepExecutionCompletionEvent, StepExecutionEvent};
+use crate::events::{
+    fmt_secs, AttemptOutcome, InFlight, InterruptReason, Phase, StepExecutionEvent, StepInterrupt,
+};
 use crate::status::{Shared, WorkerState};
+use crate::template::OnTimeout;
 use crate::template::{TaskTemplate, TemplateKey};
 use crossbeam_channel::{Receiver, Sender};
 use serde_json::Value;
@@ -13,7 +16,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
 /// Where the new tasks' uuids go, in the order of their contexts.
@@ -21,7 +24,8 @@ pub type CreatedReply = Sender<EngineResult<Vec<Uuid>>>;
 
 /// Everything that reaches the engine thread, in the order it was sent.
 pub enum EngineMessage {
-    Completion(InFlight, Box<StepExecutionCompletionEvent>),
+    /// An attempt ended: its handler returned (or returned late, or after a cancel).
+    Outcome(InFlight, AttemptOutcome),
     /// One task per context, all of one template.
     CreateTasks {
         key: TemplateKey,
@@ -37,6 +41,19 @@ pub enum EngineMessage {
     WaitForTask {
         task_uuid: Uuid,
         reply: SnapshotReply,
+    },
+    /// The caller of a `WaitForTask` stopped waiting.
+    ForgetWaiter {
+        task_uuid: Uuid,
+        reply: SnapshotReply,
+    },
+    CancelTask {
+        task_uuid: Uuid,
+        reply: Sender<EngineResult<bool>>,
+    },
+    RetryTask {
+        task_uuid: Uuid,
+        reply: Sender<EngineResult<()>>,
     },
     GracefulShutdown,
     /// An event taken by a handler thread after the shutdown began, handed back unrun.
@@ -113,6 +130,8 @@ pub(crate) struct Engine<B: Backend> {
     pub dispatch: Sender<StepExecutionEvent>,
     /// The engine's own handle on the dispatch channel: recalls untaken events at shutdown.
     pub recall: Receiver<StepExecutionEvent>,
+    /// Handlers to interrupt (timeouts, cancels), for the Ruby thread that raises into them.
+    pub interrupts: Sender<StepInterrupt>,
     pub dispatch_capacity: usize,
     pub shutdown_timeout: Duration,
     /// Dropped when the loop ends: wakes every Ruby thread waiting for work.
@@ -214,9 +233,8 @@ impl<B: Backend> Engine<B> {
 
     async fn handle(&mut self, message: EngineMessage, st: &mut LoopState) {
         match message {
-            EngineMessage::Completion(flight, completion) => {
-                st.outcomes
-                    .push((flight, AttemptOutcome::Completed(completion)));
+            EngineMessage::Outcome(flight, outcome) => {
+                st.outcomes.push((flight, outcome));
                 return;
             }
             // Only sets flags (work may be ready somewhere): no reason to cut the batch of
@@ -228,7 +246,7 @@ impl<B: Backend> Engine<B> {
             _ => self.flush(st).await,
         }
         match message {
-            EngineMessage::Completion(..) => unreachable!("handled above"),
+            EngineMessage::Outcome(..) => unreachable!("handled above"),
             EngineMessage::Notify(..) => unreachable!("handled above"),
             EngineMessage::CreateTasks {
                 key,
@@ -252,6 +270,24 @@ impl<B: Backend> Engine<B> {
             }
             EngineMessage::WaitForTask { task_uuid, reply } => {
                 self.backend.wait_for_task(task_uuid, reply).await
+            }
+            EngineMessage::ForgetWaiter { task_uuid, reply } => {
+                self.backend.forget_waiter(task_uuid, &reply)
+            }
+            EngineMessage::CancelTask { task_uuid, reply } => {
+                let result = self.backend.cancel_task(task_uuid).await;
+                if let Ok(true) = result {
+                    info!(%task_uuid, "task cancelled: no step starts any more; running handlers are interrupted");
+                    self.withdraw(&[task_uuid], true).await;
+                }
+                let _ = reply.try_send(result);
+            }
+            EngineMessage::RetryTask { task_uuid, reply } => {
+                let result = self.backend.retry_task(task_uuid).await;
+                if result.is_ok() {
+                    info!(%task_uuid, "task retried from its unfinished steps");
+                }
+                let _ = reply.try_send(result);
             }
             EngineMessage::GracefulShutdown => self.begin_shutdown(st).await,
             EngineMessage::Release(flight) => {
@@ -283,8 +319,55 @@ impl<B: Backend> Engine<B> {
             .fetch_add(ended, Ordering::AcqRel);
         self.shared.steps_failed.fetch_add(failed, Ordering::AcqRel);
         self.shared.in_flight.fetch_sub(ended, Ordering::AcqRel);
-        if let Err(e) = self.backend.record(outcomes, Instant::now()).await {
-            error!(error = %e, "recording step outcomes failed");
+        match self.backend.record(outcomes, Instant::now()).await {
+            Ok(halted) if !halted.is_empty() => {
+                // Their attempts still queued for Ruby must not start now.
+                self.withdraw(&halted, false).await;
+            }
+            Ok(_) => {}
+            Err(e) => error!(error = %e, "recording step outcomes failed"),
+        }
+    }
+
+    /// Take back the attempts of `tasks` that no handler thread has taken yet (the backend settles
+    /// them as their task's ending says). With `cancel_running` (a cancel), also interrupt the
+    /// handlers running them; otherwise (a failed task) running attempts finish.
+    async fn withdraw(&mut self, tasks: &[Uuid], cancel_running: bool) {
+        let mut unstarted = Vec::new();
+        for (event_id, flight) in self.registry.of_tasks(tasks) {
+            if flight.phase.advance(Phase::Queued, Phase::Done) {
+                if let Some(flight) = self.registry.take(event_id) {
+                    unstarted.push(flight);
+                }
+            } else if cancel_running && flight.phase.advance(Phase::Running, Phase::Cancelled) {
+                self.interrupt(event_id, &flight, InterruptReason::Cancelled);
+            }
+        }
+        if !unstarted.is_empty() {
+            self.shared
+                .in_flight
+                .fetch_sub(unstarted.len() as u64, Ordering::AcqRel);
+            self.backend.release(unstarted).await;
+        }
+    }
+
+    /// Ask the Ruby side to raise into the handler running `event_id` (unless the step said
+    /// `on_timeout: wait`). A full queue means nobody is listening: the handler runs on.
+    fn interrupt(&self, event_id: Uuid, flight: &InFlight, reason: InterruptReason) {
+        if flight.on_timeout == OnTimeout::Wait {
+            return;
+        }
+        let interrupt = StepInterrupt {
+            event_id,
+            task_uuid: flight.task_uuid,
+            step_uuid: flight.step_uuid,
+            step_name: Arc::clone(&flight.step_name),
+            attempt: flight.attempt,
+            timeout: flight.timeout,
+            reason,
+        };
+        if self.interrupts.try_send(interrupt).is_err() {
+            debug!(%event_id, "interrupt queue full: nobody raises into handlers");
         }
     }
 
@@ -295,10 +378,31 @@ impl<B: Backend> Engine<B> {
         }
         let (expired, next) = self.registry.expired(now);
         st.next_sweep = next;
-        for event_id in expired {
-            if let Some(flight) = self.registry.take(event_id) {
-                warn!(%event_id, task_uuid = %flight.task_uuid, attempt = flight.attempt, "step attempt timed out");
-                st.outcomes.push((flight, AttemptOutcome::TimedOut));
+        for (event_id, flight) in expired {
+            let timeout = fmt_secs(flight.timeout);
+            if flight.phase.advance(Phase::Queued, Phase::Done) {
+                // Never taken: nothing runs, so the attempt ends now.
+                if let Some(flight) = self.registry.take(event_id) {
+                    warn!(task_uuid = %flight.task_uuid, step = %flight.step_name, attempt = flight.attempt,
+                          timeout_seconds = %timeout, "step attempt timed out before a handler thread took it");
+                    st.outcomes.push((flight, AttemptOutcome::TimedOut));
+                }
+            } else if flight.phase.advance(Phase::Running, Phase::TimedOut) {
+                // The attempt is over, but its handler still runs: the next attempt waits for it to
+                // return (the completion then records the timeout), so two never run at once.
+                match flight.on_timeout {
+                    OnTimeout::Raise => warn!(
+                        task_uuid = %flight.task_uuid, step = %flight.step_name, attempt = flight.attempt,
+                        timeout_seconds = %timeout,
+                        "step attempt timed out; raising TaskerCore::StepTimeoutError in its handler, the next attempt starts when it returns"
+                    ),
+                    OnTimeout::Wait => warn!(
+                        task_uuid = %flight.task_uuid, step = %flight.step_name, attempt = flight.attempt,
+                        timeout_seconds = %timeout,
+                        "step attempt timed out (on_timeout: wait); the next attempt starts when its handler returns, whose result is discarded"
+                    ),
+                }
+                self.interrupt(event_id, &flight, InterruptReason::Timeout);
             }
         }
     }

@@ -1,7 +1,8 @@
 //! The data that crosses between the engine and the Ruby bridge: plain Rust, `Send`, no Ruby values.
 
-use crate::template::StepDefinition;
+use crate::template::{OnTimeout, StepDefinition};
 use serde_json::Value;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
@@ -74,6 +75,57 @@ impl StepExecutionCompletionEvent {
     }
 }
 
+/// Where a dispatched attempt is. Shared by every copy of its [`InFlight`], so that the engine,
+/// the handler thread taking it and the thread completing it agree without a lock: each
+/// transition is one compare-and-swap, and exactly one side wins it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Phase {
+    /// In the dispatch channel, not yet taken by a handler thread.
+    Queued = 0,
+    /// A handler thread took it: its handler runs.
+    Running = 1,
+    /// Its deadline passed while the handler ran: the attempt is over (recorded as timed out when
+    /// the handler returns), and the next attempt waits for that return.
+    TimedOut = 2,
+    /// Its task was cancelled while the handler ran: recorded when the handler returns.
+    Cancelled = 3,
+    /// Completed, or handed back unrun: nothing more may happen to it.
+    Done = 4,
+}
+
+#[derive(Debug, Default)]
+pub struct AttemptPhase(AtomicU8);
+
+impl AttemptPhase {
+    fn decode(value: u8) -> Phase {
+        match value {
+            0 => Phase::Queued,
+            1 => Phase::Running,
+            2 => Phase::TimedOut,
+            3 => Phase::Cancelled,
+            _ => Phase::Done,
+        }
+    }
+
+    pub fn get(&self) -> Phase {
+        Self::decode(self.0.load(Ordering::Acquire))
+    }
+
+    /// Move to `Done` from wherever it is; the phase it was in, or `None` if already done.
+    pub fn finish(&self) -> Option<Phase> {
+        let previous = Self::decode(self.0.swap(Phase::Done as u8, Ordering::AcqRel));
+        (previous != Phase::Done).then_some(previous)
+    }
+
+    /// Move from `from` to `to`; false if the attempt was not in `from`.
+    pub fn advance(&self, from: Phase, to: Phase) -> bool {
+        self.0
+            .compare_exchange(from as u8, to as u8, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+}
+
 /// What the engine remembers about a dispatched attempt until its completion or timeout.
 #[derive(Debug, Clone)]
 pub struct InFlight {
@@ -81,16 +133,95 @@ pub struct InFlight {
     pub step_uuid: Uuid,
     /// Position of the step in its template (the memory backend's address for it).
     pub step_index: usize,
+    pub step_name: Arc<str>,
     pub attempt: u32,
     pub deadline: Instant,
     pub timeout: Duration,
+    pub on_timeout: OnTimeout,
+    pub phase: Arc<AttemptPhase>,
 }
 
-/// Why an attempt ended without a handler's completion.
+impl InFlight {
+    /// A new attempt of `definition`, claimed `now`, not yet taken by a handler thread.
+    pub fn new(
+        task_uuid: Uuid,
+        step_uuid: Uuid,
+        step_index: usize,
+        definition: &StepDefinition,
+        attempt: u32,
+        now: Instant,
+    ) -> Self {
+        Self {
+            task_uuid,
+            step_uuid,
+            step_index,
+            step_name: Arc::clone(&definition.name),
+            attempt,
+            // A timeout is at most a day (template validation): no overflow.
+            deadline: now + definition.timeout,
+            timeout: definition.timeout,
+            on_timeout: definition.on_timeout,
+            phase: Arc::new(AttemptPhase::default()),
+        }
+    }
+
+    /// The message an attempt that outlived its timeout is recorded with.
+    pub fn timeout_message(&self) -> String {
+        format!(
+            "TaskerCore::StepTimeoutError: attempt {} of step {} timed out after {}s",
+            self.attempt,
+            self.step_name,
+            fmt_secs(self.timeout)
+        )
+    }
+}
+
+/// Seconds without a trailing `.000` for whole numbers.
+pub fn fmt_secs(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s.fract() == 0.0 {
+        format!("{}", s as u64)
+    } else {
+        format!("{s:.3}")
+    }
+}
+
+/// Why an attempt ended.
 #[derive(Debug, Clone)]
 pub enum AttemptOutcome {
     Completed(Box<StepExecutionCompletionEvent>),
+    /// Past its timeout: never taken, or its handler has now returned (its result discarded).
     TimedOut,
+    /// Its task was cancelled while it was out; what the handler reported, if it ran.
+    Cancelled(Option<Box<StepExecutionCompletionEvent>>),
+}
+
+/// Why a running handler should be interrupted (see `WorkerSystemHandle::next_interrupt`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InterruptReason {
+    Timeout,
+    Cancelled,
+}
+
+impl InterruptReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Timeout => "timeout",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// A handler to interrupt: its attempt timed out or its task was cancelled while it ran.
+#[derive(Debug, Clone)]
+pub struct StepInterrupt {
+    pub event_id: Uuid,
+    pub task_uuid: Uuid,
+    pub step_uuid: Uuid,
+    pub step_name: Arc<str>,
+    pub attempt: u32,
+    pub timeout: Duration,
+    pub reason: InterruptReason,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,6 +230,7 @@ pub enum TaskStatus {
     InProgress,
     Complete,
     Error,
+    Cancelled,
 }
 
 impl TaskStatus {
@@ -108,11 +240,12 @@ impl TaskStatus {
             Self::InProgress => "in_progress",
             Self::Complete => "complete",
             Self::Error => "error",
+            Self::Cancelled => "cancelled",
         }
     }
 
     pub fn is_finished(self) -> bool {
-        matches!(self, Self::Complete | Self::Error)
+        matches!(self, Self::Complete | Self::Error | Self::Cancelled)
     }
 }
 
@@ -124,6 +257,10 @@ pub enum StepStatus {
     Complete,
     Error,
     WaitingForRetry,
+    /// Will never run: another step of its task failed for good.
+    Skipped,
+    /// Will never run (or was interrupted): its task was cancelled.
+    Cancelled,
 }
 
 impl StepStatus {
@@ -135,7 +272,17 @@ impl StepStatus {
             Self::Complete => "complete",
             Self::Error => "error",
             Self::WaitingForRetry => "waiting_for_retry",
+            Self::Skipped => "skipped",
+            Self::Cancelled => "cancelled",
         }
+    }
+
+    /// A step that will not run again unless its task is retried.
+    pub fn is_settled(self) -> bool {
+        matches!(
+            self,
+            Self::Complete | Self::Error | Self::Skipped | Self::Cancelled
+        )
     }
 }
 
@@ -147,7 +294,12 @@ pub struct TaskSnapshot {
     pub name: String,
     pub version: String,
     pub status: TaskStatus,
+    /// ns since the Unix epoch (`None` once only the final status is kept).
+    pub created_at_ns: Option<u64>,
+    pub completed_at_ns: Option<u64>,
+    /// Empty when only the final status is still kept (see the memory backend's retention).
     pub steps: Vec<StepSnapshot>,
+    pub steps_retained: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -157,5 +309,9 @@ pub struct StepSnapshot {
     pub status: StepStatus,
     pub attempts: u32,
     pub result: Option<Arc<Value>>,
+    pub metadata: Option<Arc<Value>>,
     pub error_message: Option<String>,
+    /// When the last attempt started and ended (ns since the Unix epoch).
+    pub started_at_ns: Option<u64>,
+    pub completed_at_ns: Option<u64>,
 }

@@ -15,9 +15,11 @@ pub mod logging;
 pub mod status;
 pub mod template;
 
-pub use bootstrap::{CompletionVerdict, WorkerBootstrap, WorkerSystemHandle};
+pub use bootstrap::{CompletionVerdict, WaitTicket, WorkerBootstrap, WorkerSystemHandle};
 pub use config::{BackendKind, DeploymentMode, LogLevel, WorkerConfig};
-pub use dispatch::{DispatchPort, Reply, Take};
+pub use dispatch::{DispatchPort, InterruptPort, InterruptTake, Reply, Take};
 pub use error::{EngineError, EngineResult};
-pub use events::{StepExecutionCompletionEvent, StepExecutionEvent, TaskSnapshot};
+pub use events::{
+    InterruptReason, StepExecutionCompletionEvent, StepExecutionEvent, StepInterrupt, TaskSnapshot,
+};
 pub use status::{WorkerState, WorkerSystemStatus};

@@ -26,6 +26,25 @@ impl Backoff {
     }
 }
 
+/// What happens when an attempt outlives `timeout_seconds` while its handler runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnTimeout {
+    /// Raise `TaskerCore::StepTimeoutError` in the handler's thread (the default).
+    Raise,
+    /// Leave the handler alone: the attempt is recorded as timed out when it returns, and its
+    /// result is discarded (for handlers that must not be interrupted half-way).
+    Wait,
+}
+
+impl OnTimeout {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Raise => "raise",
+            Self::Wait => "wait",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct RetryPolicy {
     pub retryable: bool,
@@ -72,6 +91,7 @@ pub struct StepDefinition {
     pub dependencies: Vec<String>,
     pub retry: RetryPolicy,
     pub timeout: Duration,
+    pub on_timeout: OnTimeout,
 }
 
 #[derive(Debug)]
@@ -166,6 +186,15 @@ impl TaskTemplate {
                     )))
                 }
             };
+            let on_timeout = match step.on_timeout.as_deref() {
+                None | Some("raise") => OnTimeout::Raise,
+                Some("wait") => OnTimeout::Wait,
+                Some(other) => {
+                    return Err(in_step(format!(
+                        "on_timeout must be \"raise\" or \"wait\", got {other:?}"
+                    )))
+                }
+            };
             let mut deps = Vec::with_capacity(step.dependencies.len());
             for dep in &step.dependencies {
                 if dep == &step.name {
@@ -185,6 +214,7 @@ impl TaskTemplate {
                 dependencies: step.dependencies.clone(),
                 retry,
                 timeout,
+                on_timeout,
             }));
         }
 
@@ -436,6 +466,8 @@ struct RawStep {
     retry: Option<RawRetry>,
     #[serde(default)]
     timeout_seconds: Option<f64>,
+    #[serde(default)]
+    on_timeout: Option<String>,
     #[serde(default)]
     #[allow(dead_code)]
     description: Option<String>,

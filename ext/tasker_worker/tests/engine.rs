@@ -6,8 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tasker_worker::{
-    CompletionVerdict, Reply, StepExecutionCompletionEvent, StepExecutionEvent, Take, TaskSnapshot,
-    WorkerBootstrap, WorkerConfig, WorkerState, WorkerSystemHandle,
+    CompletionVerdict, InterruptReason, InterruptTake, Reply, StepExecutionCompletionEvent,
+    StepExecutionEvent, Take, TaskSnapshot, WorkerBootstrap, WorkerConfig, WorkerState,
+    WorkerSystemHandle,
 };
 use uuid::Uuid;
 
@@ -42,6 +43,9 @@ fn start(
                 loop {
                     match system.port().take(&cancel, None) {
                         Take::Event(event) => {
+                            if !system.begin_running(event.event_id) {
+                                continue;
+                            }
                             let outcome = handler(&event);
                             let _ = system.complete(completion(&event, outcome));
                         }
@@ -89,9 +93,13 @@ impl Harness {
     }
 
     fn wait(&self, task: Uuid) -> TaskSnapshot {
-        let reply = self.system.request_wait_for_task(task).unwrap();
+        let ticket = self.system.request_wait_for_task(task).unwrap();
         let (_never, cancel) = crossbeam_channel::bounded::<()>(1);
-        match tasker_worker::dispatch::wait_reply(&reply, &cancel, Some(Duration::from_secs(20))) {
+        match tasker_worker::dispatch::wait_reply(
+            &ticket.answer,
+            &cancel,
+            Some(Duration::from_secs(20)),
+        ) {
             Reply::Value(snapshot) => snapshot.unwrap(),
             other => panic!("task {task} did not finish: {other:?}"),
         }
@@ -232,7 +240,7 @@ fn failures_retry_with_backoff_then_error_and_dependents_never_run() {
         "{:?}",
         a.error_message
     );
-    assert_eq!(snapshot.steps[1].status.as_str(), "pending");
+    assert_eq!(snapshot.steps[1].status.as_str(), "skipped");
     let starts = starts.lock().unwrap().clone();
     assert_eq!(
         starts.iter().map(|s| s.1).collect::<Vec<_>>(),
@@ -278,57 +286,84 @@ steps:
 "#;
 
 #[test]
-fn timeouts_count_as_failed_attempts_and_late_completions_are_refused() {
-    let late = Arc::new(Mutex::new(Vec::new()));
-    let verdicts = Arc::clone(&late);
+fn a_timed_out_attempt_is_retried_only_after_its_handler_returns() {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&log);
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("t.yml"), SLOW).unwrap();
     let mut map = serde_json::Map::new();
     map.insert("templates".into(), json!(dir.path().to_str().unwrap()));
+    map.insert("concurrency".into(), json!(2));
     let system =
         Arc::new(WorkerBootstrap::start(WorkerConfig::from_map(&map, |_| None).unwrap()).unwrap());
     system.started().recv().unwrap().unwrap();
-    let worker = {
-        let system = Arc::clone(&system);
-        std::thread::spawn(move || {
-            let (_never, cancel) = crossbeam_channel::bounded::<()>(1);
-            while let Take::Event(event) = system.port().take(&cancel, Some(Duration::from_secs(3)))
-            {
-                std::thread::sleep(Duration::from_millis(250));
-                verdicts
-                    .lock()
-                    .unwrap()
-                    .push(system.complete(completion(&event, Ok(json!({})))));
-            }
+    // Two handler threads, so a retry dispatched too early would find a free thread at once.
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            let system = Arc::clone(&system);
+            let seen = Arc::clone(&seen);
+            std::thread::spawn(move || {
+                let (_never, cancel) = crossbeam_channel::bounded::<()>(1);
+                while let Take::Event(event) =
+                    system.port().take(&cancel, Some(Duration::from_secs(2)))
+                {
+                    assert!(system.begin_running(event.event_id));
+                    let started = Instant::now();
+                    std::thread::sleep(Duration::from_millis(250));
+                    let verdict = system.complete(completion(&event, Ok(json!({}))));
+                    seen.lock()
+                        .unwrap()
+                        .push((event.attempt, started, Instant::now(), verdict));
+                }
+            })
         })
-    };
+        .collect();
     let task = system
         .request_create_task("t", "slow", "1.0.0", json!({}))
         .unwrap()
         .recv()
         .unwrap()
         .unwrap()[0];
-    let reply = system.request_wait_for_task(task).unwrap();
-    let snapshot = reply.recv_timeout(Duration::from_secs(5)).unwrap().unwrap();
+    // The engine asks for the running handler to be interrupted, naming the attempt.
+    let (_never, cancel) = crossbeam_channel::bounded::<()>(1);
+    let InterruptTake::Interrupt(interrupt) = system
+        .interrupt_port()
+        .take(&cancel, Some(Duration::from_secs(5)))
+    else {
+        panic!("no interrupt for the timed-out attempt")
+    };
+    assert_eq!(
+        (interrupt.task_uuid, interrupt.attempt, interrupt.reason),
+        (task, 1, InterruptReason::Timeout)
+    );
+    let ticket = system.request_wait_for_task(task).unwrap();
+    let snapshot = ticket
+        .answer
+        .recv_timeout(Duration::from_secs(5))
+        .unwrap()
+        .unwrap();
     assert_eq!(snapshot.status.as_str(), "error");
     assert_eq!(snapshot.steps[0].attempts, 2);
+    let message = snapshot.steps[0].error_message.as_deref().unwrap();
     assert!(
-        snapshot.steps[0]
-            .error_message
-            .as_deref()
-            .unwrap()
-            .contains("timed out after 0.100s"),
-        "{:?}",
-        snapshot.steps[0].error_message
+        message.contains("StepTimeoutError") && message.contains("timed out after 0.100s"),
+        "{message}"
     );
-    worker.join().unwrap();
-    let verdicts = late.lock().unwrap();
-    assert_eq!(verdicts.len(), 2);
+    for worker in workers {
+        worker.join().unwrap();
+    }
+    let mut runs = std::mem::take(&mut *log.lock().unwrap());
+    runs.sort_by_key(|r| r.1);
+    assert_eq!(runs.len(), 2, "{runs:?}");
     assert!(
-        verdicts
-            .iter()
-            .all(|v| matches!(v, CompletionVerdict::Refused(_))),
-        "{verdicts:?}"
+        runs[1].1 >= runs[0].2,
+        "attempt 2 started before attempt 1 returned: {runs:?}"
+    );
+    // Late results are refused (and discarded): both attempts are recorded as timed out.
+    assert!(
+        runs.iter()
+            .all(|r| matches!(r.3, CompletionVerdict::Refused(_))),
+        "{runs:?}"
     );
     let status = system.status();
     assert_eq!(
@@ -487,5 +522,164 @@ fn an_event_that_timed_out_in_the_queue_is_no_longer_in_flight() {
         CompletionVerdict::Accepted
     );
     assert_eq!(h.wait(task).status.as_str(), "complete");
+    h.stop();
+}
+
+const BRANCHES: &str = r#"
+namespace: t
+name: branches
+version: 1.0.0
+steps:
+  - { name: fails, handler: { callable: H }, retry: { retryable: false } }
+  - { name: slow, handler: { callable: H } }
+  - { name: after_slow, dependencies: [slow], handler: { callable: H } }
+  - { name: after_fails, dependencies: [fails], handler: { callable: H } }
+"#;
+
+#[test]
+fn a_failed_task_ends_only_when_its_running_steps_have_returned() {
+    let slow_returned = Arc::new(Mutex::new(None));
+    let returned = Arc::clone(&slow_returned);
+    let h = start(BRANCHES, json!({"concurrency": 2}), 2, move |e| {
+        match &*e.definition.name {
+            "fails" => Err((false, "no".into())),
+            "slow" => {
+                std::thread::sleep(Duration::from_millis(300));
+                *returned.lock().unwrap() = Some(Instant::now());
+                Ok(json!({"slow": true}))
+            }
+            _ => Ok(json!({})),
+        }
+    });
+    let snapshot = h.wait(h.create("branches", json!({})));
+    let answered = Instant::now();
+    let returned = slow_returned.lock().unwrap().expect("the slow branch ran");
+    assert!(
+        answered >= returned,
+        "wait_for_task answered while a step ran"
+    );
+    assert_eq!(snapshot.status.as_str(), "error");
+    let statuses: Vec<&str> = snapshot.steps.iter().map(|s| s.status.as_str()).collect();
+    // The running branch finished (and kept its result); nothing new started after the failure.
+    assert_eq!(statuses, vec!["error", "complete", "skipped", "skipped"]);
+    assert!(snapshot.completed_at_ns.is_some());
+    let slow = &snapshot.steps[1];
+    assert!(slow.started_at_ns.unwrap() < slow.completed_at_ns.unwrap());
+    h.stop();
+}
+
+#[test]
+fn cancel_interrupts_running_steps_and_settles_the_rest_then_retry_runs_them_again() {
+    let runs = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&runs);
+    let release = Arc::new(Mutex::new(false));
+    let gate = Arc::clone(&release);
+    let h = start(BRANCHES, json!({"concurrency": 2}), 2, move |e| {
+        seen.lock()
+            .unwrap()
+            .push((e.definition.name.to_string(), e.attempt));
+        match &*e.definition.name {
+            // Blocks until the test opens the gate (as a handler would until interrupted).
+            "slow" | "fails" => {
+                while !*gate.lock().unwrap() {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err((true, "TaskerCore::StepCancelledError: interrupted".into()))
+            }
+            _ => Ok(json!({})),
+        }
+    });
+    let task = h.create("branches", json!({}));
+    // Both roots are running.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while runs.lock().unwrap().len() < 2 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let cancelled = h
+        .system
+        .request_cancel_task(task)
+        .unwrap()
+        .recv()
+        .unwrap()
+        .unwrap();
+    assert!(cancelled);
+    let (_never, cancel) = crossbeam_channel::bounded::<()>(1);
+    let mut reasons = Vec::new();
+    while reasons.len() < 2 {
+        match h
+            .system
+            .interrupt_port()
+            .take(&cancel, Some(Duration::from_secs(5)))
+        {
+            InterruptTake::Interrupt(i) => reasons.push((i.task_uuid, i.reason)),
+            other => panic!("expected interrupts for both running steps: {other:?}"),
+        }
+    }
+    assert!(reasons
+        .iter()
+        .all(|r| *r == (task, InterruptReason::Cancelled)));
+    let status = h
+        .system
+        .request_task_status(task)
+        .unwrap()
+        .recv()
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.status.as_str(), "in_progress", "handlers still run");
+    *release.lock().unwrap() = true;
+    let snapshot = h.wait(task);
+    assert_eq!(snapshot.status.as_str(), "cancelled");
+    let statuses: Vec<&str> = snapshot.steps.iter().map(|s| s.status.as_str()).collect();
+    assert_eq!(statuses, vec!["cancelled"; 4]);
+    // A finished task is not cancelled again.
+    let again = h.system.request_cancel_task(task).unwrap().recv().unwrap();
+    assert!(!again.unwrap());
+
+    // Retry: the cancelled steps run again; attempts go on counting.
+    h.system
+        .request_retry_task(task)
+        .unwrap()
+        .recv()
+        .unwrap()
+        .unwrap();
+    let snapshot = h.wait(task);
+    assert_eq!(snapshot.status.as_str(), "error", "`fails` fails again");
+    assert_eq!(snapshot.steps[0].attempts, 2);
+    let err = h
+        .system
+        .request_retry_task(Uuid::new_v4())
+        .unwrap()
+        .recv()
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(err, tasker_worker::EngineError::UnknownTask(_)));
+    h.stop();
+}
+
+#[test]
+fn a_running_task_cannot_be_retried() {
+    let h = start(SLOW, json!({}), 1, |_| {
+        std::thread::sleep(Duration::from_millis(50));
+        Ok(json!({}))
+    });
+    let task = h.create("slow", json!({}));
+    let err = h
+        .system
+        .request_retry_task(task)
+        .unwrap()
+        .recv()
+        .unwrap()
+        .unwrap_err();
+    assert!(err.to_string().contains("still running"), "{err}");
+    h.wait(task);
+    let err = h
+        .system
+        .request_retry_task(task)
+        .unwrap()
+        .recv()
+        .unwrap()
+        .unwrap_err();
+    assert!(err.to_string().contains("is complete"), "{err}");
     h.stop();
 }

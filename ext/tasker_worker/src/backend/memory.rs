@@ -1,11 +1,16 @@
 //! The embedded backend: everything in one process, owned by the engine thread (no locks).
+//!
+//! Retention: the last `task_retention` finished tasks are kept whole (steps, results, errors);
+//! older ones shrink to their final status in a [`FinalStatusIndex`] of `task_index_retention`
+//! more, so `wait_for_task` on a task created long ago still answers with how it ended. Memory is
+//! bounded by both numbers, whatever the number of tasks run.
 
 use super::{Backend, SnapshotReply};
 use crate::engine::EngineMessage;
 use crate::error::{EngineError, EngineResult};
 use crate::events::{
-    unix_ns, AttemptOutcome, InFlight, StepExecutionEvent, StepSnapshot, StepStatus, TaskInfo,
-    TaskSnapshot, TaskStatus,
+    unix_ns, AttemptOutcome, InFlight, StepExecutionCompletionEvent, StepExecutionEvent,
+    StepSnapshot, StepStatus, TaskInfo, TaskSnapshot, TaskStatus,
 };
 use crate::template::{TaskTemplate, TemplateKey};
 use serde_json::Value;
@@ -17,16 +22,25 @@ use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, warn};
 use uuid::Uuid;
 
+/// The longest delay a retry is scheduled with; a longer `retry_after` is capped to it (the
+/// bridge already refuses absurd values; this keeps `Instant` arithmetic from overflowing).
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(366 * 86_400);
+
 struct Step {
     uuid: Uuid,
     status: StepStatus,
     attempts: u32,
+    /// `attempts` when the task was last retried: the retry budget counts from here.
+    attempts_base: u32,
     /// Dependencies not yet complete.
     waiting_on: usize,
     result: Option<Arc<Value>>,
+    metadata: Option<Arc<Value>>,
     error_message: Option<String>,
     /// When it last became ready (see `StepExecutionEvent::ready_at_ns`).
     ready_at_ns: u64,
+    started_at_ns: Option<u64>,
+    completed_at_ns: Option<u64>,
 }
 
 struct Task {
@@ -34,7 +48,17 @@ struct Task {
     template: Arc<TaskTemplate>,
     status: TaskStatus,
     steps: Vec<Step>,
+    /// Steps not complete.
     incomplete: usize,
+    /// Steps with an attempt out (claimed, not yet recorded).
+    running: usize,
+    /// Set once the task will start no new step (a step failed for good: `Error`; cancelled:
+    /// `Cancelled`). It becomes the task's status when no attempt is out any more.
+    ending: Option<TaskStatus>,
+    created_at_ns: u64,
+    completed_at_ns: Option<u64>,
+    /// Bumped each time the task finishes, so a retried task is not evicted by an old entry.
+    finish_seq: u64,
     waiters: Vec<SnapshotReply>,
 }
 
@@ -46,6 +70,9 @@ impl Task {
             name: self.info.name.to_string(),
             version: self.info.version.to_string(),
             status: self.status,
+            created_at_ns: Some(self.created_at_ns),
+            completed_at_ns: self.completed_at_ns,
+            steps_retained: true,
             steps: self
                 .steps
                 .iter()
@@ -56,10 +83,106 @@ impl Task {
                     status: s.status,
                     attempts: s.attempts,
                     result: s.result.clone(),
+                    metadata: s.metadata.clone(),
                     error_message: s.error_message.clone(),
+                    started_at_ns: s.started_at_ns,
+                    completed_at_ns: s.completed_at_ns,
                 })
                 .collect(),
         }
+    }
+
+    /// Steps that have not started and now never will: `status` (skipped or cancelled).
+    fn settle_unstarted(&mut self, status: StepStatus) {
+        for step in &mut self.steps {
+            if matches!(
+                step.status,
+                StepStatus::Pending | StepStatus::Enqueued | StepStatus::WaitingForRetry
+            ) {
+                step.status = status;
+            }
+        }
+    }
+}
+
+/// Final statuses of tasks whose full records were dropped: two generations of at most
+/// `capacity / 2` entries each, the older dropped whole when the newer fills up (no per-entry
+/// bookkeeping). Between `capacity / 2` and `capacity` of the most recent are known.
+struct FinalStatusIndex {
+    current: HashMap<Uuid, CompactFinal>,
+    previous: HashMap<Uuid, CompactFinal>,
+    generation: usize,
+    /// Templates by id, so an entry is 3 bytes beside its key.
+    templates: Vec<Arc<TaskTemplate>>,
+    template_ids: HashMap<usize, u16>,
+}
+
+#[derive(Clone, Copy)]
+struct CompactFinal {
+    template: u16,
+    status: u8,
+}
+
+impl FinalStatusIndex {
+    fn new(capacity: usize) -> Self {
+        Self {
+            current: HashMap::new(),
+            previous: HashMap::new(),
+            generation: capacity / 2,
+            templates: Vec::new(),
+            template_ids: HashMap::new(),
+        }
+    }
+
+    fn insert(&mut self, task: &Task) {
+        if self.generation == 0 {
+            return;
+        }
+        let key = Arc::as_ptr(&task.template) as usize;
+        let template = match self.template_ids.get(&key) {
+            Some(&id) => id,
+            None => {
+                let Ok(id) = u16::try_from(self.templates.len()) else {
+                    return;
+                };
+                self.templates.push(Arc::clone(&task.template));
+                self.template_ids.insert(key, id);
+                id
+            }
+        };
+        if self.current.len() >= self.generation {
+            self.previous = std::mem::take(&mut self.current);
+        }
+        let status = match task.status {
+            TaskStatus::Complete => 0,
+            TaskStatus::Error => 1,
+            _ => 2,
+        };
+        self.current
+            .insert(task.info.task_uuid, CompactFinal { template, status });
+    }
+
+    fn get(&self, task_uuid: Uuid) -> Option<TaskSnapshot> {
+        let entry = self
+            .current
+            .get(&task_uuid)
+            .or_else(|| self.previous.get(&task_uuid))?;
+        let template = &self.templates[entry.template as usize];
+        Some(TaskSnapshot {
+            task_uuid,
+            namespace: template.namespace.clone(),
+            name: template.name.clone(),
+            version: template.version.clone(),
+            status: match entry.status {
+                0 => TaskStatus::Complete,
+                1 => TaskStatus::Error,
+                _ => TaskStatus::Cancelled,
+            },
+            created_at_ns: None,
+            completed_at_ns: None,
+            steps: Vec::new(),
+            steps_retained: false,
+        })
     }
 }
 
@@ -69,13 +192,17 @@ pub struct MemoryBackend {
     /// Steps waiting out their backoff: (due, tie-breaker, task, step).
     retries: BinaryHeap<Reverse<(Instant, u64, Uuid, usize)>>,
     retry_seq: u64,
-    /// Finished tasks in finishing order; the oldest are forgotten past `retention`.
-    finished: VecDeque<Uuid>,
+    /// Finished tasks in finishing order, with their `finish_seq`; the oldest lose their
+    /// details past `retention`.
+    finished: VecDeque<(Uuid, u64)>,
     retention: usize,
+    index: FinalStatusIndex,
+    /// Tasks that stopped starting steps during the current `record` call.
+    halted: Vec<Uuid>,
 }
 
 impl MemoryBackend {
-    pub fn new(retention: usize) -> Self {
+    pub fn new(retention: usize, index_retention: usize) -> Self {
         Self {
             tasks: HashMap::new(),
             ready: VecDeque::new(),
@@ -83,6 +210,8 @@ impl MemoryBackend {
             retry_seq: 0,
             finished: VecDeque::new(),
             retention,
+            index: FinalStatusIndex::new(index_retention),
+            halted: Vec::new(),
         }
     }
 
@@ -107,10 +236,14 @@ impl MemoryBackend {
                     StepStatus::Pending
                 },
                 attempts: 0,
+                attempts_base: 0,
                 waiting_on: deps.len(),
                 result: None,
+                metadata: None,
                 error_message: None,
                 ready_at_ns: now_ns,
+                started_at_ns: None,
+                completed_at_ns: None,
             })
             .collect();
         for (i, step) in steps.iter().enumerate() {
@@ -127,6 +260,11 @@ impl MemoryBackend {
                 status: TaskStatus::Pending,
                 steps,
                 incomplete,
+                running: 0,
+                ending: None,
+                created_at_ns: now_ns,
+                completed_at_ns: None,
+                finish_seq: 0,
                 waiters: Vec::new(),
             },
         );
@@ -135,74 +273,173 @@ impl MemoryBackend {
 
     fn unknown(task_uuid: Uuid) -> EngineError {
         EngineError::UnknownTask(format!(
-            "{task_uuid}: never created on this worker, or finished and no longer retained (see task_retention)"
+            "{task_uuid}: never created on this worker, or finished so long ago that it is no \
+             longer remembered (see task_retention and task_index_retention)"
         ))
     }
 
-    fn finish(&mut self, task_uuid: Uuid, status: TaskStatus) {
+    /// Finish the task if nothing is left to wait for: every step complete, or an ending decided
+    /// and no attempt out any more.
+    fn settle(&mut self, task_uuid: Uuid) {
         let Some(task) = self.tasks.get_mut(&task_uuid) else {
             return;
         };
+        if task.status.is_finished() || task.running > 0 {
+            return;
+        }
+        let status = match task.ending {
+            Some(ending) => ending,
+            None if task.incomplete == 0 => TaskStatus::Complete,
+            None => return,
+        };
         task.status = status;
+        task.completed_at_ns = Some(unix_ns());
+        task.finish_seq += 1;
         if !task.waiters.is_empty() {
             let snapshot = task.snapshot();
             for waiter in task.waiters.drain(..) {
                 let _ = waiter.try_send(Ok(snapshot.clone()));
             }
         }
-        self.finished.push_back(task_uuid);
+        self.finished.push_back((task_uuid, task.finish_seq));
         while self.finished.len() > self.retention {
-            if let Some(old) = self.finished.pop_front() {
-                self.tasks.remove(&old);
+            let Some((old, seq)) = self.finished.pop_front() else {
+                break;
+            };
+            // A task retried since it was queued here is running again, or queued again later.
+            if self
+                .tasks
+                .get(&old)
+                .is_some_and(|t| t.finish_seq == seq && t.status.is_finished())
+            {
+                if let Some(task) = self.tasks.remove(&old) {
+                    self.index.insert(&task);
+                }
             }
+        }
+    }
+
+    /// Stop starting steps of this task: what has not started is settled as `Skipped`
+    /// (failure) or `Cancelled`; the engine withdraws its attempts still queued for Ruby.
+    fn halt(&mut self, task_uuid: Uuid, ending: TaskStatus) {
+        let Some(task) = self.tasks.get_mut(&task_uuid) else {
+            return;
+        };
+        let first = task.ending.is_none();
+        // A cancel outranks a failure that is still winding down; nothing outranks a cancel.
+        if task.ending != Some(TaskStatus::Cancelled) {
+            task.ending = Some(ending);
+        }
+        task.settle_unstarted(if ending == TaskStatus::Cancelled {
+            StepStatus::Cancelled
+        } else {
+            StepStatus::Skipped
+        });
+        if first {
+            self.halted.push(task_uuid);
         }
     }
 
     fn record_one(&mut self, flight: InFlight, outcome: AttemptOutcome, now: Instant) {
         let Some(task) = self.tasks.get_mut(&flight.task_uuid) else {
-            debug!(task_uuid = %flight.task_uuid, "completion for a task no longer retained");
+            debug!(task_uuid = %flight.task_uuid, step = %flight.step_name, "outcome for a task no longer retained");
             return;
         };
-        let definition = Arc::clone(&task.template.steps[flight.step_index]);
         let step = &mut task.steps[flight.step_index];
         if step.status != StepStatus::InProgress || step.attempts != flight.attempt {
-            warn!(step = %definition.name, attempt = flight.attempt, "outcome for an attempt that is no longer current");
+            warn!(
+                task_uuid = %flight.task_uuid,
+                step = %flight.step_name,
+                attempt = flight.attempt,
+                "outcome for an attempt that is no longer current; ignored"
+            );
             return;
         }
-        let (retryable, retry_after, message) = match outcome {
-            AttemptOutcome::Completed(c) if c.success => {
-                step.status = StepStatus::Complete;
-                step.result = Some(Arc::new(c.result));
-                step.error_message = None;
-                task.incomplete -= 1;
-                if task.incomplete == 0 {
-                    self.finish(flight.task_uuid, TaskStatus::Complete);
-                    return;
-                }
-                if task.status == TaskStatus::Error {
-                    return;
-                }
-                for &next in &task.template.dependents[flight.step_index] {
-                    let successor = &mut task.steps[next];
-                    successor.waiting_on -= 1;
-                    if successor.waiting_on == 0 {
-                        successor.status = StepStatus::Enqueued;
-                        successor.ready_at_ns = unix_ns();
-                        self.ready.push_back((flight.task_uuid, next));
-                    }
-                }
-                return;
+        task.running -= 1;
+        step.completed_at_ns = Some(unix_ns());
+        let failure = match outcome {
+            AttemptOutcome::Completed(c) if c.success => Some(Ok(c)),
+            AttemptOutcome::Cancelled(Some(c)) if c.success => Some(Ok(c)),
+            AttemptOutcome::Completed(c) => Some(Err((
+                c.retryable,
+                c.retry_after,
+                c.failure_message(),
+                Some(c.metadata),
+            ))),
+            AttemptOutcome::TimedOut => Some(Err((true, None, flight.timeout_message(), None))),
+            AttemptOutcome::Cancelled(reported) => {
+                step.status = StepStatus::Cancelled;
+                step.error_message = Some(match reported {
+                    Some(c) => format!("cancelled while running ({})", c.failure_message()),
+                    None => "cancelled while running".to_string(),
+                });
+                None
             }
-            AttemptOutcome::Completed(c) => (c.retryable, c.retry_after, c.failure_message()),
-            AttemptOutcome::TimedOut => (
-                true,
-                None,
-                format!("timed out after {}s", fmt_secs(flight.timeout)),
-            ),
         };
-        let policy = &definition.retry;
-        if retryable && policy.retryable && step.attempts < policy.max_attempts {
-            let delay = retry_after.unwrap_or_else(|| policy.delay_after(step.attempts));
+        match failure {
+            None => {}
+            Some(Ok(completion)) => self.succeed(&flight, *completion),
+            Some(Err((retryable, retry_after, message, metadata))) => {
+                self.fail(&flight, retryable, retry_after, message, metadata, now)
+            }
+        }
+        self.settle(flight.task_uuid);
+    }
+
+    fn succeed(&mut self, flight: &InFlight, completion: StepExecutionCompletionEvent) {
+        let Some(task) = self.tasks.get_mut(&flight.task_uuid) else {
+            return;
+        };
+        let step = &mut task.steps[flight.step_index];
+        step.status = StepStatus::Complete;
+        step.result = Some(Arc::new(completion.result));
+        step.metadata = Some(Arc::new(completion.metadata));
+        step.error_message = None;
+        task.incomplete -= 1;
+        if task.ending.is_some() {
+            return;
+        }
+        for &next in &task.template.dependents[flight.step_index] {
+            let successor = &mut task.steps[next];
+            successor.waiting_on -= 1;
+            if successor.waiting_on == 0 && successor.status == StepStatus::Pending {
+                successor.status = StepStatus::Enqueued;
+                successor.ready_at_ns = unix_ns();
+                self.ready.push_back((flight.task_uuid, next));
+            }
+        }
+    }
+
+    fn fail(
+        &mut self,
+        flight: &InFlight,
+        retryable: bool,
+        retry_after: Option<Duration>,
+        message: String,
+        metadata: Option<Value>,
+        now: Instant,
+    ) {
+        let Some(task) = self.tasks.get_mut(&flight.task_uuid) else {
+            return;
+        };
+        let policy = &task.template.steps[flight.step_index].retry;
+        let step = &mut task.steps[flight.step_index];
+        step.metadata = metadata.map(Arc::new);
+        if let Some(ending) = task.ending {
+            // The task is already ending: no retry; the attempt's failure is kept.
+            step.status = if ending == TaskStatus::Cancelled {
+                StepStatus::Cancelled
+            } else {
+                StepStatus::Error
+            };
+            step.error_message = Some(message);
+            return;
+        }
+        let used = step.attempts - step.attempts_base;
+        if retryable && policy.retryable && used < policy.max_attempts {
+            let delay = retry_after
+                .unwrap_or_else(|| policy.delay_after(used))
+                .min(MAX_RETRY_DELAY);
             step.status = StepStatus::WaitingForRetry;
             step.error_message = Some(message);
             self.retry_seq += 1;
@@ -217,11 +454,9 @@ impl MemoryBackend {
             step.error_message = Some(if !retryable || !policy.retryable {
                 message
             } else {
-                format!("{message} (gave up after {} attempts)", step.attempts)
+                format!("{message} (gave up after {used} attempts)")
             });
-            if task.status != TaskStatus::Error {
-                self.finish(flight.task_uuid, TaskStatus::Error);
-            }
+            self.halt(flight.task_uuid, TaskStatus::Error);
         }
     }
 
@@ -232,23 +467,24 @@ impl MemoryBackend {
             }
             let Reverse((_, _, task_uuid, index)) = self.retries.pop().expect("peeked");
             if let Some(task) = self.tasks.get_mut(&task_uuid) {
-                if task.status != TaskStatus::Error
-                    && task.steps[index].status == StepStatus::WaitingForRetry
+                if task.ending.is_none() && task.steps[index].status == StepStatus::WaitingForRetry
                 {
                     task.steps[index].status = StepStatus::Enqueued;
+                    task.steps[index].ready_at_ns = unix_ns();
                     self.ready.push_back((task_uuid, index));
                 }
             }
         }
     }
-}
 
-fn fmt_secs(d: Duration) -> String {
-    let s = d.as_secs_f64();
-    if s.fract() == 0.0 {
-        format!("{}", s as u64)
-    } else {
-        format!("{s:.3}")
+    fn snapshot_of(&self, task_uuid: Uuid) -> EngineResult<TaskSnapshot> {
+        match self.tasks.get(&task_uuid) {
+            Some(task) => Ok(task.snapshot()),
+            None => self
+                .index
+                .get(task_uuid)
+                .ok_or_else(|| Self::unknown(task_uuid)),
+        }
     }
 }
 
@@ -272,21 +508,21 @@ impl Backend for MemoryBackend {
     }
 
     async fn task_status(&mut self, task_uuid: Uuid) -> EngineResult<TaskSnapshot> {
-        self.tasks
-            .get(&task_uuid)
-            .map(Task::snapshot)
-            .ok_or_else(|| Self::unknown(task_uuid))
+        self.snapshot_of(task_uuid)
     }
 
     async fn wait_for_task(&mut self, task_uuid: Uuid, reply: SnapshotReply) {
         match self.tasks.get_mut(&task_uuid) {
-            Some(task) if task.status.is_finished() => {
-                let _ = reply.try_send(Ok(task.snapshot()));
+            Some(task) if !task.status.is_finished() => task.waiters.push(reply),
+            _ => {
+                let _ = reply.try_send(self.snapshot_of(task_uuid));
             }
-            Some(task) => task.waiters.push(reply),
-            None => {
-                let _ = reply.try_send(Err(Self::unknown(task_uuid)));
-            }
+        }
+    }
+
+    fn forget_waiter(&mut self, task_uuid: Uuid, reply: &SnapshotReply) {
+        if let Some(task) = self.tasks.get_mut(&task_uuid) {
+            task.waiters.retain(|w| !w.same_channel(reply));
         }
     }
 
@@ -297,6 +533,7 @@ impl Backend for MemoryBackend {
     ) -> EngineResult<Vec<(StepExecutionEvent, InFlight)>> {
         self.promote_due_retries(now);
         let mut claimed = Vec::with_capacity(max.min(self.ready.len()));
+        let now_ns = unix_ns();
         while claimed.len() < max {
             let Some((task_uuid, index)) = self.ready.pop_front() else {
                 break;
@@ -304,8 +541,7 @@ impl Backend for MemoryBackend {
             let Some(task) = self.tasks.get_mut(&task_uuid) else {
                 continue;
             };
-            if task.status == TaskStatus::Error || task.steps[index].status != StepStatus::Enqueued
-            {
+            if task.ending.is_some() || task.steps[index].status != StepStatus::Enqueued {
                 continue;
             }
             if task.status == TaskStatus::Pending {
@@ -322,17 +558,14 @@ impl Backend for MemoryBackend {
                     (Arc::clone(&task.template.steps[d].name), result)
                 })
                 .collect();
+            task.running += 1;
             let step = &mut task.steps[index];
             step.status = StepStatus::InProgress;
             step.attempts += 1;
-            let flight = InFlight {
-                task_uuid,
-                step_uuid: step.uuid,
-                step_index: index,
-                attempt: step.attempts,
-                deadline: now + definition.timeout,
-                timeout: definition.timeout,
-            };
+            step.started_at_ns = Some(now_ns);
+            step.completed_at_ns = None;
+            let flight =
+                InFlight::new(task_uuid, step.uuid, index, &definition, step.attempts, now);
             let event = StepExecutionEvent {
                 event_id: Uuid::new_v4(),
                 step_uuid: step.uuid,
@@ -351,25 +584,98 @@ impl Backend for MemoryBackend {
         &mut self,
         outcomes: Vec<(InFlight, AttemptOutcome)>,
         now: Instant,
-    ) -> EngineResult<()> {
+    ) -> EngineResult<Vec<Uuid>> {
         for (flight, outcome) in outcomes {
             self.record_one(flight, outcome, now);
         }
-        Ok(())
+        Ok(std::mem::take(&mut self.halted))
     }
 
     async fn release(&mut self, unstarted: Vec<InFlight>) {
+        let mut touched = Vec::new();
         for flight in unstarted {
-            if let Some(task) = self.tasks.get_mut(&flight.task_uuid) {
-                let step = &mut task.steps[flight.step_index];
-                if step.status == StepStatus::InProgress && step.attempts == flight.attempt {
-                    // It never ran: this attempt does not count.
-                    step.attempts -= 1;
-                    step.status = StepStatus::Enqueued;
+            let Some(task) = self.tasks.get_mut(&flight.task_uuid) else {
+                continue;
+            };
+            let step = &mut task.steps[flight.step_index];
+            if step.status != StepStatus::InProgress || step.attempts != flight.attempt {
+                continue;
+            }
+            // It never ran: this attempt does not count.
+            step.attempts -= 1;
+            step.started_at_ns = None;
+            task.running -= 1;
+            step.status = match task.ending {
+                None => {
                     self.ready.push_front((flight.task_uuid, flight.step_index));
+                    StepStatus::Enqueued
                 }
+                Some(TaskStatus::Cancelled) => StepStatus::Cancelled,
+                Some(_) => StepStatus::Skipped,
+            };
+            touched.push(flight.task_uuid);
+        }
+        for task_uuid in touched {
+            self.settle(task_uuid);
+        }
+    }
+
+    async fn cancel_task(&mut self, task_uuid: Uuid) -> EngineResult<bool> {
+        match self.tasks.get(&task_uuid) {
+            None if self.index.get(task_uuid).is_some() => return Ok(false),
+            None => return Err(Self::unknown(task_uuid)),
+            Some(task) if task.status.is_finished() => return Ok(false),
+            Some(_) => {}
+        }
+        self.halt(task_uuid, TaskStatus::Cancelled);
+        self.settle(task_uuid);
+        Ok(true)
+    }
+
+    async fn retry_task(&mut self, task_uuid: Uuid) -> EngineResult<()> {
+        let Some(task) = self.tasks.get_mut(&task_uuid) else {
+            return Err(match self.index.get(task_uuid) {
+                Some(_) => EngineError::config(format!(
+                    "task {task_uuid} finished too long ago to be retried: only its final status is \
+                     still kept (raise task_retention to keep more tasks whole)"
+                )),
+                None => Self::unknown(task_uuid),
+            });
+        };
+        if !matches!(task.status, TaskStatus::Error | TaskStatus::Cancelled) {
+            return Err(EngineError::config(format!(
+                "task {task_uuid} is {}: only a task that ended in error or was cancelled can be retried",
+                if task.status.is_finished() {
+                    task.status.as_str()
+                } else {
+                    "still running"
+                }
+            )));
+        }
+        task.status = TaskStatus::InProgress;
+        task.ending = None;
+        task.completed_at_ns = None;
+        let now_ns = unix_ns();
+        for i in 0..task.steps.len() {
+            if task.steps[i].status == StepStatus::Complete {
+                continue;
+            }
+            let waiting_on = task.template.dependencies[i]
+                .iter()
+                .filter(|&&d| task.steps[d].status != StepStatus::Complete)
+                .count();
+            let step = &mut task.steps[i];
+            step.attempts_base = step.attempts;
+            step.waiting_on = waiting_on;
+            step.ready_at_ns = now_ns;
+            if waiting_on == 0 {
+                step.status = StepStatus::Enqueued;
+                self.ready.push_back((task_uuid, i));
+            } else {
+                step.status = StepStatus::Pending;
             }
         }
+        Ok(())
     }
 
     fn in_process(&self) -> bool {
@@ -378,5 +684,37 @@ impl Backend for MemoryBackend {
 
     fn next_wakeup(&self) -> Option<Instant> {
         self.retries.peek().map(|Reverse((due, _, _, _))| *due)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_final_status_index_keeps_between_half_and_all_of_its_capacity() {
+        let yaml = "namespace: n\nname: t\nversion: 1.0.0\nsteps:\n  - { name: a, handler: { callable: A } }\n";
+        let template = Arc::new(TaskTemplate::from_yaml(yaml, "t.yml".as_ref()).unwrap());
+        let mut backend = MemoryBackend::new(0, 1000);
+        let uuids: Vec<Uuid> = (0..5000)
+            .map(|_| {
+                let uuid = backend.create_one(&template, Value::Null);
+                let task = backend.tasks.get_mut(&uuid).unwrap();
+                task.ending = Some(TaskStatus::Error);
+                backend.settle(uuid);
+                uuid
+            })
+            .collect();
+        assert!(backend.tasks.is_empty(), "retention 0 keeps no task whole");
+        let known = uuids
+            .iter()
+            .filter(|u| backend.index.get(**u).is_some())
+            .count();
+        assert!((500..=1000).contains(&known), "{known} known");
+        // The most recent are the ones kept, with their final status.
+        let last = backend.index.get(uuids[4999]).unwrap();
+        assert_eq!(last.status, TaskStatus::Error);
+        assert!(!last.steps_retained);
+        assert!(backend.index.get(uuids[0]).is_none());
     }
 }

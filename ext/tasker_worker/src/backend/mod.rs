@@ -38,6 +38,9 @@ pub trait Backend: Send + 'static {
     /// Answer `reply` when the task finishes (at once if it already has).
     async fn wait_for_task(&mut self, task_uuid: Uuid, reply: SnapshotReply);
 
+    /// The caller of `wait_for_task` gave up (timeout, interrupt): drop `reply`.
+    fn forget_waiter(&mut self, task_uuid: Uuid, reply: &SnapshotReply);
+
     /// Called on every pass of the engine loop (housekeeping, retrying failed writes).
     async fn tick(&mut self, _now: Instant) {}
 
@@ -49,14 +52,28 @@ pub trait Backend: Send + 'static {
     ) -> EngineResult<Vec<(StepExecutionEvent, InFlight)>>;
 
     /// Record attempts that ended: results, retries with backoff, successors, task completion.
+    /// A step that fails for good stops its task from starting more steps: the steps that have
+    /// not started become `skipped`, and the task ends `error` once no attempt of it is out.
+    /// Returns the tasks that stopped starting steps in this call, so that the engine withdraws
+    /// their attempts still queued for Ruby (see [`Backend::release`]).
     async fn record(
         &mut self,
         outcomes: Vec<(InFlight, AttemptOutcome)>,
         now: Instant,
-    ) -> EngineResult<()>;
+    ) -> EngineResult<Vec<Uuid>>;
 
-    /// Attempts dispatched but never taken by a Ruby thread (shutdown): make them ready again.
+    /// Attempts dispatched but never run (shutdown, or withdrawn from a task that stopped):
+    /// the attempt does not count; the step is ready again, or settled as its task's ending says.
     async fn release(&mut self, unstarted: Vec<InFlight>);
+
+    /// Stop the task: no step starts any more; those not started become `cancelled`; the task
+    /// becomes `cancelled` once no attempt of it is out (the engine interrupts those that run).
+    /// `Ok(false)` if it had already finished.
+    async fn cancel_task(&mut self, task_uuid: Uuid) -> EngineResult<bool>;
+
+    /// Run an `error` or `cancelled` task again from its unfinished steps (completed steps keep
+    /// their results, attempts go on counting, each step gets its retry budget again).
+    async fn retry_task(&mut self, task_uuid: Uuid) -> EngineResult<()>;
 
     /// The worker is shutting down: claim nothing more. A backend that claims ahead of the
     /// engine (postgres claims in its record transactions) releases what it still holds.

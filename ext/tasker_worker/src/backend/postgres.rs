@@ -201,6 +201,9 @@ impl PostgresBackend {
             name: task.get("name"),
             version: task.get("version"),
             status: task_status(task.get("status")),
+            created_at_ns: None,
+            completed_at_ns: None,
+            steps_retained: true,
             steps: steps
                 .into_iter()
                 .map(|row| StepSnapshot {
@@ -209,7 +212,10 @@ impl PostgresBackend {
                     status: step_status(row.get("status")),
                     attempts: row.get::<i32, _>("attempts") as u32,
                     result: row.get::<Option<Value>, _>("result").map(Arc::new),
+                    metadata: None,
                     error_message: row.get("error_message"),
+                    started_at_ns: None,
+                    completed_at_ns: None,
                 })
                 .collect(),
         }))
@@ -333,14 +339,14 @@ impl PostgresBackend {
             let index = row.get::<i32, _>("step_index") as usize;
             let attempt = row.get::<i32, _>("attempts") as u32;
             let definition = Arc::clone(&template.steps[index]);
-            let flight = InFlight {
+            let flight = InFlight::new(
                 task_uuid,
-                step_uuid: row.get("step_uuid"),
-                step_index: index,
+                row.get("step_uuid"),
+                index,
+                &definition,
                 attempt,
-                deadline: now + definition.timeout,
-                timeout: definition.timeout,
-            };
+                now,
+            );
             self.flight_templates
                 .insert(flight.step_uuid, Arc::clone(&template));
             if attempt > definition.retry.max_attempts {
@@ -728,11 +734,8 @@ async fn record_in(
                 continue;
             }
             AttemptOutcome::Completed(c) => (c.retryable, c.retry_after, c.failure_message()),
-            AttemptOutcome::TimedOut => (
-                true,
-                None,
-                format!("timed out after {}s", flight.timeout.as_secs_f64()),
-            ),
+            AttemptOutcome::TimedOut => (true, None, flight.timeout_message()),
+            AttemptOutcome::Cancelled(_) => (false, None, "cancelled while running".to_string()),
         };
         let Some(template) = template_of.get(&flight.task_uuid) else {
             continue;
@@ -1050,6 +1053,28 @@ impl Backend for PostgresBackend {
         }
     }
 
+    fn forget_waiter(&mut self, task_uuid: Uuid, reply: &SnapshotReply) {
+        if let Some(waiters) = self.waiters.get_mut(&task_uuid) {
+            waiters.retain(|w| !w.same_channel(reply));
+            if waiters.is_empty() {
+                self.waiters.remove(&task_uuid);
+            }
+        }
+    }
+
+    // TODO(issue E): cancel and retry across processes on PostgreSQL.
+    async fn cancel_task(&mut self, _task_uuid: Uuid) -> EngineResult<bool> {
+        Err(EngineError::config(
+            "cancel_task is not available on the postgres backend yet",
+        ))
+    }
+
+    async fn retry_task(&mut self, _task_uuid: Uuid) -> EngineResult<()> {
+        Err(EngineError::config(
+            "retry_task is not available on the postgres backend yet",
+        ))
+    }
+
     async fn tick(&mut self, now: Instant) {
         self.housekeeping(now).await;
         if self.retry_write_at.is_some_and(|at| now >= at) {
@@ -1097,13 +1122,13 @@ impl Backend for PostgresBackend {
         &mut self,
         mut outcomes: Vec<(InFlight, AttemptOutcome)>,
         now: Instant,
-    ) -> EngineResult<()> {
+    ) -> EngineResult<Vec<Uuid>> {
         self.outstanding = self.outstanding.saturating_sub(outcomes.len());
         if !self.unrecorded.is_empty() {
             outcomes.append(&mut self.unrecorded);
         }
         if outcomes.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let mut attempt = 0;
         loop {
@@ -1115,7 +1140,7 @@ impl Backend for PostgresBackend {
                     if !self.waiters.is_empty() {
                         self.answer_waiters(finished).await;
                     }
-                    return Ok(());
+                    return Ok(Vec::new());
                 }
                 // A deadlock or serialization failure: the transaction rolled back, try again now.
                 Err(EngineError::Internal(m))
@@ -1128,7 +1153,7 @@ impl Backend for PostgresBackend {
                     warn!(error = %e, outcomes = outcomes.len(), "recording outcomes failed; they are kept and retried");
                     self.unrecorded = outcomes;
                     self.retry_write_at = Some(now + RETRY_WRITE_AFTER);
-                    return Ok(());
+                    return Ok(Vec::new());
                 }
             }
         }
