@@ -42,3 +42,33 @@ end
 puts format("   task_retention %d; RSS %.1f MB at start; median after warm-up %.1f MB; median growth over %d steps " \
             "%+.1f MB; RSS at the end %.1f MB", retention, rss_start, Bench.median(runs.map(&:first)), total,
             Bench.median(runs.map(&:last)), Bench.rss_mb)
+
+# Retention with default settings: TASKS single-step tasks (default 10,000,000) through a worker
+# with the default task_retention and task_index_retention. RSS is sampled every tenth of the way;
+# it must level off once both are full. Then the README's pattern, checked: 100,000 tasks created
+# one by one, then waited on one by one, each answering its real final status.
+tasks = Bench.size(Integer(ENV.fetch("TASKS", "10000000")), 20_000)
+chunk = 1_000
+Bench.header("memory: RSS over #{tasks} single-step tasks, default retention", "rake bench:memory")
+Bench.start_worker(concurrency: 4)
+samples = []
+started = Bench.now
+(tasks / chunk).times do |i|
+  uuids = TaskerCore.create_tasks(namespace: "bench", name: "single", contexts: Array.new(chunk) { {} })
+  uuids.each { |u| TaskerCore.wait_for_task(u, timeout: 600) }
+  next unless ((i + 1) * chunk % (tasks / 10)).zero?
+
+  GC.start
+  samples << [(i + 1) * chunk, Bench.rss_mb]
+  puts format("   %10d tasks: RSS %.1f MB (%.0f tasks/s)", samples.last[0], samples.last[1],
+              samples.last[0] / (Bench.now - started))
+end
+second = samples[1] || samples.first
+puts format("   RSS from %d to %d tasks: %+.1f MB (both retentions fill within the first %d tasks)",
+            second[0], samples.last[0], samples.last[1] - second[1], 510_000)
+
+wait_n = Bench.size(100_000, 2_000)
+uuids = Array.new(wait_n) { TaskerCore.create_task(namespace: "bench", name: "single") }
+statuses = uuids.map { |u| TaskerCore.wait_for_task(u, timeout: 600)[:status] }.tally
+puts format("   %d tasks created one by one, then waited on one by one: %s", wait_n, statuses.inspect)
+Bench.stop_worker

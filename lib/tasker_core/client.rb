@@ -21,6 +21,25 @@ module TaskerCore
       FFI.task_status(task_uuid)
     end
 
+    # Stop a task: no step of it starts any more, handlers running its steps are interrupted
+    # (`StepCancelledError` is raised in them, unless the step says `on_timeout: "wait"`), the
+    # steps that never ran become `cancelled`, and the task becomes `cancelled` once no handler
+    # of it runs any more (so `wait_for_task` returns then).
+    # @return [Boolean] true, or false if the task had already finished
+    # @raise [TaskNotFoundError] for a uuid this worker never created (or no longer remembers)
+    def cancel_task(task_uuid)
+      FFI.cancel_task(task_uuid)
+    end
+
+    # Run an `error` or `cancelled` task again from its failed, skipped and cancelled steps.
+    # Completed steps keep their results; attempts go on counting, and each step gets its
+    # `max_attempts` again.
+    # @return [true]
+    # @raise [ConfigurationError] if the task is still running or complete
+    def retry_task(task_uuid)
+      FFI.retry_task(task_uuid)
+    end
+
     # Wait (with the GVL released) until the task completes or errors.
     # @raise [Timeout::Error] past `timeout` seconds (nil waits forever)
     def wait_for_task(task_uuid, timeout: 30)

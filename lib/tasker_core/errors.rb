@@ -13,4 +13,21 @@ module TaskerCore
     end
   end
   # TaskerCore::PermanentError, raised by a handler, fails the step now whatever attempts remain.
+
+  # Raised inside a running handler by the worker, never by handlers: the attempt is over
+  # (StepTimeoutError: it outlived `timeout_seconds`; StepCancelledError: its task was cancelled).
+  # Clean up and return (`ensure` blocks run); whatever the handler returns next is discarded.
+  # Handler threads defer these outside the handler itself (`Thread.handle_interrupt`).
+  module StepInterruption
+  end
+
+  # TaskerCore::StepTimeoutError < TaskerCore::Error is defined by the extension.
+  class StepTimeoutError
+    include StepInterruption
+  end
+
+  # Raised inside a running handler whose task was cancelled (`TaskerCore.cancel_task`).
+  class StepCancelledError < Error
+    include StepInterruption
+  end
 end

@@ -121,6 +121,33 @@ module WorkflowHandlers
   end
 end
 
+module WorkflowHandlers
+  # A runaway: rescues every exception (StepTimeoutError included) and keeps working for
+  # `stubborn_for` seconds (context plan), recording each interrupt it swallowed.
+  class Stubborn < TaskerCore::StepHandler::Base
+    @swallowed = Queue.new
+
+    class << self
+      attr_reader :swallowed
+    end
+
+    def call(task, sequence, step)
+      execution = WorkflowRecorder.start(task, sequence, step, config)
+      until_at = WorkflowRecorder.now + task.context.fetch("stubborn_for", 1.0)
+      begin
+        sleep(until_at - WorkflowRecorder.now) while WorkflowRecorder.now < until_at
+      rescue Exception => e # rubocop:disable Lint/RescueException
+        self.class.swallowed << e
+        retry
+      end
+      execution.outcome = :success
+      { "stubborn" => true }
+    ensure
+      execution.finished_at = WorkflowRecorder.now
+    end
+  end
+end
+
 # Shared by the spec/workflow specs: `include_context "workflow worker"`.
 module WorkflowSpecHelpers
   TEMPLATES_B = File.join(FIXTURES, "templates_b")

@@ -13,12 +13,12 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use tasker_worker::dispatch::{wait_reply, WakeShape};
+use tasker_worker::dispatch::{wait_reply, InterruptTake, WakeShape};
 use tasker_worker::{
     CompletionVerdict, EngineError, Reply, Take, WorkerBootstrap, WorkerConfig, WorkerState,
     WorkerSystemHandle,
 };
-use tracing::warn;
+use tracing::{debug, warn};
 use uuid::Uuid;
 
 /// The running worker, as the bridge holds it.
@@ -86,6 +86,9 @@ pub fn init(ruby: &Ruby, module: RModule) -> Result<(), Error> {
     ffi.define_singleton_method("create_tasks", function!(create_tasks, 1))?;
     ffi.define_singleton_method("task_status", function!(task_status, 1))?;
     ffi.define_singleton_method("wait_for_task", function!(wait_for_task, 2))?;
+    ffi.define_singleton_method("cancel_task", function!(cancel_task, 1))?;
+    ffi.define_singleton_method("retry_task", function!(retry_task, 1))?;
+    ffi.define_singleton_method("next_step_interrupt", function!(next_step_interrupt, -1))?;
     ffi.define_singleton_method("__provoke_panic", function!(provoke_panic, 1))?;
     ffi.define_singleton_method("__measure_thread_wake", function!(measure_thread_wake, 3))?;
     crate::logging::init(ruby, ffi)?;
@@ -263,6 +266,11 @@ fn send_step_completion_event(ruby: &Ruby, completion: Value) -> Result<bool, Er
                 warn!("{why}; ignored");
                 Ok(false)
             }
+            // The engine already logged the timeout; this is the expected end of that attempt.
+            CompletionVerdict::TimedOut(why) => {
+                debug!("{why}");
+                Ok(false)
+            }
         }
     })
 }
@@ -306,7 +314,7 @@ fn next_step_event(ruby: &Ruby, args: &[Value]) -> Result<Value, Error> {
                 return Ok(ruby.qnil().as_value());
             }
             // Timed out while it waited to be taken: already recorded as a failed attempt.
-            if !system.is_in_flight(event.event_id) {
+            if !system.begin_running(event.event_id) {
                 return Ok(ruby.qfalse().as_value());
             }
             let step_definition = definitions::step_definition(ruby, &event.definition)?;
@@ -482,13 +490,86 @@ fn wait_for_task(ruby: &Ruby, task_uuid: Value, timeout: Value) -> Result<Option
         } else {
             Some(seconds(ruby, timeout, "timeout")?)
         };
-        let reply = system
+        let ticket = system
             .request_wait_for_task(uuid)
             .map_err(|e| errors::engine(ruby, e))?;
-        match await_reply(ruby, reply, timeout)? {
-            Some(Ok(snapshot)) => Ok(Some(convert::snapshot_to_ruby(ruby, &snapshot)?)),
-            Some(Err(e)) => Err(errors::engine(ruby, e)),
-            None => Ok(None),
+        match await_reply(ruby, ticket.answer.clone(), timeout) {
+            Ok(Some(Ok(snapshot))) => Ok(Some(convert::snapshot_to_ruby(ruby, &snapshot)?)),
+            Ok(Some(Err(e))) => Err(errors::engine(ruby, e)),
+            // Timed out or interrupted: the engine must not keep the reply for a waiter gone.
+            Ok(None) => {
+                system.abandon_wait(ticket);
+                Ok(None)
+            }
+            Err(interrupt) => {
+                system.abandon_wait(ticket);
+                Err(interrupt)
+            }
+        }
+    })
+}
+
+/// `cancel_task(uuid)`: true if the task was unfinished (it is now cancelling), false if it had
+/// already finished.
+fn cancel_task(ruby: &Ruby, task_uuid: Value) -> Result<bool, Error> {
+    errors::guard(ruby, || {
+        let system = require_worker(ruby)?;
+        let uuid = parse_task_uuid(ruby, task_uuid)?;
+        let reply = system
+            .request_cancel_task(uuid)
+            .map_err(|e| errors::engine(ruby, e))?;
+        match await_reply(ruby, reply, None)? {
+            Some(result) => result.map_err(|e| errors::engine(ruby, e)),
+            None => unreachable!("no timeout was given"),
+        }
+    })
+}
+
+/// `retry_task(uuid)`: runs an `error` or `cancelled` task again from its unfinished steps.
+fn retry_task(ruby: &Ruby, task_uuid: Value) -> Result<bool, Error> {
+    errors::guard(ruby, || {
+        let system = require_worker(ruby)?;
+        let uuid = parse_task_uuid(ruby, task_uuid)?;
+        let reply = system
+            .request_retry_task(uuid)
+            .map_err(|e| errors::engine(ruby, e))?;
+        match await_reply(ruby, reply, None)? {
+            Some(result) => result.map(|()| true).map_err(|e| errors::engine(ruby, e)),
+            None => unreachable!("no timeout was given"),
+        }
+    })
+}
+
+/// `next_step_interrupt(timeout = nil)`: the next handler to interrupt (its attempt timed out
+/// or its task was cancelled) as `{event_id:, task_uuid:, step_uuid:, step_name:, attempt:,
+/// timeout_seconds:, reason: :timeout | :cancelled}`; `false` when the wait timed out or was
+/// cut short; `nil` once the worker has stopped. `Worker::Bootstrap` runs one thread on this.
+fn next_step_interrupt(ruby: &Ruby, args: &[Value]) -> Result<Value, Error> {
+    errors::guard(ruby, || {
+        let timeout = match args {
+            [] => None,
+            [t] if t.is_nil() => None,
+            [t] => Some(seconds(ruby, *t, "timeout")?),
+            _ => {
+                return Err(errors::argument(
+                    ruby,
+                    "wrong number of arguments (expected 0..1)",
+                ))
+            }
+        };
+        let Some(system) = current() else {
+            return Ok(ruby.qnil().as_value());
+        };
+        let port = system.interrupt_port().clone();
+        match without_gvl(ruby, |cancel| port.take(cancel, timeout))? {
+            Some(InterruptTake::Interrupt(interrupt)) => {
+                Ok(convert::interrupt_to_ruby(ruby, &interrupt)?.as_value())
+            }
+            Some(InterruptTake::Closed) => Ok(ruby.qnil().as_value()),
+            Some(InterruptTake::Nothing) | None => {
+                check_interrupts(ruby)?;
+                Ok(ruby.qfalse().as_value())
+            }
         }
     })
 }

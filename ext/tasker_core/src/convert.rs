@@ -11,7 +11,7 @@ use magnus::{
 };
 use serde_json::{Map, Number, Value as Json};
 use std::time::Duration;
-use tasker_worker::events::{StepSnapshot, TaskSnapshot};
+use tasker_worker::events::{StepInterrupt, StepSnapshot, TaskSnapshot};
 use tasker_worker::template::StepDefinition;
 use tasker_worker::{StepExecutionCompletionEvent, StepExecutionEvent, WorkerSystemStatus};
 use uuid::Uuid;
@@ -60,7 +60,9 @@ keys! {
     STEPS_FAILED = "steps_failed", STEPS_IN_FLIGHT = "steps_in_flight",
     SUPPORTED_NAMESPACES = "supported_namespaces", WEB_API_ENABLED = "web_api_enabled",
     DATABASE_POOL_SIZE = "database_pool_size", DATABASE_POOL_IDLE = "database_pool_idle",
-    READY_AT_NS = "ready_at_ns", CONTEXTS = "contexts",
+    READY_AT_NS = "ready_at_ns", CONTEXTS = "contexts", ON_TIMEOUT = "on_timeout",
+    STARTED_AT = "started_at", DURATION_MS = "duration_ms", CREATED_AT = "created_at",
+    STEPS_RETAINED = "steps_retained", REASON = "reason", STEP_NAME = "step_name", ATTEMPT = "attempt",
 }
 
 const MAX_DEPTH: usize = 128;
@@ -369,6 +371,8 @@ pub fn step_definition_to_ruby(ruby: &Ruby, definition: &StepDefinition) -> Resu
             retry_hash.as_value(),
             sym(ruby, &TIMEOUT_SECONDS),
             definition.timeout.as_secs_f64().into_value_with(ruby),
+            sym(ruby, &ON_TIMEOUT),
+            interned(definition.on_timeout.as_str()),
         ],
     );
     hash.freeze();
@@ -633,22 +637,33 @@ pub fn completion_from_ruby(
 }
 
 pub fn snapshot_to_ruby(ruby: &Ruby, snapshot: &TaskSnapshot) -> Result<RHash, Error> {
-    let hash = ruby.hash_new_capa_(6);
+    let hash = ruby.hash_new_capa_(10);
     hash.aset(*TASK_UUID, uuid_str(ruby, snapshot.task_uuid))?;
     hash.aset(*NAMESPACE, ruby.str_new(&snapshot.namespace))?;
     hash.aset(*NAME, ruby.str_new(&snapshot.name))?;
     hash.aset(*VERSION, ruby.str_new(&snapshot.version))?;
     hash.aset(*STATUS, ruby.str_new(snapshot.status.as_str()))?;
+    hash.aset(*CREATED_AT, iso8601(ruby, snapshot.created_at_ns))?;
+    hash.aset(*COMPLETED_AT, iso8601(ruby, snapshot.completed_at_ns))?;
     let steps = ruby.ary_new_capa(snapshot.steps.len());
     for step in &snapshot.steps {
         steps.push(step_to_ruby(ruby, step)?)?;
     }
     hash.aset(*STEPS, steps)?;
+    hash.aset(*STEPS_RETAINED, snapshot.steps_retained)?;
     Ok(hash)
 }
 
+/// ns since the Unix epoch → an ISO 8601 UTC String with milliseconds (nil when unknown).
+fn iso8601(ruby: &Ruby, ns: Option<u64>) -> Option<RString> {
+    ns.map(|ns| {
+        let at = std::time::UNIX_EPOCH + Duration::from_nanos(ns);
+        ruby.str_new(&humantime::format_rfc3339_millis(at).to_string())
+    })
+}
+
 fn step_to_ruby(ruby: &Ruby, step: &StepSnapshot) -> Result<RHash, Error> {
-    let hash = ruby.hash_new_capa_(6);
+    let hash = ruby.hash_new_capa_(11);
     hash.aset(*STEP_UUID, uuid_str(ruby, step.step_uuid))?;
     hash.aset(*NAME, ruby.str_new(&step.name))?;
     hash.aset(*STATUS, ruby.str_new(step.status.as_str()))?;
@@ -661,9 +676,36 @@ fn step_to_ruby(ruby: &Ruby, step: &StepSnapshot) -> Result<RHash, Error> {
         },
     )?;
     hash.aset(
+        *METADATA,
+        match &step.metadata {
+            Some(metadata) => json_to_ruby(ruby, metadata)?,
+            None => ruby.hash_new().as_value(),
+        },
+    )?;
+    hash.aset(
         *ERROR_MESSAGE,
         step.error_message.as_deref().map(|m| ruby.str_new(m)),
     )?;
+    hash.aset(*STARTED_AT, iso8601(ruby, step.started_at_ns))?;
+    hash.aset(*COMPLETED_AT, iso8601(ruby, step.completed_at_ns))?;
+    let duration_ms = match (step.started_at_ns, step.completed_at_ns) {
+        (Some(start), Some(end)) => Some(end.saturating_sub(start) as f64 / 1e6),
+        _ => None,
+    };
+    hash.aset(*DURATION_MS, duration_ms)?;
+    Ok(hash)
+}
+
+/// A handler to interrupt, for the Ruby thread that raises into handler threads.
+pub fn interrupt_to_ruby(ruby: &Ruby, interrupt: &StepInterrupt) -> Result<RHash, Error> {
+    let hash = ruby.hash_new_capa_(7);
+    hash.aset(*EVENT_ID, uuid_str(ruby, interrupt.event_id))?;
+    hash.aset(*TASK_UUID, uuid_str(ruby, interrupt.task_uuid))?;
+    hash.aset(*STEP_UUID, uuid_str(ruby, interrupt.step_uuid))?;
+    hash.aset(*STEP_NAME, ruby.str_new(&interrupt.step_name))?;
+    hash.aset(*ATTEMPT, interrupt.attempt)?;
+    hash.aset(*TIMEOUT_SECONDS, interrupt.timeout.as_secs_f64())?;
+    hash.aset(*REASON, ruby.to_symbol(interrupt.reason.as_str()))?;
     Ok(hash)
 }
 

@@ -21,6 +21,8 @@ static WORKER_BOOTSTRAP: Lazy<ExceptionClass> =
 static CONFIGURATION: Lazy<ExceptionClass> =
     Lazy::new(|ruby| tasker_error(ruby, "ConfigurationError"));
 static FFI: Lazy<ExceptionClass> = Lazy::new(|ruby| tasker_error(ruby, "FFIError"));
+static TASK_NOT_FOUND: Lazy<ExceptionClass> =
+    Lazy::new(|ruby| tasker_error(ruby, "TaskNotFoundError"));
 
 pub fn define(ruby: &Ruby, module: RModule) -> Result<(), Error> {
     let base = module.define_error("Error", ruby.exception_standard_error())?;
@@ -31,15 +33,19 @@ pub fn define(ruby: &Ruby, module: RModule) -> Result<(), Error> {
         "FFIError",
         "RetryableError",
         "PermanentError",
+        "StepTimeoutError",
     ] {
         module.define_error(name, base)?;
     }
+    let ffi_error: ExceptionClass = module.const_get("FFIError")?;
+    module.define_error("TaskNotFoundError", ffi_error)?;
     // Resolve now, on the loading thread, so later lookups cannot fail.
     for class in [
         &WORKER_NOT_INITIALIZED,
         &WORKER_BOOTSTRAP,
         &CONFIGURATION,
         &FFI,
+        &TASK_NOT_FOUND,
     ] {
         Lazy::force(class, ruby);
     }
@@ -83,7 +89,8 @@ pub fn engine(ruby: &Ruby, e: EngineError) -> Error {
         EngineError::Bootstrap(_) => bootstrap(ruby, message),
         EngineError::NotInitialized | EngineError::ShuttingDown => not_initialized(ruby, message),
         EngineError::InvalidArgument(_) => argument(ruby, message),
-        EngineError::UnknownTask(_) | EngineError::Internal(_) => ffi(ruby, message),
+        EngineError::UnknownTask(_) => Error::new(ruby.get_inner(&TASK_NOT_FOUND), message),
+        EngineError::Internal(_) => ffi(ruby, message),
     }
 }
 

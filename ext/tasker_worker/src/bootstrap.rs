@@ -167,8 +167,11 @@ pub struct WaitTicket {
 #[derive(Debug, PartialEq, Eq)]
 pub enum CompletionVerdict {
     Accepted,
-    /// Unknown, late (timed out, worker stopped) or already completed: nothing changed.
+    /// Unknown, late (worker stopped) or already completed: nothing changed.
     Refused(String),
+    /// The attempt had timed out while its handler ran: it is now recorded as timed out (the
+    /// next attempt may start) and the handler's result is discarded.
+    TimedOut(String),
 }
 
 pub struct WorkerSystemHandle {
@@ -322,7 +325,7 @@ impl WorkerSystemHandle {
             ),
             Some(Phase::TimedOut) => (
                 AttemptOutcome::TimedOut,
-                CompletionVerdict::Refused(format!(
+                CompletionVerdict::TimedOut(format!(
                     "completion for event {event_id} (task {}, step {}, attempt {}) arrived after the attempt timed out; \
                      recorded as timed out, its result discarded",
                     flight.task_uuid, flight.step_name, flight.attempt

@@ -362,7 +362,7 @@ fn a_timed_out_attempt_is_retried_only_after_its_handler_returns() {
     // Late results are refused (and discarded): both attempts are recorded as timed out.
     assert!(
         runs.iter()
-            .all(|r| matches!(r.3, CompletionVerdict::Refused(_))),
+            .all(|r| matches!(r.3, CompletionVerdict::TimedOut(_))),
         "{runs:?}"
     );
     let status = system.status();

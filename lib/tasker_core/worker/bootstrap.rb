@@ -47,6 +47,7 @@ module TaskerCore
             raise
           end
           @threads = Array.new(result.fetch(:concurrency)) { |i| start_thread(i) }
+          interrupter.start
           install_hooks
           @status = :running
           logger.info("worker started", worker_id: result[:worker_id], concurrency: @threads.size)
@@ -99,7 +100,23 @@ module TaskerCore
       private
 
       def subscriber
-        @subscriber ||= StepExecutionSubscriber.new(logger: logger)
+        @subscriber ||= StepExecutionSubscriber.new(logger: logger, interrupter: interrupter)
+      end
+
+      def interrupter
+        @interrupter ||= StepInterrupter.new(logger: logger, on_runaway: method(:retire_thread))
+      end
+
+      # A runaway handler keeps its thread until it returns; a new thread keeps `concurrency`
+      # handlers available meanwhile, and the runaway's thread leaves once its step is done.
+      def retire_thread(thread)
+        @mutex.synchronize do
+          return unless @status == :running && @threads.include?(thread)
+
+          thread[:tasker_retired] = true
+          @threads.delete(thread)
+          @threads << start_thread(@threads.size)
+        end
       end
 
       def stop_engine
@@ -113,15 +130,20 @@ module TaskerCore
       def start_thread(index)
         bridge = EventBridge.instance
         thread = Thread.new do
-          # nil: the worker is stopping, leave. false (a wait cut short with nothing: Thread#wakeup,
-          # a signal, any interrupt that raises nothing) must not end the loop: `while (event = ...)`
-          # would, and the pool would shrink one thread at a time.
-          loop do
-            event = TaskerCore::FFI.next_step_event
-            break if event.nil?
-            next unless event
+          # Step interrupts (timeouts, cancels) may only land inside a handler: StepInterrupter#guard
+          # opens that window and discards one that arrives as the handler returns.
+          Thread.handle_interrupt(StepInterruption => :never) do
+            # nil: the worker is stopping, leave. false (a wait cut short with nothing: Thread#wakeup,
+            # a signal, any interrupt that raises nothing) must not end the loop: `while (event = ...)`
+            # would, and the pool would shrink one thread at a time.
+            loop do
+              event = TaskerCore::FFI.next_step_event
+              break if event.nil?
+              next unless event
 
-            dispatch(bridge, event)
+              dispatch(bridge, event)
+              break if Thread.current[:tasker_retired]
+            end
           end
         end
         # Named here, not inside the thread, so the name is there as soon as start! returns.

@@ -5,11 +5,14 @@ module TaskerCore
     # Runs one step: resolves the handler, calls it, turns its return value or exception into a
     # completion and publishes that completion. Never lets a handler's failure escape.
     class StepExecutionSubscriber
+      # @param interrupter [StepInterrupter, nil] lets the engine interrupt a handler whose attempt
+      #   timed out or whose task was cancelled (Bootstrap passes its own)
       def initialize(handler_registry: Registry::HandlerRegistry.instance, event_bridge: EventBridge.instance,
-                     logger: TaskerCore::Logger.new)
+                     logger: TaskerCore::Logger.new, interrupter: nil)
         @registry = handler_registry
         @bridge = event_bridge
         @logger = logger
+        @interrupter = interrupter
       end
 
       # Subscriber entry point: `event` is the published Event (or its payload Hash).
@@ -30,7 +33,14 @@ module TaskerCore
         return missing_handler(data, callable) unless klass
 
         handler = klass.new(config: sequence.step_definition.initialization)
-        success(data, handler.call(sequence.task, sequence, sequence.workflow_step))
+        task = sequence.task
+        step = sequence.workflow_step
+        returned = if @interrupter
+                     @interrupter.guard(data[:event_id]) { handler.call(task, sequence, step) }
+                   else
+                     handler.call(task, sequence, step)
+                   end
+        success(data, returned)
       rescue StandardError => e
         # RetryableError (with its retry_after) and any other StandardError retry; PermanentError does not.
         retry_after = e.retry_after if e.is_a?(TaskerCore::RetryableError)
