@@ -36,7 +36,7 @@ module TaskerCore
       end
 
       # Runs the handler (the block) for `event_id`, interruptible by the engine's notice for it.
-      def guard(event_id, &handler)
+      def guard(event_id, &)
         thread = Thread.current
         early = @lock.synchronize do
           notice = @early.delete(event_id)&.first
@@ -47,7 +47,7 @@ module TaskerCore
         raise error_for(early) if early
 
         begin
-          Thread.handle_interrupt(StepInterruption => :immediate, &handler)
+          Thread.handle_interrupt(StepInterruption => :immediate, &)
         ensure
           @lock.synchronize do
             @running.delete(event_id)
