@@ -271,8 +271,10 @@ impl WorkerSystemHandle {
     /// the step twice), or was withdrawn (its task was cancelled or failed).
     pub fn begin_running(&self, event_id: Uuid) -> bool {
         self.registry
-            .get(event_id)
-            .is_some_and(|flight| flight.phase.advance(Phase::Queued, Phase::Running))
+            .with(event_id, |flight| {
+                flight.phase.advance(Phase::Queued, Phase::Running)
+            })
+            .unwrap_or(false)
     }
 
     /// Give back an event taken from the dispatch channel that will not run: the attempt does
@@ -302,19 +304,29 @@ impl WorkerSystemHandle {
     /// success stays a success; anything else leaves the step cancelled).
     pub fn complete(&self, completion: StepExecutionCompletionEvent) -> CompletionVerdict {
         let event_id = completion.event_id;
-        let Some(flight) = self.registry.get(event_id) else {
-            return CompletionVerdict::Refused(format!(
-                "completion for unknown, late or already completed event {event_id}"
-            ));
+        let checked = self.registry.with(event_id, |flight| {
+            if flight.task_uuid != completion.task_uuid || flight.step_uuid != completion.step_uuid {
+                return Err(format!(
+                    "completion for event {event_id} names task {} / step {}, but the event belongs to task {} / step {}",
+                    completion.task_uuid, completion.step_uuid, flight.task_uuid, flight.step_uuid
+                ));
+            }
+            // Exactly one of completion, timeout sweep, cancel and recall moves the phase on.
+            Ok((
+                flight.phase.finish(),
+                (flight.task_uuid, Arc::clone(&flight.step_name), flight.attempt),
+            ))
+        });
+        let (phase, (task_uuid, step_name, attempt)) = match checked {
+            None => {
+                return CompletionVerdict::Refused(format!(
+                    "completion for unknown, late or already completed event {event_id}"
+                ))
+            }
+            Some(Err(why)) => return CompletionVerdict::Refused(why),
+            Some(Ok(found)) => found,
         };
-        if flight.task_uuid != completion.task_uuid || flight.step_uuid != completion.step_uuid {
-            return CompletionVerdict::Refused(format!(
-                "completion for event {event_id} names task {} / step {}, but the event belongs to task {} / step {}",
-                completion.task_uuid, completion.step_uuid, flight.task_uuid, flight.step_uuid
-            ));
-        }
-        // Exactly one of completion, timeout sweep, cancel and recall moves the phase on.
-        let (outcome, verdict) = match flight.phase.finish() {
+        let (outcome, verdict) = match phase {
             Some(Phase::Queued | Phase::Running) => (
                 AttemptOutcome::Completed(Box::new(completion)),
                 CompletionVerdict::Accepted,
@@ -326,9 +338,8 @@ impl WorkerSystemHandle {
             Some(Phase::TimedOut) => (
                 AttemptOutcome::TimedOut,
                 CompletionVerdict::TimedOut(format!(
-                    "completion for event {event_id} (task {}, step {}, attempt {}) arrived after the attempt timed out; \
-                     recorded as timed out, its result discarded",
-                    flight.task_uuid, flight.step_name, flight.attempt
+                    "completion for event {event_id} (task {task_uuid}, step {step_name}, attempt {attempt}) arrived after the attempt timed out; \
+                     recorded as timed out, its result discarded"
                 )),
             ),
             Some(Phase::Done) | None => {

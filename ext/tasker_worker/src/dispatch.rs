@@ -28,6 +28,13 @@ impl InFlightRegistry {
             .map(|e| e.value().clone())
     }
 
+    /// Look at an entry without copying it out.
+    pub fn with<R>(&self, event_id: Uuid, look: impl FnOnce(&InFlight) -> R) -> Option<R> {
+        self.entries
+            .get(&event_id.as_u128())
+            .map(|e| look(e.value()))
+    }
+
     pub fn contains(&self, event_id: Uuid) -> bool {
         self.entries.contains_key(&event_id.as_u128())
     }
