@@ -6,6 +6,9 @@
 #   rake demo                      # 10,000 orders (50,000 steps), concurrency 4
 #   TASKS=50000 CONCURRENCY=2 rake demo
 
+# Run from a checkout (`rake demo` or `ruby examples/demo.rb`): load this tree's lib, with the
+# extension `rake compile` built there, whether or not the gem is installed.
+$LOAD_PATH.unshift(File.expand_path("../lib", __dir__))
 require "tasker_core"
 
 # The handlers: small, real computations over the order in the task's context.
