@@ -13,4 +13,7 @@ module TaskerCore
     end
   end
   # TaskerCore::PermanentError, raised by a handler, fails the step now whatever attempts remain.
+  # TaskerCore::TaskNotFoundError (an FFIError): a task uuid that was never created here, or is no
+  # longer known (see task_retention / finished_task_ttl).
+  # TaskerCore::StepTimeoutError: raised inside a handler whose attempt ran past timeout_seconds.
 end
