@@ -36,6 +36,9 @@ RSpec.describe "the examples and benchmarks from a checkout" do
     expect(status).to be_success, "exit #{status.exitstatus}\nstdout:\n#{out}\nstderr:\n#{err}"
     expect(err).to eq("")
     expect(out).to start_with("tasker_core #{TaskerCore::VERSION} demo: 40 order workflows x 5 steps")
+    # Not a terminal: the progress bar is written once, in its final state, with no carriage returns.
+    expect(out).not_to include("\r")
+    expect(out.lines[1]).to match(%r{\A\[#{"#" * 40}\] 100%  200/200 steps  \d+ steps/s\n\z})
     expect(out).to include("tasks:       40 complete, 0 error")
     expect(out).to include("steps:       200 processed, 0 failed")
     expect(out).to match(/^example result: \{"sent"=>true, "tracking"=>"TRK\w+"\}$/)
