@@ -19,6 +19,20 @@ module Bench
     end
   end
 
+  # Notes when it is entered (dispatch_latency.rb). Defined here with Noop so that every handler the
+  # bench templates name exists in every benchmark: Bootstrap.start! checks them all.
+  class Probe < TaskerCore::StepHandler::Base
+    @entered = {} # step_uuid => CLOCK_REALTIME ns
+    class << self
+      attr_reader :entered
+    end
+
+    def call(_task, _sequence, step)
+      Probe.entered[step.step_uuid] = Process.clock_gettime(Process::CLOCK_REALTIME, :nanosecond)
+      {}
+    end
+  end
+
   module_function
 
   def size(full, smoke)

@@ -15,21 +15,8 @@ require_relative "bench_helper"
 
 samples = Bench.size(2_000, 50)
 Bench.header("dispatch latency (idle worker, one step at a time)", "rake bench:latency")
-# The handler notes when it is entered; a listener subscribed before the worker's subscriber notes
-# when the engine made the step ready (the event's ready_at_ns), keyed by step.
-module Bench
-  class Probe < TaskerCore::StepHandler::Base
-    @entered = {} # step_uuid => CLOCK_REALTIME ns
-    class << self
-      attr_reader :entered
-    end
-
-    def call(_task, _sequence, step)
-      Probe.entered[step.step_uuid] = Process.clock_gettime(Process::CLOCK_REALTIME, :nanosecond)
-      {}
-    end
-  end
-end
+# The handler (Bench::Probe) notes when it is entered; a listener subscribed before the worker's
+# subscriber notes when the engine made the step ready (the event's ready_at_ns), keyed by step.
 ready = {} # step_uuid => [ready_at_ns, step name]
 subscription = lambda do |event|
   ready[event[:step_uuid]] = [event[:ready_at_ns], event[:task_sequence_step].workflow_step.name]

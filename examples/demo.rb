@@ -6,6 +6,9 @@
 #   rake demo                      # 10,000 orders (50,000 steps), concurrency 4
 #   TASKS=50000 CONCURRENCY=2 rake demo
 
+# Run from a checkout (`rake demo` or `ruby examples/demo.rb`): load this tree's lib, with the
+# extension `rake compile` built there, whether or not the gem is installed.
+$LOAD_PATH.unshift(File.expand_path("../lib", __dir__))
 require "tasker_core"
 
 # The handlers: small, real computations over the order in the task's context.
@@ -49,7 +52,8 @@ module Fulfillment
   end
 end
 
-# Draws a one-line bar from worker_status, on its own thread.
+# Draws a one-line bar from worker_status, on its own thread. Redrawn in place on a terminal; in a
+# log (CI, a pipe) only the final state is written, once.
 class ProgressBar
   WIDTH = 40
 
@@ -60,6 +64,8 @@ class ProgressBar
   end
 
   def start
+    return unless @out.tty?
+
     @thread = Thread.new do
       loop do
         draw(TaskerCore::FFI.worker_status[:steps_processed])
@@ -80,8 +86,9 @@ class ProgressBar
     fraction = [done.to_f / @total, 1.0].min
     filled = (fraction * WIDTH).round
     rate = done / [now - @started, 1e-9].max
-    @out.print format("\r[%-#{WIDTH}s] %3d%%  %d/%d steps  %d steps/s", "#" * filled, fraction * 100, done,
-                      @total, rate)
+    @out.print "\r" if @out.tty?
+    @out.print format("[%-#{WIDTH}s] %3d%%  %d/%d steps  %d steps/s", "#" * filled, fraction * 100, done, @total,
+                      rate)
     @out.flush
   end
 
@@ -136,14 +143,14 @@ complete = finals.count { |t| t[:status] == "complete" }
 samples = []
 samples.concat(latencies.pop) until latencies.empty?
 samples.sort!
-us = ->(ns) { format("%.1f µs", ns / 1000.0) }
+duration = ->(ns) { ns < 1_000_000 ? format("%.1f µs", ns / 1000.0) : format("%.2f ms", ns / 1_000_000.0) }
 
 puts format("tasks:       %d complete, %d error", complete, finals.size - complete)
 puts format("steps:       %d processed, %d failed", status[:steps_processed], status[:steps_failed])
 puts format("wall time:   %.3f s", elapsed)
 puts format("throughput:  %d steps/s, %d tasks/s", status[:steps_processed] / elapsed, tasks / elapsed)
 puts "step latency (ready in engine -> handler thread; includes queueing), #{samples.size} steps: " \
-     "p50 #{us.call(percentile(samples, 50))}, p99 #{us.call(percentile(samples, 99))}"
+     "p50 #{duration.call(percentile(samples, 50))}, p99 #{duration.call(percentile(samples, 99))}"
 puts "example result: #{finals.first[:steps].last[:result]}"
 
 TaskerCore::Worker::Bootstrap.instance.shutdown!

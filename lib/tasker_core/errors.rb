@@ -13,6 +13,8 @@ module TaskerCore
     end
   end
   # TaskerCore::PermanentError, raised by a handler, fails the step now whatever attempts remain.
+  # TaskerCore::TaskNotFoundError (an FFIError): a task uuid that was never created here, or is no
+  # longer known (see task_retention / finished_task_ttl).
 
   # Raised inside a running handler by the worker, never by handlers: the attempt is over
   # (StepTimeoutError: it outlived `timeout_seconds`; StepCancelledError: its task was cancelled).

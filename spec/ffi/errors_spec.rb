@@ -21,6 +21,16 @@ RSpec.describe "TaskerCore errors across the FFI boundary" do
       end
     end
 
+    it "has TaskerCore::TaskNotFoundError under FFIError (a uuid never created, or no longer known)" do
+      expect(TaskerCore::TaskNotFoundError.superclass).to be(TaskerCore::FFIError)
+      expect(TaskerCore::TaskNotFoundError.ancestors).to include(TaskerCore::Error, StandardError)
+    end
+
+    it "has TaskerCore::StepTimeoutError directly under TaskerCore::Error (raised inside a handler past its timeout)" do
+      expect(TaskerCore::StepTimeoutError.superclass).to be(TaskerCore::Error)
+      expect(TaskerCore::StepTimeoutError.new("late")).to be_a(StandardError)
+    end
+
     it "lets a plain `rescue => e` catch every one of them" do
       caught = begin
         ffi.stop_worker
@@ -119,13 +129,22 @@ RSpec.describe "TaskerCore errors across the FFI boundary" do
   describe ".task_status" do
     before { ffi.bootstrap_worker({}) }
 
-    it "raises FFIError for a string that is not a uuid" do
-      expect { ffi.task_status("not-a-uuid") }.to raise_error(TaskerCore::FFIError, /not-a-uuid/)
+    it "raises TaskNotFoundError (an FFIError) for a string that is not a uuid: no such task was ever created" do
+      expect { ffi.task_status("not-a-uuid") }.to raise_error(TaskerCore::TaskNotFoundError, /not-a-uuid/)
+      expect { ffi.task_status("not-a-uuid") }.to raise_error(TaskerCore::FFIError)
+      expect { ffi.wait_for_task("not-a-uuid", 1) }.to raise_error(TaskerCore::TaskNotFoundError, /not-a-uuid/)
     end
 
-    it "raises FFIError for a uuid the worker does not know" do
+    it "raises TaskNotFoundError (an FFIError) for a uuid the worker does not know" do
       unknown = SecureRandom.uuid
-      expect { ffi.task_status(unknown) }.to raise_error(TaskerCore::FFIError, /#{unknown}/)
+      expect { ffi.task_status(unknown) }.to raise_error(TaskerCore::TaskNotFoundError, /#{unknown}/)
+      expect { ffi.task_status(unknown) }.to raise_error(TaskerCore::FFIError)
+      expect { ffi.wait_for_task(unknown, 1) }.to raise_error(TaskerCore::TaskNotFoundError, /#{unknown}/)
+    end
+
+    it "raises ArgumentError for a uuid that is not a String" do
+      expect { ffi.task_status(42) }.to raise_error(ArgumentError, /must be a String/)
+      expect { ffi.task_status(nil) }.to raise_error(ArgumentError, /must be a String/)
     end
 
     it "answers for a task that exists" do

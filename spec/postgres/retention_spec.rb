@@ -40,7 +40,7 @@ RSpec.describe "PostgreSQL backend: retention" do
     eventually(timeout: 5, interval: 0.05) { count_for("tasker_tasks", finished).zero? }
     expect(pg_monotonic - finished_at).to be >= 0.9
     expect(count_for("tasker_steps", finished)).to eq(0)
-    expect { TaskerCore.task_status(finished.first) }.to raise_error(TaskerCore::FFIError, /no such task/)
+    expect { TaskerCore.task_status(finished.first) }.to raise_error(TaskerCore::TaskNotFoundError, /no such task/)
     # The running task, older than the TTL as well, had not finished: kept, and it completes.
     expect(TaskerCore.task_status(running)[:status]).to eq("in_progress")
     expect(TaskerCore.wait_for_task(running, timeout: 10)[:status]).to eq("complete")

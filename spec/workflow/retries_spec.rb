@@ -130,7 +130,10 @@ RSpec.describe "Retries, failures and timeouts" do
       end
     end
 
-    it "fails a step whose handler class does not exist, naming it" do
+    it "fails a step whose handler class does not exist, naming it (validate_handlers: false)" do
+      bootstrap.shutdown!
+      start_worker(concurrency: 1, templates: [WorkflowSpecHelpers::TEMPLATES_B, File.join(FIXTURES, "templates_lazy")],
+                   validate_handlers: false)
       final = run_task("missing_handler")
 
       expect(final[:status]).to eq("error")

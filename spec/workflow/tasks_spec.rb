@@ -129,9 +129,11 @@ module WorkflowTasksSpec
         expect(monotonic - started).to be < 0.1
       end
 
-      it "raise FFIError for an unknown task uuid" do
-        expect { TaskerCore.task_status(SecureRandom.uuid) }.to raise_error(TaskerCore::FFIError, /never created/)
-        expect { TaskerCore.task_status("not-a-uuid") }.to raise_error(TaskerCore::FFIError, /not-a-uuid/)
+      it "raise TaskNotFoundError (an FFIError) for an unknown task uuid" do
+        expect { TaskerCore.task_status(SecureRandom.uuid) }
+          .to raise_error(TaskerCore::TaskNotFoundError, /never created/)
+        expect { TaskerCore.task_status("not-a-uuid") }.to raise_error(TaskerCore::TaskNotFoundError, /not-a-uuid/)
+        expect { TaskerCore.wait_for_task(SecureRandom.uuid, timeout: 1) }.to raise_error(TaskerCore::TaskNotFoundError)
         expect { TaskerCore.wait_for_task(SecureRandom.uuid, timeout: 1) }.to raise_error(TaskerCore::FFIError)
       end
 

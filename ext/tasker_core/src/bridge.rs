@@ -461,8 +461,9 @@ fn parse_task_uuid(ruby: &Ruby, value: Value) -> Result<Uuid, Error> {
     let text = RString::from_value(value)
         .and_then(|s| s.to_string().ok())
         .ok_or_else(|| errors::argument(ruby, "task uuid must be a String"))?;
+    // No task was ever created under a name that is not a UUID: as unknown as any other.
     Uuid::parse_str(&text)
-        .map_err(|_| errors::ffi(ruby, format!("unknown task {text:?}: not a UUID")))
+        .map_err(|_| errors::task_not_found(ruby, format!("unknown task {text:?}: not a UUID")))
 }
 
 fn task_status(ruby: &Ruby, task_uuid: Value) -> Result<RHash, Error> {

@@ -33,12 +33,14 @@ pub fn define(ruby: &Ruby, module: RModule) -> Result<(), Error> {
         "FFIError",
         "RetryableError",
         "PermanentError",
-        "StepTimeoutError",
     ] {
         module.define_error(name, base)?;
     }
+    // A task uuid never created (or no longer known) is one kind of failed FFI call.
     let ffi_error: ExceptionClass = module.const_get("FFIError")?;
     module.define_error("TaskNotFoundError", ffi_error)?;
+    // Raised inside a handler whose attempt ran past the step's timeout_seconds.
+    module.define_error("StepTimeoutError", base)?;
     // Resolve now, on the loading thread, so later lookups cannot fail.
     for class in [
         &WORKER_NOT_INITIALIZED,
@@ -77,6 +79,12 @@ pub fn ffi(ruby: &Ruby, message: impl Into<String>) -> Error {
     Error::new(ruby.get_inner(&FFI), message.into())
 }
 
+/// `TaskerCore::TaskNotFoundError` (an `FFIError`): no task with that uuid was ever created here, or
+/// it is no longer known.
+pub fn task_not_found(ruby: &Ruby, message: impl Into<String>) -> Error {
+    Error::new(ruby.get_inner(&TASK_NOT_FOUND), message.into())
+}
+
 pub fn argument(ruby: &Ruby, message: impl Into<String>) -> Error {
     Error::new(ruby.exception_arg_error(), message.into())
 }
@@ -89,7 +97,7 @@ pub fn engine(ruby: &Ruby, e: EngineError) -> Error {
         EngineError::Bootstrap(_) => bootstrap(ruby, message),
         EngineError::NotInitialized | EngineError::ShuttingDown => not_initialized(ruby, message),
         EngineError::InvalidArgument(_) => argument(ruby, message),
-        EngineError::UnknownTask(_) => Error::new(ruby.get_inner(&TASK_NOT_FOUND), message),
+        EngineError::UnknownTask(_) => task_not_found(ruby, message),
         EngineError::Internal(_) => ffi(ruby, message),
     }
 }

@@ -6,6 +6,7 @@ mod convert;
 mod definitions;
 mod errors;
 mod gvl;
+mod handlers;
 mod logging;
 
 use magnus::{Error, Ruby};
@@ -14,5 +15,6 @@ use magnus::{Error, Ruby};
 fn init(ruby: &Ruby) -> Result<(), Error> {
     let module = ruby.define_module("TaskerCore")?;
     errors::define(ruby, module)?;
-    bridge::init(ruby, module)
+    bridge::init(ruby, module)?;
+    handlers::init(module)
 }

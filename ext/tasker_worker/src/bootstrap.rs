@@ -12,7 +12,7 @@ use crate::engine::{Engine, EngineMessage};
 use crate::error::{EngineError, EngineResult};
 use crate::events::{AttemptOutcome, Phase, StepExecutionCompletionEvent, TaskSnapshot};
 use crate::status::{Shared, WorkerState, WorkerSystemStatus};
-use crate::template::{TemplateKey, TemplateRegistry};
+use crate::template::{HandlerReference, TemplateKey, TemplateRegistry};
 use crossbeam_channel::Receiver;
 use serde_json::Value;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,21 +28,7 @@ impl WorkerBootstrap {
     /// Validate templates and namespaces, then start the engine thread.
     pub fn start(config: WorkerConfig) -> EngineResult<WorkerSystemHandle> {
         let templates = Arc::new(TemplateRegistry::load(&config.templates)?);
-        let namespaces = match &config.namespaces {
-            Some(list) => {
-                if config.backend == BackendKind::Memory {
-                    let known = templates.namespaces();
-                    if let Some(missing) = list.iter().find(|n| !known.contains(n)) {
-                        return Err(EngineError::config(format!(
-                            "namespaces: no template in namespace {missing:?} (templates loaded: {})",
-                            templates.describe_known()
-                        )));
-                    }
-                }
-                list.clone()
-            }
-            None => templates.namespaces(),
-        };
+        let namespaces = Self::namespaces(&config, &templates)?;
         // Only once the configuration is known to be good: a refused bootstrap changes nothing.
         if let Some(level) = config.log_level {
             crate::logging::set_level(level);
@@ -76,6 +62,36 @@ impl WorkerBootstrap {
                 Self::spawn(backend, config, templates, shared)
             }
         }
+    }
+
+    /// The handler classes a worker started with `config` would call: every step of the local
+    /// templates in the namespaces it would run. Loads the templates as [`Self::start`] does and
+    /// starts nothing, so a caller can check the handlers before starting the worker.
+    pub fn handler_references(config: &WorkerConfig) -> EngineResult<Vec<HandlerReference>> {
+        let templates = TemplateRegistry::load(&config.templates)?;
+        let namespaces = Self::namespaces(config, &templates)?;
+        Ok(templates.handlers_in(&namespaces))
+    }
+
+    /// The namespaces the worker runs: the configured ones (on the memory backend each must have a
+    /// template; on postgres other processes may hold them), or every loaded template's.
+    fn namespaces(
+        config: &WorkerConfig,
+        templates: &TemplateRegistry,
+    ) -> EngineResult<Vec<String>> {
+        let Some(list) = &config.namespaces else {
+            return Ok(templates.namespaces());
+        };
+        if config.backend == BackendKind::Memory {
+            let known = templates.namespaces();
+            if let Some(missing) = list.iter().find(|n| !known.contains(n)) {
+                return Err(EngineError::config(format!(
+                    "namespaces: no template in namespace {missing:?} (templates loaded: {})",
+                    templates.describe_known()
+                )));
+            }
+        }
+        Ok(list.clone())
     }
 
     fn spawn<B: Backend>(

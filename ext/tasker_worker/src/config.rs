@@ -89,6 +89,7 @@ pub const CONFIG_KEYS: &[&str] = &[
     "task_index_retention",
     "database_pool_size",
     "finished_task_ttl",
+    "validate_handlers",
 ];
 
 #[derive(Debug, Clone)]
@@ -116,6 +117,9 @@ pub struct WorkerConfig {
     pub database_pool_size: u32,
     /// The postgres backend deletes finished tasks older than this.
     pub finished_task_ttl: Duration,
+    /// Whether `Worker::Bootstrap.start!` resolves every template's handler class before starting
+    /// (the Ruby side does the check; the engine only validates the value).
+    pub validate_handlers: bool,
 }
 
 impl WorkerConfig {
@@ -248,6 +252,11 @@ impl WorkerConfig {
             None => Duration::from_secs(7 * 24 * 3600),
         };
 
+        let validate_handlers = match get("validate_handlers") {
+            Some(v) => boolean("validate_handlers", v)?,
+            None => true,
+        };
+
         if backend == BackendKind::Memory {
             if get("database_url").is_some() {
                 return Err(EngineError::config(
@@ -289,6 +298,7 @@ impl WorkerConfig {
             task_index_retention,
             database_pool_size,
             finished_task_ttl,
+            validate_handlers,
         })
     }
 }
@@ -395,6 +405,7 @@ mod tests {
         assert_eq!(c.concurrency, 4);
         assert_eq!(c.environment, "development");
         assert!(c.worker_id.starts_with("worker-"));
+        assert!(c.validate_handlers);
     }
 
     #[test]
@@ -413,11 +424,32 @@ mod tests {
             (json!({"deployment_mode": "Sometimes"}), "deployment_mode"),
             (json!({"backend": "postgres"}), "database_url"),
             (json!({"enable_web_api": true}), "enable_web_api"),
+            (json!({"validate_handlers": "no"}), "validate_handlers"),
+            (json!({"validate_handlers": 0}), "validate_handlers"),
         ] {
             let err = parse(cfg.clone()).unwrap_err();
             assert!(matches!(err, EngineError::Configuration(_)));
             assert!(err.to_string().starts_with(needle), "{cfg}: {err}");
         }
+    }
+
+    #[test]
+    fn validate_handlers_is_a_boolean() {
+        assert!(
+            !parse(json!({"validate_handlers": false}))
+                .unwrap()
+                .validate_handlers
+        );
+        assert!(
+            parse(json!({"validate_handlers": true}))
+                .unwrap()
+                .validate_handlers
+        );
+        assert!(
+            parse(json!({"validate_handlers": null}))
+                .unwrap()
+                .validate_handlers
+        );
     }
 
     #[test]

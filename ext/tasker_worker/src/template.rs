@@ -339,6 +339,16 @@ impl std::fmt::Display for TemplateKey {
     }
 }
 
+/// Where a template names a handler class: one step of one template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandlerReference {
+    pub namespace: String,
+    pub name: String,
+    pub version: String,
+    pub step: String,
+    pub callable: String,
+}
+
 /// All templates a worker knows, immutable after bootstrap (shared without locks).
 #[derive(Debug, Default)]
 pub struct TemplateRegistry {
@@ -400,6 +410,31 @@ impl TemplateRegistry {
         names.sort();
         names.dedup();
         names
+    }
+
+    /// Every step's handler in the templates of `namespaces`, in a stable order (namespace,
+    /// name, version, then the step's place in its template), for checking them before a start.
+    pub fn handlers_in(&self, namespaces: &[String]) -> Vec<HandlerReference> {
+        let mut templates: Vec<&Arc<TaskTemplate>> = self
+            .templates
+            .values()
+            .filter(|t| namespaces.contains(&t.namespace))
+            .collect();
+        templates.sort_by(|a, b| {
+            (&a.namespace, &a.name, &a.version).cmp(&(&b.namespace, &b.name, &b.version))
+        });
+        templates
+            .into_iter()
+            .flat_map(|template| {
+                template.steps.iter().map(move |step| HandlerReference {
+                    namespace: template.namespace.clone(),
+                    name: template.name.clone(),
+                    version: template.version.clone(),
+                    step: step.name.to_string(),
+                    callable: step.callable.clone(),
+                })
+            })
+            .collect()
     }
 
     pub fn describe_known(&self) -> String {
@@ -668,6 +703,42 @@ steps:
             assert!(e.contains(n));
         }
         assert!(!e.contains("root"), "{e}");
+    }
+
+    #[test]
+    fn handlers_in_lists_the_steps_of_the_given_namespaces_only() {
+        let mut reg = TemplateRegistry::default();
+        reg.insert(parse(DIAMOND).unwrap()).unwrap();
+        let other = "namespace: other\nname: one\nversion: 2\nsteps:\n  - { name: only, handler: { callable: Other::Only } }\n";
+        reg.insert(parse(other).unwrap()).unwrap();
+
+        let demo = reg.handlers_in(&["demo".to_string()]);
+        let listed: Vec<(&str, &str)> = demo
+            .iter()
+            .map(|h| (h.step.as_str(), h.callable.as_str()))
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                ("a", "Demo::A"),
+                ("b", "Demo::B"),
+                ("c", "Demo::C"),
+                ("d", "Demo::D")
+            ]
+        );
+        assert_eq!(
+            (
+                demo[0].namespace.as_str(),
+                demo[0].name.as_str(),
+                demo[0].version.as_str()
+            ),
+            ("demo", "diamond", "1.0.0")
+        );
+
+        let both = reg.handlers_in(&["other".to_string(), "demo".to_string()]);
+        assert_eq!(both.len(), 5);
+        assert_eq!(both.last().unwrap().callable, "Other::Only");
+        assert!(reg.handlers_in(&["nobody".to_string()]).is_empty());
     }
 
     #[test]

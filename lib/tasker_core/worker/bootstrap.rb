@@ -34,6 +34,7 @@ module TaskerCore
         @mutex.synchronize do
           raise WorkerBootstrapError, "worker already running: call shutdown! first" if @status == :running
 
+          HandlerValidation.validate!(config)
           @config = config.dup
           EventBridge.instance.start!
           # Subscribe with a Proc we keep: `subscribe` returns the bridge (dry-events' API), and

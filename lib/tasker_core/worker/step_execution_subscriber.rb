@@ -83,10 +83,12 @@ module TaskerCore
         { event_id: data[:event_id], task_uuid: data[:task_uuid], step_uuid: data[:step_uuid] }
       end
 
+      # Names the step as the engine's own log lines do (task_uuid, step, attempt), so one grep
+      # follows a step through both. Only on failure: the success path logs nothing.
       def log_failure(data, error, retryable)
         step = data[:task_sequence_step]&.workflow_step
-        @logger.warn("step failed", step: step&.name, attempt: step&.attempts, error: error.class.name,
-                                    message: error.message.to_s, retryable: retryable)
+        @logger.warn("step failed", task_uuid: data[:task_uuid], step: step&.name, attempt: step&.attempts,
+                                    error: error.class.name, message: error.message.to_s, retryable: retryable)
       end
     end
   end
