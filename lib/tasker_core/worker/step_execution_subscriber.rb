@@ -87,8 +87,12 @@ module TaskerCore
       # follows a step through both. Only on failure: the success path logs nothing.
       def log_failure(data, error, retryable)
         step = data[:task_sequence_step]&.workflow_step
-        @logger.warn("step failed", task_uuid: data[:task_uuid], step: step&.name, attempt: step&.attempts,
-                                    error: error.class.name, message: error.message.to_s, retryable: retryable)
+        fields = { task_uuid: data[:task_uuid], step: step&.name, attempt: step&.attempts, error: error.class.name,
+                   message: error.message.to_s }
+        # The engine ended this attempt and logged why; the handler only confirms it stopped.
+        return @logger.info("step handler interrupted", **fields) if error.is_a?(StepInterruption)
+
+        @logger.warn("step failed", **fields, retryable: retryable)
       end
     end
   end
