@@ -32,7 +32,6 @@ RSpec.describe "Handler validation at start!, adversarial" do
 
   def expect_nothing_running
     expect(TaskerCore::FFI.worker_status).to include(running: false)
-    expect(TaskerCore::Worker::EventBridge.instance.active?).to be(false)
     expect(Thread.list.map(&:name).compact.grep(/\Atasker-handler-/)).to be_empty
   end
 

@@ -18,6 +18,12 @@ module BootstrapSpecHandlers
 end
 
 RSpec.describe TaskerCore::Worker::Bootstrap do
+  # Child processes start workers with no templates (this suite's TASKER_TEMPLATE_PATH names
+  # handlers the children do not define, which start! would refuse): they test the lifecycle only.
+  def child_env
+    { "TASKER_LOG_LEVEL" => "error", "TASKER_TEMPLATE_PATH" => nil }
+  end
+
   let(:bootstrap) { described_class.instance }
   let(:bridge) { TaskerCore::Worker::EventBridge.instance }
 
@@ -201,7 +207,7 @@ RSpec.describe TaskerCore::Worker::Bootstrap do
 
     it "keeps running the other hooks when one raises (and logs the failure)" do
       # In a child: the failure is logged at ERROR, which would land in this suite's output.
-      out, err, status = run_ruby(<<~RUBY, env: { "TASKER_LOG_LEVEL" => "error" }, timeout: 10)
+      out, err, status = run_ruby(<<~RUBY, env: child_env, timeout: 10)
         require "tasker_core"
         bootstrap = TaskerCore::Worker::Bootstrap.instance
         bootstrap.on_shutdown { raise "hook failure" }
@@ -259,7 +265,7 @@ RSpec.describe TaskerCore::Worker::Bootstrap do
     # Starts a child, waits for "ready" on its stdout, sends `signal`, and returns
     # [stdout after ready, stderr, exit status, seconds from signal to exit].
     def run_until_signal(code, signal, ready_timeout: 10, exit_timeout: 5)
-      Open3.popen3({ "TASKER_LOG_LEVEL" => "error" }, RbConfig.ruby, "-I", SpecHelpers::LIB, "-e", code,
+      Open3.popen3(child_env, RbConfig.ruby, "-I", SpecHelpers::LIB, "-e", code,
                    chdir: Dir.tmpdir) do |stdin, stdout, stderr, wait|
         stdin.close
         errors = Thread.new { stderr.read }
@@ -338,7 +344,7 @@ RSpec.describe TaskerCore::Worker::Bootstrap do
     end
 
     it "shuts down at exit when the program simply ends" do
-      out, err, status = run_ruby(<<~RUBY, env: { "TASKER_LOG_LEVEL" => "error" }, timeout: 10)
+      out, err, status = run_ruby(<<~RUBY, env: child_env, timeout: 10)
         require "tasker_core"
         TaskerCore::Worker::Bootstrap.start!
         TaskerCore::Worker::Bootstrap.instance.on_shutdown { puts "hook ran" }

@@ -119,7 +119,6 @@ RSpec.describe TaskerCore::Worker::HandlerValidation do
   def expect_nothing_running
     expect(bootstrap.running?).to be(false)
     expect(TaskerCore::FFI.worker_status).to include(running: false, state: "stopped")
-    expect(TaskerCore::Worker::EventBridge.instance.active?).to be(false)
     expect(Thread.list.map(&:name).compact.grep(/\Atasker-handler-/)).to be_empty
     engine_threads = Dir["/proc/self/task/*/comm"].count { |comm| File.read(comm).strip == "tasker-engine" }
     expect(engine_threads).to eq(0)

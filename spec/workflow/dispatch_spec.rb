@@ -267,7 +267,10 @@ RSpec.describe "Dispatch to Ruby handler threads" do
 
     it "keeps the handler thread when another subscriber raises, publishing bridge.error and logging it" do
       # In a child: the failure is logged at ERROR, which would land in this suite's output.
-      out, err, status = run_ruby(<<~RUBY, env: { "TASKER_TEMPLATE_PATH" => WorkflowSpecHelpers::TEMPLATES_B })
+      # Only the template it runs: start! checks every handler its templates name, and the child
+      # defines Scripted alone.
+      quick = File.join(WorkflowSpecHelpers::TEMPLATES_B, "quick.yml")
+      out, err, status = run_ruby(<<~RUBY, env: { "TASKER_TEMPLATE_PATH" => quick })
         require "tasker_core"
         module WorkflowHandlers
           class Scripted < TaskerCore::StepHandler::Base

@@ -98,12 +98,13 @@ module TaskerCore
       # The subscriber builds each handler as `new(config: Hash)`.
       def initialize_problem(klass)
         parameters = klass.instance_method(:initialize).parameters
-        return if positional?(parameters, 0) && config_keyword_only?(parameters)
+        return if positional?(parameters, 0) && accepts_config_keyword?(parameters)
 
         "has an initialize(#{signature(parameters)}) that cannot be called as new(config: Hash)"
       end
 
-      def config_keyword_only?(parameters)
+      # `config:` (or **keywords) accepted, and no other keyword required.
+      def accepts_config_keyword?(parameters)
         keywords = parameters.select { |type, _| %i[key keyreq keyrest].include?(type) }
         takes_config = keywords.any? { |type, name| type == :keyrest || name == :config }
         takes_config && keywords.none? { |type, name| type == :keyreq && name != :config }
