@@ -7,6 +7,8 @@ mod definitions;
 mod errors;
 mod gvl;
 mod logging;
+#[cfg(feature = "test-hooks")]
+mod test_hooks;
 
 use magnus::{Error, Ruby};
 
@@ -14,5 +16,6 @@ use magnus::{Error, Ruby};
 fn init(ruby: &Ruby) -> Result<(), Error> {
     let module = ruby.define_module("TaskerCore")?;
     errors::define(ruby, module)?;
+    errors::install_panic_hook();
     bridge::init(ruby, module)
 }

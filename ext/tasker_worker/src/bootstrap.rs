@@ -18,6 +18,7 @@ use serde_json::Value;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 use tracing::warn;
 use uuid::Uuid;
@@ -151,6 +152,10 @@ impl WorkerBootstrap {
     }
 }
 
+/// The longest delay a completion's `retry_after` may ask for: one year. Longer ones are cut to
+/// it, so that no `Instant + Duration` in either backend can overflow, whatever a handler returns.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// What happened to a completion handed to [`WorkerSystemHandle::complete`].
 #[derive(Debug, PartialEq, Eq)]
 pub enum CompletionVerdict {
@@ -219,10 +224,14 @@ impl WorkerSystemHandle {
             .map_err(|_| EngineError::NotInitialized)
     }
 
-    /// Stop dispatching; in-flight steps finish and are recorded.
+    /// Stop dispatching; in-flight steps finish and are recorded. The state reads
+    /// `shutting_down` when this returns (the engine's recall of queued steps follows).
     pub fn transition_to_graceful_shutdown(&self) -> EngineResult<()> {
         self.draining.store(true, Ordering::Release);
-        self.send(EngineMessage::GracefulShutdown)
+        self.send(EngineMessage::GracefulShutdown)?;
+        self.shared
+            .transition(WorkerState::Running, WorkerState::ShuttingDown);
+        Ok(())
     }
 
     /// Ask the engine to drain and stop; wait on [`Self::stopped`], then call [`Self::join`].
@@ -264,7 +273,9 @@ impl WorkerSystemHandle {
     }
 
     /// Accept or refuse a completion without blocking (never waits for the engine).
-    pub fn complete(&self, completion: StepExecutionCompletionEvent) -> CompletionVerdict {
+    /// A `retry_after` above [`MAX_RETRY_AFTER`] waits that long (no `Instant` overflow).
+    pub fn complete(&self, mut completion: StepExecutionCompletionEvent) -> CompletionVerdict {
+        completion.retry_after = completion.retry_after.map(|d| d.min(MAX_RETRY_AFTER));
         let event_id = completion.event_id;
         let Some(flight) = self.registry.get(event_id) else {
             return CompletionVerdict::Refused(format!(

@@ -15,7 +15,7 @@ pub mod logging;
 pub mod status;
 pub mod template;
 
-pub use bootstrap::{CompletionVerdict, WorkerBootstrap, WorkerSystemHandle};
+pub use bootstrap::{CompletionVerdict, WorkerBootstrap, WorkerSystemHandle, MAX_RETRY_AFTER};
 pub use config::{BackendKind, DeploymentMode, LogLevel, WorkerConfig};
 pub use dispatch::{DispatchPort, Reply, Take};
 pub use error::{EngineError, EngineResult};
