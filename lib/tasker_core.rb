@@ -17,6 +17,7 @@ require_relative "tasker_core/step_handler/base"
 require_relative "tasker_core/registry/handler_registry"
 require_relative "tasker_core/worker/event_bridge"
 require_relative "tasker_core/worker/step_execution_subscriber"
+require_relative "tasker_core/worker/handler_pool"
 require_relative "tasker_core/worker/bootstrap"
 require_relative "tasker_core/client"
 

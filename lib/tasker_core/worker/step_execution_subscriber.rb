@@ -30,7 +30,12 @@ module TaskerCore
         return missing_handler(data, callable) unless klass
 
         handler = klass.new(config: sequence.step_definition.initialization)
-        success(data, handler.call(sequence.task, sequence, sequence.workflow_step))
+        # Pool threads defer interrupts (see HandlerPool); the handler itself takes them, so that
+        # Thread#raise reaches it. One arriving here fails this attempt: the step is not lost.
+        returned = Thread.handle_interrupt(Object => :immediate) do
+          handler.call(sequence.task, sequence, sequence.workflow_step)
+        end
+        success(data, returned)
       rescue StandardError => e
         # RetryableError (with its retry_after) and any other StandardError retry; PermanentError does not.
         retry_after = e.retry_after if e.is_a?(TaskerCore::RetryableError)
