@@ -32,17 +32,22 @@ RSpec.describe "Interrupts at the step hand-off" do
     end
     handler.report_on_exception = false
 
+    # A third thread competes for the GVL and raises into the handler whenever it sleeps in
+    # next_step_event, so raises also land while a taken event waits for the GVL on its way out.
     pokes = 0
-    uuids = Array.new(200) do
-      uuid = create_adversarial_task
-      if until_asleep(handler)
+    poker = Thread.new do
+      until stop
+        next unless until_asleep(handler, timeout: 0.2) && !stop
+
         handler.raise(AdversarialHelpers::Poke, "stray interrupt")
         pokes += 1
+        Thread.pass
       end
-      uuid
     end
+    uuids = Array.new(200) { create_adversarial_task }
     finals = uuids.map { |uuid| TaskerCore::FFI.wait_for_task(uuid, 10) }
     stop = true
+    poker.join(5)
     handler.join(5)
 
     statuses = finals.map { |final| final && final[:status] }.tally
