@@ -246,6 +246,16 @@ fn transition_to_graceful_shutdown(ruby: &Ruby) -> Result<bool, Error> {
         system
             .transition_to_graceful_shutdown()
             .map_err(|e| errors::engine(ruby, e))?;
+        // The engine reads shutting_down once it has recalled the steps still queued for Ruby, one
+        // pass of its loop from now: return after that, so that `worker_status` already says so.
+        without_gvl_retrying(ruby, |cancel| loop {
+            if system.state() != WorkerState::Running {
+                return Some(());
+            }
+            if cancel.recv_timeout(Duration::from_micros(100)).is_ok() {
+                return None;
+            }
+        })?;
         Ok(true)
     })
 }

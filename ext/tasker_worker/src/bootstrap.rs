@@ -224,14 +224,11 @@ impl WorkerSystemHandle {
             .map_err(|_| EngineError::NotInitialized)
     }
 
-    /// Stop dispatching; in-flight steps finish and are recorded. The state reads
-    /// `shutting_down` when this returns (the engine's recall of queued steps follows).
+    /// Stop dispatching; in-flight steps finish and are recorded. The state reads `shutting_down`
+    /// once the engine has recalled the queued steps (the bridge waits for that).
     pub fn transition_to_graceful_shutdown(&self) -> EngineResult<()> {
         self.draining.store(true, Ordering::Release);
-        self.send(EngineMessage::GracefulShutdown)?;
-        self.shared
-            .transition(WorkerState::Running, WorkerState::ShuttingDown);
-        Ok(())
+        self.send(EngineMessage::GracefulShutdown)
     }
 
     /// Ask the engine to drain and stop; wait on [`Self::stopped`], then call [`Self::join`].

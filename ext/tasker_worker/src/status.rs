@@ -89,13 +89,6 @@ impl Shared {
         self.state.store(state as u8, Ordering::Release);
     }
 
-    /// `from` → `to` only if the state is still `from` (a stopped engine stays stopped).
-    pub fn transition(&self, from: WorkerState, to: WorkerState) -> bool {
-        self.state
-            .compare_exchange(from as u8, to as u8, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-    }
-
     pub fn set_pool_stats(&self, (size, idle): (u32, u32)) {
         self.pool_size.store(size, Ordering::Relaxed);
         self.pool_idle.store(idle, Ordering::Relaxed);
