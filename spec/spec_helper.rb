@@ -18,6 +18,19 @@ RSpec.configure do |config|
   config.example_status_persistence_file_path = ".rspec_status"
   config.include SpecHelpers
 
+  # CI runs the integration and workflow specs once more under each of these (see .ci/run):
+  # TASKER_SPEC_GC_STRESS=1 collects at every allocation, TASKER_SPEC_GC_COMPACT=1 compacts the heap
+  # at every major GC, so that a Ruby value the bridge forgot to root or mark is found.
+  if ENV["TASKER_SPEC_GC_STRESS"] == "1"
+    config.around do |example|
+      GC.stress = true
+      example.run
+    ensure
+      GC.stress = false
+    end
+  end
+  GC.auto_compact = true if ENV["TASKER_SPEC_GC_COMPACT"] == "1"
+
   # Every example starts and ends with no worker, whatever it did.
   config.after do
     TaskerCore::Worker::Bootstrap.instance.shutdown!

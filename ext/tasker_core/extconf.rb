@@ -16,6 +16,9 @@ installing = File.expand_path(Dir.pwd) == File.expand_path(ext_dir)
 target_dir = ENV["CARGO_TARGET_DIR"] || (installing ? File.join(ext_dir, "target-build") : File.join(root, "target"))
 artifact = File.join(target_dir, profile == "dev" ? "debug" : profile, "libtasker_core.so")
 ruby = File.join(RbConfig::CONFIG["bindir"], RbConfig::CONFIG["ruby_install_name"])
+# The specs' and benchmarks' hooks (TaskerCore::FFI.__provoke_panic, __measure_thread_wake): only
+# when asked for (the Rakefile does), never in an installed gem.
+features = ENV["TASKER_CORE_TEST_HOOKS"] == "1" ? " --features test-hooks" : ""
 
 File.write("Makefile", <<~MAKE)
   CARGO ?= cargo
@@ -25,7 +28,7 @@ File.write("Makefile", <<~MAKE)
   all: $(SO)
 
   $(SO): FORCE
-  \tcd #{root} && RUBY=#{ruby} $(CARGO) build --locked --profile #{profile} -p tasker_core --target-dir #{target_dir}
+  \tcd #{root} && RUBY=#{ruby} $(CARGO) build --locked --profile #{profile} -p tasker_core#{features} --target-dir #{target_dir}
   \tcp #{artifact} $(SO)
 
   # Copy then rename: a process that has the old library mapped keeps its inode intact.

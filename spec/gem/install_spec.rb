@@ -13,7 +13,9 @@ RSpec.describe "the packaged gem", :slow do
 
   # Run a command with a clean Ruby environment (no bundler, no -I from this process).
   def sh(env, *command, chdir:, timeout: 600)
-    clean = { "RUBYOPT" => nil, "RUBYLIB" => nil, "BUNDLE_GEMFILE" => nil, "BUNDLER_SETUP" => nil }
+    # TASKER_CORE_TEST_HOOKS: set by the Rakefile for development builds; an installed gem has no hooks.
+    clean = { "RUBYOPT" => nil, "RUBYLIB" => nil, "BUNDLE_GEMFILE" => nil, "BUNDLER_SETUP" => nil,
+              "TASKER_CORE_TEST_HOOKS" => nil }
     Open3.popen2e(clean.merge(env), *command, chdir: chdir) do |stdin, output, wait|
       stdin.close
       text = Thread.new { output.read }
@@ -63,6 +65,7 @@ RSpec.describe "the packaged gem", :slow do
         require "tasker_core"
         p TaskerCore::FFI.worker_status
         puts $LOADED_FEATURES.grep(/tasker_core\\/tasker_core\\.so\\z/)
+        p TaskerCore::FFI.respond_to?(:__provoke_panic) || TaskerCore::FFI.respond_to?(:__measure_thread_wake)
       RUBY
       load_env = { "GEM_HOME" => gem_home, "GEM_PATH" => gem_home, "TASKER_LOG_LEVEL" => "error" }
       output, status = sh(load_env, RbConfig.ruby, "-e", code, chdir: elsewhere, timeout: 60)
@@ -71,6 +74,7 @@ RSpec.describe "the packaged gem", :slow do
       lines = output.lines.map(&:chomp)
       expect(lines.first).to eq('{:running=>false, :state=>"stopped"}')
       expect(lines[1]).to start_with(gem_home), "loaded the extension from #{lines[1].inspect}"
+      expect(lines[2]).to eq("false"), "the installed gem has the test hooks"
     end
   end
 end

@@ -7,13 +7,13 @@
 use crate::convert::{self, fetch};
 use crate::definitions;
 use crate::errors;
-use crate::gvl::{check_interrupts, without_gvl, without_gvl_retrying};
+use crate::gvl::{check_interrupts, log_without_gvl, without_gvl, without_gvl_retrying};
 use magnus::{function, prelude::*, Error, RArray, RHash, RModule, RString, Ruby, Value};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use tasker_worker::dispatch::{wait_reply, InterruptTake, WakeShape};
+use tasker_worker::dispatch::{wait_reply, InterruptTake};
 use tasker_worker::{
     CompletionVerdict, EngineError, Reply, Take, WorkerBootstrap, WorkerConfig, WorkerState,
     WorkerSystemHandle,
@@ -42,6 +42,8 @@ static FORKED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_fork_child() {
     FORKED.store(true, Ordering::Release);
+    // A bootstrap running on another thread of the parent does not exist in the child.
+    BOOTSTRAPPING.store(false, Ordering::Release);
 }
 
 /// The current worker, if one was started by this process. After a fork, the parent's worker
@@ -69,6 +71,7 @@ pub fn init(ruby: &Ruby, module: RModule) -> Result<(), Error> {
     unsafe {
         libc::pthread_atfork(None, None, Some(on_fork_child));
     }
+    crate::gvl::init(ruby)?;
     let ffi = module.define_module("FFI")?;
     ffi.define_singleton_method("bootstrap_worker", function!(bootstrap_worker, -1))?;
     ffi.define_singleton_method("stop_worker", function!(stop_worker, 0))?;
@@ -89,8 +92,8 @@ pub fn init(ruby: &Ruby, module: RModule) -> Result<(), Error> {
     ffi.define_singleton_method("cancel_task", function!(cancel_task, 1))?;
     ffi.define_singleton_method("retry_task", function!(retry_task, 1))?;
     ffi.define_singleton_method("next_step_interrupt", function!(next_step_interrupt, -1))?;
-    ffi.define_singleton_method("__provoke_panic", function!(provoke_panic, 1))?;
-    ffi.define_singleton_method("__measure_thread_wake", function!(measure_thread_wake, 3))?;
+    #[cfg(feature = "test-hooks")]
+    crate::test_hooks::init(ffi)?;
     crate::logging::init(ruby, ffi)?;
     Ok(())
 }
@@ -246,6 +249,16 @@ fn transition_to_graceful_shutdown(ruby: &Ruby) -> Result<bool, Error> {
         system
             .transition_to_graceful_shutdown()
             .map_err(|e| errors::engine(ruby, e))?;
+        // The engine reads shutting_down once it has recalled the steps still queued for Ruby, one
+        // pass of its loop from now: return after that, so that `worker_status` already says so.
+        without_gvl_retrying(ruby, |cancel| loop {
+            if system.state() != WorkerState::Running {
+                return Some(());
+            }
+            if cancel.recv_timeout(Duration::from_micros(100)).is_ok() {
+                return None;
+            }
+        })?;
         Ok(true)
     })
 }
@@ -263,7 +276,9 @@ fn send_step_completion_event(ruby: &Ruby, completion: Value) -> Result<bool, Er
         match verdict {
             CompletionVerdict::Accepted => Ok(true),
             CompletionVerdict::Refused(why) => {
-                warn!("{why}; ignored");
+                if tracing::enabled!(tracing::Level::WARN) {
+                    log_without_gvl(ruby, move || warn!("{why}; ignored"));
+                }
                 Ok(false)
             }
             // The engine already logged the timeout; this is the expected end of that attempt.
@@ -284,8 +299,11 @@ thread_local! {
 const FAST_STREAK_LIMIT: u32 = 16;
 
 /// `next_step_event(timeout = nil)`: the next step execution event Hash; `false` when the wait
-/// timed out or was interrupted without an exception; `nil` once a shutdown was requested or
-/// the worker has stopped (the calling thread should leave its loop).
+/// timed out or was interrupted without an exception, or when the caller defers an interrupt
+/// that is pending (`Thread.handle_interrupt`; a step taken meanwhile went back to the queue);
+/// `nil` once a shutdown was requested or the worker has stopped (the calling thread should
+/// leave its loop). An interrupt that raises is raised with any step taken handed back: a step
+/// is returned to the caller or back in the queue, never lost on the way.
 fn next_step_event(ruby: &Ruby, args: &[Value]) -> Result<Value, Error> {
     errors::guard(ruby, || {
         let timeout = match args {
@@ -317,8 +335,31 @@ fn next_step_event(ruby: &Ruby, args: &[Value]) -> Result<Value, Error> {
             if !system.begin_running(event.event_id) {
                 return Ok(ruby.qfalse().as_value());
             }
-            let step_definition = definitions::step_definition(ruby, &event.definition)?;
-            Ok(convert::event_to_ruby(ruby, &event, step_definition)?.as_value())
+            let converted = definitions::step_definition(ruby, &event.definition)
+                .and_then(|definition| convert::event_to_ruby(ruby, &event, definition));
+            // An interrupt that came while the event was on its way (`Thread#raise`, `Thread#kill`,
+            // Ctrl-C) is raised here, last, with the event handed back at once: raised after we
+            // return, it would hit the caller before it stored the event, and the attempt would
+            // sit in flight until its timeout. No check point lies between this one and the
+            // caller's assignment, so an event returned is an event received.
+            // An interrupt the caller defers (`Thread.handle_interrupt`) cannot be raised here; it
+            // would be raised at the caller's next safe point, maybe before it runs the step:
+            // hand the event back and answer `false`, so the caller meets its interrupt first.
+            let handed = converted.and_then(|hash| {
+                check_interrupts(ruby)?;
+                Ok((!deferred_interrupt_pending(ruby)?).then_some(hash))
+            });
+            match handed {
+                Ok(Some(hash)) => Ok(hash.as_value()),
+                Ok(None) => {
+                    system.release_untaken(event.event_id);
+                    Ok(ruby.qfalse().as_value())
+                }
+                Err(error) => {
+                    system.release_untaken(event.event_id);
+                    Err(error)
+                }
+            }
         };
 
         // Fast path: an event is already waiting; take it without the GVL round trip.
@@ -341,14 +382,19 @@ fn next_step_event(ruby: &Ruby, args: &[Value]) -> Result<Value, Error> {
     })
 }
 
+/// `Thread.pending_interrupt?`: an interrupt is queued for this thread that it defers.
+fn deferred_interrupt_pending(ruby: &Ruby) -> Result<bool, Error> {
+    ruby.class_thread().funcall("pending_interrupt?", ())
+}
+
+/// The longest wait a timeout from Ruby asks for: longer ones (up to `Float::INFINITY`) wait this
+/// long. Beyond it, `Instant + Duration` could overflow.
+pub const MAX_WAIT: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// A timeout in seconds from Ruby: a non-negative number (NaN and negatives raise
+/// `ArgumentError`), at most [`MAX_WAIT`].
 fn seconds(ruby: &Ruby, value: Value, what: &str) -> Result<Duration, Error> {
-    match convert::ruby_to_json(ruby, value, what)?.as_f64() {
-        Some(s) if s.is_finite() && s >= 0.0 => Ok(Duration::from_secs_f64(s)),
-        _ => Err(errors::argument(
-            ruby,
-            format!("{what} must be a non-negative number of seconds"),
-        )),
-    }
+    convert::seconds_at_most(ruby, value, what, MAX_WAIT)
 }
 
 /// Wait for an engine reply with the GVL released; interrupts raise (or resume the wait).
@@ -357,7 +403,10 @@ fn await_reply<T: Send>(
     reply: crossbeam_channel::Receiver<T>,
     timeout: Option<Duration>,
 ) -> Result<Option<T>, Error> {
-    let deadline = timeout.map(|t| Instant::now() + t);
+    let deadline = timeout.map(|t| {
+        let now = Instant::now();
+        now.checked_add(t).unwrap_or(now + MAX_WAIT)
+    });
     loop {
         let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         match without_gvl(ruby, |cancel| wait_reply(&reply, cancel, remaining))? {
@@ -572,51 +621,5 @@ fn next_step_interrupt(ruby: &Ruby, args: &[Value]) -> Result<Value, Error> {
                 Ok(ruby.qfalse().as_value())
             }
         }
-    })
-}
-
-/// For the specs: panic inside the bridge ("gvl") or inside a GVL-released section ("no_gvl"),
-/// to show that a panic reaches Ruby as `TaskerCore::FFIError` and nothing worse.
-fn provoke_panic(ruby: &Ruby, place: String) -> Result<(), Error> {
-    errors::guard(ruby, || match place.as_str() {
-        "gvl" => panic!("provoked panic with the GVL held"),
-        "no_gvl" => {
-            without_gvl_retrying(ruby, |_| -> Option<()> {
-                panic!("provoked panic without the GVL")
-            })?;
-            Ok(())
-        }
-        other => Err(errors::argument(
-            ruby,
-            format!("unknown place {other:?} (gvl or no_gvl)"),
-        )),
-    })
-}
-
-/// For the dispatch-latency benchmark: wake-up latencies (ns) of a plain Rust thread waiting the
-/// way handler threads wait, `samples` times, `gap_seconds` apart, woken in `shape` ("pair" or
-/// "engine", see `WakeShape`). Runs with the GVL released.
-fn measure_thread_wake(
-    ruby: &Ruby,
-    samples: usize,
-    gap_seconds: f64,
-    shape: String,
-) -> Result<Vec<u64>, Error> {
-    errors::guard(ruby, || {
-        let shape = match shape.as_str() {
-            "pair" => WakeShape::Pair,
-            "engine" => WakeShape::Engine,
-            other => {
-                return Err(errors::argument(
-                    ruby,
-                    format!("unknown shape {other:?} (pair or engine)"),
-                ))
-            }
-        };
-        let gap = Duration::from_secs_f64(gap_seconds.clamp(0.0, 1.0));
-        let latencies = without_gvl(ruby, |_| {
-            tasker_worker::dispatch::measure_thread_wake(samples, gap, shape)
-        })?;
-        Ok(latencies.unwrap_or_default())
     })
 }

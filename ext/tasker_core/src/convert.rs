@@ -13,7 +13,9 @@ use serde_json::{Map, Number, Value as Json};
 use std::time::Duration;
 use tasker_worker::events::{StepInterrupt, StepSnapshot, TaskSnapshot};
 use tasker_worker::template::StepDefinition;
-use tasker_worker::{StepExecutionCompletionEvent, StepExecutionEvent, WorkerSystemStatus};
+use tasker_worker::{
+    StepExecutionCompletionEvent, StepExecutionEvent, WorkerSystemStatus, MAX_RETRY_AFTER,
+};
 use uuid::Uuid;
 
 /// A symbol key, interned once, that also knows its name (for string-key lookups and messages).
@@ -132,7 +134,7 @@ fn to_json(ruby: &Ruby, value: Value, what: &str, depth: usize) -> Result<Json, 
         return Ok(Json::String(string(ruby, s, what)?));
     }
     if let Some(sym) = Symbol::from_value(value) {
-        return Ok(Json::String(sym.name()?.into_owned()));
+        return symbol_name(ruby, sym, what).map(Json::String);
     }
     if let Some(i) = Integer::from_value(value) {
         return match i.to_i64() {
@@ -194,7 +196,7 @@ fn key_string(ruby: &Ruby, key: Value, what: &str) -> Result<String, Error> {
         return string(ruby, s, what);
     }
     if let Some(sym) = Symbol::from_value(key) {
-        return Ok(sym.name()?.into_owned());
+        return symbol_name(ruby, sym, what);
     }
     Err(errors::argument(
         ruby,
@@ -203,6 +205,39 @@ fn key_string(ruby: &Ruby, key: Value, what: &str) -> Result<String, Error> {
             unsafe { key.classname() }
         ),
     ))
+}
+
+/// A number of seconds from Ruby (Integer of any size, Float, Rational...), at most `max`: larger
+/// ones, `Float::INFINITY` included, are `max`. NaN, negatives and non-numbers are an
+/// `ArgumentError` naming `what`.
+pub fn seconds_at_most(
+    ruby: &Ruby,
+    value: Value,
+    what: &str,
+    max: Duration,
+) -> Result<Duration, Error> {
+    let invalid = || {
+        errors::argument(
+            ruby,
+            format!("{what} must be a non-negative number of seconds (not NaN)"),
+        )
+    };
+    if !value.is_kind_of(ruby.class_numeric()) {
+        return Err(invalid());
+    }
+    let seconds: f64 = value.funcall("to_f", ())?;
+    if seconds.is_nan() || seconds < 0.0 {
+        return Err(invalid());
+    }
+    Ok(Duration::try_from_secs_f64(seconds).unwrap_or(max).min(max))
+}
+
+/// A Symbol's name; one that is not valid UTF-8 (e.g. binary-encoded) is an `ArgumentError` like
+/// such a String, not Ruby's `EncodingError`, so that the caller's completion is refused cleanly.
+fn symbol_name(ruby: &Ruby, sym: Symbol, what: &str) -> Result<String, Error> {
+    sym.name()
+        .map(|name| name.into_owned())
+        .map_err(|_| errors::argument(ruby, format!("{what}: symbol is not valid UTF-8")))
 }
 
 fn string(ruby: &Ruby, s: RString, what: &str) -> Result<String, Error> {
@@ -601,15 +636,8 @@ pub fn completion_from_ruby(
     let success = optional_bool(ruby, &fields, &SUCCESS)?.expect("presence checked");
     let retry_after = match fields.get(&RETRY_AFTER) {
         None => None,
-        Some(v) => match to_json(ruby, v, "retry_after", 0)?.as_f64() {
-            Some(s) if s.is_finite() && s >= 0.0 => Some(Duration::from_secs_f64(s)),
-            _ => {
-                return Err(errors::argument(
-                    ruby,
-                    "retry_after must be a non-negative number of seconds",
-                ))
-            }
-        },
+        // Longer delays wait MAX_RETRY_AFTER (the engine clamps too).
+        Some(v) => Some(seconds_at_most(ruby, v, "retry_after", MAX_RETRY_AFTER)?),
     };
     let metadata = match fields.get(&METADATA) {
         None => Json::Object(Map::new()),

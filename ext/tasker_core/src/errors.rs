@@ -2,6 +2,7 @@
 //! and the mapping from engine errors to them.
 
 use magnus::{exception::ExceptionClass, prelude::*, value::Lazy, Error, RModule, Ruby};
+use std::cell::{Cell, RefCell};
 use tasker_worker::EngineError;
 
 fn tasker_error(ruby: &Ruby, name: &str) -> ExceptionClass {
@@ -102,6 +103,30 @@ pub fn engine(ruby: &Ruby, e: EngineError) -> Error {
     }
 }
 
+thread_local! {
+    /// How many `guard`s this thread is inside: their panics are caught and reported by us.
+    static GUARDED: Cell<u32> = const { Cell::new(0) };
+    /// Where the last panic inside a `guard` happened, for `panic_error` to report.
+    static PANIC_LOCATION: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Panics inside a `guard` are caught and logged by `panic_error` (without the GVL); the default
+/// hook would print them to stderr on the spot, with the GVL held. Any other panic goes to the hook
+/// that was installed before (the host's, or the default one).
+pub fn install_panic_hook() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if GUARDED.with(Cell::get) > 0 {
+            let location = info
+                .location()
+                .map(|l| format!("{}:{}", l.file(), l.line()));
+            PANIC_LOCATION.with(|slot| *slot.borrow_mut() = location);
+        } else {
+            previous(info);
+        }
+    }));
+}
+
 /// A caught panic → `TaskerCore::FFIError` (never unwinds into Ruby).
 pub fn panic_error(ruby: &Ruby, panic: Box<dyn std::any::Any + Send>) -> Error {
     let detail = panic
@@ -109,7 +134,14 @@ pub fn panic_error(ruby: &Ruby, panic: Box<dyn std::any::Any + Send>) -> Error {
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic payload".to_string());
-    tracing::error!(%detail, "internal panic caught at the FFI boundary");
+    let logged = detail.clone();
+    let location = PANIC_LOCATION
+        .with(|slot| slot.borrow_mut().take())
+        .unwrap_or_else(|| "unknown".into());
+    crate::gvl::log_without_gvl(
+        ruby,
+        move || tracing::error!(detail = %logged, %location, "internal panic caught at the FFI boundary"),
+    );
     ffi(
         ruby,
         format!("internal error in tasker_core (a Rust panic was caught): {detail}"),
@@ -118,7 +150,10 @@ pub fn panic_error(ruby: &Ruby, panic: Box<dyn std::any::Any + Send>) -> Error {
 
 /// Run an FFI body, turning a panic into `FFIError` before magnus would turn it into `fatal`.
 pub fn guard<T>(ruby: &Ruby, body: impl FnOnce() -> Result<T, Error>) -> Result<T, Error> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+    GUARDED.with(|g| g.set(g.get() + 1));
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body));
+    GUARDED.with(|g| g.set(g.get() - 1));
+    match outcome {
         Ok(result) => result,
         Err(panic) => Err(panic_error(ruby, panic)),
     }

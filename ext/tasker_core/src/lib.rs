@@ -8,6 +8,8 @@ mod errors;
 mod gvl;
 mod handlers;
 mod logging;
+#[cfg(feature = "test-hooks")]
+mod test_hooks;
 
 use magnus::{Error, Ruby};
 
@@ -15,6 +17,7 @@ use magnus::{Error, Ruby};
 fn init(ruby: &Ruby) -> Result<(), Error> {
     let module = ruby.define_module("TaskerCore")?;
     errors::define(ruby, module)?;
+    errors::install_panic_hook();
     bridge::init(ruby, module)?;
     handlers::init(module)
 }

@@ -18,6 +18,7 @@ use serde_json::Value;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 use tracing::warn;
 use uuid::Uuid;
@@ -179,6 +180,10 @@ pub struct WaitTicket {
     pub answer: Receiver<EngineResult<TaskSnapshot>>,
 }
 
+/// The longest delay a completion's `retry_after` may ask for: one year. Longer ones are cut to
+/// it, so that no `Instant + Duration` in either backend can overflow, whatever a handler returns.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// What happened to a completion handed to [`WorkerSystemHandle::complete`].
 #[derive(Debug, PartialEq, Eq)]
 pub enum CompletionVerdict {
@@ -257,7 +262,8 @@ impl WorkerSystemHandle {
             .map_err(|_| EngineError::NotInitialized)
     }
 
-    /// Stop dispatching; in-flight steps finish and are recorded.
+    /// Stop dispatching; in-flight steps finish and are recorded. The state reads `shutting_down`
+    /// once the engine has recalled the queued steps (the bridge waits for that).
     pub fn transition_to_graceful_shutdown(&self) -> EngineResult<()> {
         self.draining.store(true, Ordering::Release);
         self.send(EngineMessage::GracefulShutdown)
@@ -318,7 +324,9 @@ impl WorkerSystemHandle {
     /// handler's result is discarded) but ends the attempt: it is recorded as timed out, and
     /// the next attempt may start. After a cancel, what the handler reported is recorded (a
     /// success stays a success; anything else leaves the step cancelled).
-    pub fn complete(&self, completion: StepExecutionCompletionEvent) -> CompletionVerdict {
+    /// A `retry_after` above [`MAX_RETRY_AFTER`] waits that long (no `Instant` overflow).
+    pub fn complete(&self, mut completion: StepExecutionCompletionEvent) -> CompletionVerdict {
+        completion.retry_after = completion.retry_after.map(|d| d.min(MAX_RETRY_AFTER));
         let event_id = completion.event_id;
         let checked = self.registry.with(event_id, |flight| {
             if flight.task_uuid != completion.task_uuid || flight.step_uuid != completion.step_uuid {

@@ -158,12 +158,13 @@ impl<B: Backend> Engine<B> {
         }
         self.shared.set_state(WorkerState::Running);
         self.shared.set_pool_stats(self.backend.pool_stats());
-        let _ = started.send(Ok(()));
+        // Logged before the bootstrap returns, so that no line of the caller's comes before it.
         info!(
             worker_id = %self.shared.worker_id,
             backend = self.shared.backend.as_str(),
             "worker running"
         );
+        let _ = started.send(Ok(()));
 
         let mut st = LoopState {
             accepting: true,
@@ -441,7 +442,6 @@ impl<B: Backend> Engine<B> {
             return;
         }
         st.accepting = false;
-        self.shared.set_state(WorkerState::ShuttingDown);
         let mut unstarted = Vec::new();
         while let Ok(event) = self.recall.try_recv() {
             if let Some(flight) = self.registry.take(event.event_id) {
@@ -455,6 +455,9 @@ impl<B: Backend> Engine<B> {
             self.backend.release(unstarted).await;
         }
         self.backend.stop_claiming().await;
+        // Only now: `transition_to_graceful_shutdown` returns once this reads shutting_down, and
+        // by then no queued step is left to start.
+        self.shared.set_state(WorkerState::ShuttingDown);
         info!(
             in_flight = self.shared.in_flight.load(Ordering::Acquire),
             "graceful shutdown: no new steps start, in-flight steps finish"

@@ -15,7 +15,9 @@ pub mod logging;
 pub mod status;
 pub mod template;
 
-pub use bootstrap::{CompletionVerdict, WaitTicket, WorkerBootstrap, WorkerSystemHandle};
+pub use bootstrap::{
+    CompletionVerdict, WaitTicket, WorkerBootstrap, WorkerSystemHandle, MAX_RETRY_AFTER,
+};
 pub use config::{BackendKind, DeploymentMode, LogLevel, WorkerConfig};
 pub use dispatch::{DispatchPort, InterruptPort, InterruptTake, Reply, Take};
 pub use error::{EngineError, EngineResult};

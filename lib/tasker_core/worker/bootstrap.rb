@@ -3,7 +3,7 @@
 module TaskerCore
   module Worker
     # Starts and stops the worker: the Rust engine (TaskerCore::FFI), the EventBridge
-    # subscription, and the `concurrency` Ruby threads that take steps from the engine.
+    # subscription, and the HandlerPool of `concurrency` Ruby threads that take steps from the engine.
     #
     #   TaskerCore::Worker::Bootstrap.start!(templates: "config/tasks", concurrency: 8)
     #   ...
@@ -15,7 +15,12 @@ module TaskerCore
 
       SIGNALS = %w[INT TERM].freeze
 
+      # How long shutdown! waits for handler threads to leave once the engine has stopped.
+      SHUTDOWN_JOIN_SECONDS = 5
+
       attr_reader :logger, :config
+      # The handler threads (see HandlerPool: dead ones are replaced, a runaway one can be retired).
+      attr_reader :pool
 
       def self.start!(config = {})
         instance.start!(config)
@@ -25,9 +30,10 @@ module TaskerCore
         @logger = TaskerCore::Logger.new("tasker_core")
         @mutex = Mutex.new
         @status = :stopped
-        @threads = []
+        @pool = nil
         @shutdown_handlers = []
         @hooks_installed = false
+        @owner_pid = nil
       end
 
       def start!(config = {})
@@ -37,21 +43,22 @@ module TaskerCore
           HandlerValidation.validate!(config)
           @config = config.dup
           EventBridge.instance.start!
-          # Subscribe with a Proc we keep: `subscribe` returns the bridge (dry-events' API), and
-          # only the Proc itself identifies the subscription for `unsubscribe`.
-          @subscription = proc { |event| subscriber.call(event) }
-          EventBridge.instance.subscribe_to_step_execution(&@subscription)
+          subscribe
           begin
             result = TaskerCore::FFI.bootstrap_worker(@config)
           rescue Exception # rubocop:disable Lint/RescueException
-            EventBridge.instance.unsubscribe(@subscription)
+            unsubscribe
             raise
           end
-          @threads = Array.new(result.fetch(:concurrency)) { |i| start_thread(i) }
+          @owner_pid = Process.pid
+          @pool = HandlerPool.new(concurrency: result.fetch(:concurrency), logger: logger) do |event|
+            dispatch(EventBridge.instance, event)
+          end
+          @pool.start
           interrupter.start
           install_hooks
           @status = :running
-          logger.info("worker started", worker_id: result[:worker_id], concurrency: @threads.size)
+          logger.info("worker started", worker_id: result[:worker_id], concurrency: @pool.concurrency)
         end
         self
       end
@@ -65,30 +72,24 @@ module TaskerCore
         TaskerCore::FFI.worker_status.merge(
           event_bridge_active: EventBridge.instance.active?,
           handler_registry_size: Registry::HandlerRegistry.instance.handlers.size,
-          handler_threads_alive: @threads.count(&:alive?)
+          handler_threads_alive: @pool ? @pool.alive_count : 0
         )
       end
 
       # Graceful and idempotent: nothing new starts, in-flight steps finish and are recorded,
-      # handler threads leave, on_shutdown hooks run.
-      def shutdown!
+      # handler threads leave, on_shutdown hooks run. Always completes: whatever fails on the way is
+      # logged, and the worker ends :stopped, unsubscribed, with its hooks run.
+      def shutdown!(timeout: SHUTDOWN_JOIN_SECONDS)
         # From a handler thread the drain would wait for this very step: hand it off instead.
-        return Thread.new { shutdown! } && nil if @threads.include?(Thread.current)
+        return Thread.new { shutdown!(timeout: timeout) } && nil if @pool&.include?(Thread.current)
+        # A forked child inherits this object but not the worker: forget it, run nothing.
+        return forget_inherited_worker if @owner_pid && @owner_pid != Process.pid
 
-        @mutex.synchronize do
-          return false unless @status == :running
-
-          @status = :shutting_down
-          stop_engine
-          @threads.each { |t| t.join(5) || t.kill }
-          @threads = []
-          EventBridge.instance.unsubscribe(@subscription) if @subscription
-          @subscription = nil
-          EventBridge.instance.stop!
-          @status = :stopped
+        stopped = Thread.handle_interrupt(Object => :never) do
+          @mutex.synchronize { stop_everything(timeout) }
         end
-        run_shutdown_handlers
-        true
+        run_shutdown_handlers if stopped
+        stopped
       end
 
       def on_shutdown(&block)
@@ -111,13 +112,39 @@ module TaskerCore
       # A runaway handler keeps its thread until it returns; a new thread keeps `concurrency`
       # handlers available meanwhile, and the runaway's thread leaves once its step is done.
       def retire_thread(thread)
-        @mutex.synchronize do
-          return unless @status == :running && @threads.include?(thread)
+        @pool&.retire(thread)
+      end
 
-          thread[:tasker_retired] = true
-          @threads.delete(thread)
-          @threads << start_thread(@threads.size)
+      # One subscription at most, whatever happened to the last one: a start! after a shutdown! that
+      # failed half-way must not leave two subscribers (each step would run twice).
+      def subscribe
+        unsubscribe
+        # Subscribe with a Proc we keep: `subscribe` returns the bridge (dry-events' API), and
+        # only the Proc itself identifies the subscription for `unsubscribe`.
+        @subscription = proc { |event| subscriber.call(event) }
+        EventBridge.instance.subscribe_to_step_execution(&@subscription)
+      end
+
+      def unsubscribe
+        EventBridge.instance.unsubscribe(@subscription) if @subscription
+        @subscription = nil
+      end
+
+      # Called with @mutex held and interrupts deferred. Returns whether a running worker was stopped.
+      def stop_everything(timeout)
+        return false unless @status == :running
+
+        @status = :shutting_down
+        begin
+          stop_engine
+          @pool&.stop(Process.clock_gettime(Process::CLOCK_MONOTONIC) + timeout)
+        ensure
+          @pool = nil
+          unsubscribe
+          EventBridge.instance.stop!
+          @status = :stopped
         end
+        true
       end
 
       def stop_engine
@@ -125,32 +152,18 @@ module TaskerCore
         TaskerCore::FFI.stop_worker
       rescue TaskerCore::WorkerNotInitializedError
         nil
+      rescue StandardError => e
+        logger.error("stopping the engine failed", error: e.class.name, message: e.message.to_s)
       end
 
-      # Each thread waits inside Rust with the GVL released; `nil` means the worker stopped.
-      def start_thread(index)
-        bridge = EventBridge.instance
-        thread = Thread.new do
-          # Step interrupts (timeouts, cancels) may only land inside a handler: StepInterrupter#guard
-          # opens that window and discards one that arrives as the handler returns.
-          Thread.handle_interrupt(StepInterruption => :never) do
-            # nil: the worker is stopping, leave. false (a wait cut short with nothing: Thread#wakeup,
-            # a signal, any interrupt that raises nothing) must not end the loop: `while (event = ...)`
-            # would, and the pool would shrink one thread at a time.
-            loop do
-              event = TaskerCore::FFI.next_step_event
-              break if event.nil?
-              next unless event
-
-              dispatch(bridge, event)
-              break if Thread.current[:tasker_retired]
-            end
-          end
+      def forget_inherited_worker
+        @mutex.synchronize do
+          @status = :stopped
+          @pool = nil
+          @subscription = nil
+          @owner_pid = nil
         end
-        # Named here, not inside the thread, so the name is there as soon as start! returns.
-        thread.name = "tasker-handler-#{index}"
-        thread.report_on_exception = true
-        thread
+        false
       end
 
       def dispatch(bridge, event)
@@ -185,7 +198,8 @@ module TaskerCore
             end
           end
         end
-        at_exit { shutdown! }
+        # Only in the process that started the worker: a forked child that exits has no worker to stop.
+        at_exit { shutdown! if @owner_pid == Process.pid }
       end
     end
   end

@@ -33,13 +33,13 @@ module TaskerCore
         return missing_handler(data, callable) unless klass
 
         handler = klass.new(config: sequence.step_definition.initialization)
+        # Pool threads defer interrupts (see HandlerPool); the handler itself takes them, so that
+        # Thread#raise reaches it. StepInterrupter#guard (outside that window) makes sure a timeout or
+        # cancel raised into this thread lands in this handler or nowhere.
         task = sequence.task
         step = sequence.workflow_step
-        returned = if @interrupter
-                     @interrupter.guard(data[:event_id]) { handler.call(task, sequence, step) }
-                   else
-                     handler.call(task, sequence, step)
-                   end
+        run = proc { Thread.handle_interrupt(Object => :immediate) { handler.call(task, sequence, step) } }
+        returned = @interrupter ? @interrupter.guard(data[:event_id], &run) : run.call
         success(data, returned)
       rescue StandardError => e
         # RetryableError (with its retry_after) and any other StandardError retry; PermanentError does not.

@@ -6,6 +6,7 @@
 //! bounded by both numbers, whatever the number of tasks run.
 
 use super::{Backend, SnapshotReply};
+use crate::bootstrap::MAX_RETRY_AFTER;
 use crate::engine::EngineMessage;
 use crate::error::{EngineError, EngineResult};
 use crate::events::{
@@ -21,10 +22,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, warn};
 use uuid::Uuid;
-
-/// The longest delay a retry is scheduled with; a longer `retry_after` is capped to it (the
-/// bridge already refuses absurd values; this keeps `Instant` arithmetic from overflowing).
-pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(366 * 86_400);
 
 struct Step {
     uuid: Uuid,
@@ -439,7 +436,7 @@ impl MemoryBackend {
         if retryable && policy.retryable && used < policy.max_attempts {
             let delay = retry_after
                 .unwrap_or_else(|| policy.delay_after(used))
-                .min(MAX_RETRY_DELAY);
+                .min(MAX_RETRY_AFTER);
             step.status = StepStatus::WaitingForRetry;
             step.error_message = Some(message);
             self.retry_seq += 1;

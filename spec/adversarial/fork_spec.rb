@@ -1,0 +1,64 @@
+# frozen_string_literal: true
+
+# Defect 7: a forked child starts clean: it can bootstrap even if another thread of the parent was
+# bootstrapping at the fork, and the parent's on_shutdown hooks and at_exit do not run in it.
+RSpec.describe "fork" do
+  include AdversarialHelpers
+
+  let(:config) { "{ templates: #{AdversarialHelpers::ADVERSARIAL_TEMPLATES.inspect}, namespaces: ['adversarial'] }" }
+
+  it "lets a child bootstrap when it was forked during another thread's bootstrap" do
+    out, err, status = run_ruby(<<~RUBY, env: { "TASKER_LOG_LEVEL" => "error" })
+      require "tasker_core"
+      require "socket"
+      # A "database" that accepts connections and never answers: the bootstrap waits for it.
+      silent = TCPServer.new("127.0.0.1", 0)
+      url = "postgres://nobody@127.0.0.1:\#{silent.addr[1]}/nothing"
+      slow = Thread.new do
+        TaskerCore::FFI.bootstrap_worker(backend: "postgres", database_url: url, templates: #{AdversarialHelpers::ADVERSARIAL_TEMPLATES.inspect})
+      rescue StandardError => e
+        e
+      end
+      sleep 0.05 until slow.status == "sleep"
+      sleep 0.2
+      reader, writer = IO.pipe
+      pid = fork do
+        reader.close
+        result = begin
+          started = TaskerCore::FFI.bootstrap_worker(#{config})
+          TaskerCore::FFI.stop_worker
+          started[:status]
+        rescue StandardError => e
+          "\#{e.class}: \#{e.message}"
+        end
+        writer.puts(result)
+        exit!(0)
+      end
+      writer.close
+      Process.wait(pid)
+      puts reader.read
+      $stdout.flush
+      exit!(0)
+    RUBY
+    expect(status).to be_success, err
+    expect(out).to eq("running\n")
+  end
+
+  it "runs on_shutdown hooks and at_exit only in the process that started the worker" do
+    Dir.mktmpdir("tasker-fork") do |dir|
+      out, err, status = run_ruby(<<~RUBY)
+        require "tasker_core"
+        TaskerCore::Worker::Bootstrap.instance.on_shutdown { File.write(File.join(#{dir.inspect}, Process.pid.to_s), "") }
+        TaskerCore::Worker::Bootstrap.start!(#{config})
+        child = fork { exit 0 }
+        Process.wait(child)
+        puts child
+      RUBY
+      expect(status).to be_success, err
+      child_pid = out.to_i
+      hooks_ran_in = Dir.children(dir).map(&:to_i)
+      expect(hooks_ran_in.size).to eq(1), "hooks ran in #{hooks_ran_in} (child #{child_pid})"
+      expect(hooks_ran_in).not_to include(child_pid)
+    end
+  end
+end
