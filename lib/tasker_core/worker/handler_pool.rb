@@ -115,12 +115,13 @@ module TaskerCore
 
       # Called with @mutex held.
       def spawn
-        @serial += 1
         # A new thread inherits the creator's interrupt mask: started deferred, so that no interrupt
         # can end it before its loop (and the ensure that replaces it) is set up.
         thread = Thread.handle_interrupt(Object => :never) { Thread.new { run } }
         # Named here, not inside the thread, so the name is there as soon as start returns.
+        # tasker-handler-0 .. concurrency-1 first; replacements take the next numbers.
         thread.name = "#{@name}-#{@serial}"
+        @serial += 1
         thread.report_on_exception = false
         thread
       end
