@@ -123,11 +123,17 @@ module TaskerCore
       # it now, while it cannot hit anything else. (Not `pending_interrupt?(StepInterruption)`:
       # with an argument it crashes Ruby 3.1.)
       def discard_pending_interrupt
-        return unless Thread.pending_interrupt?
+        # At most one timeout and one cancel can be queued for one attempt.
+        2.times do
+          return unless Thread.pending_interrupt?
 
-        Thread.handle_interrupt(StepInterruption => :immediate) { Thread.pass }
-      rescue StepInterruption
-        nil
+          begin
+            Thread.handle_interrupt(StepInterruption => :immediate) { Thread.pass }
+            return # what is pending is something else (the pool delivers it between steps)
+          rescue StepInterruption
+            next
+          end
+        end
       end
 
       def prune_early
