@@ -69,7 +69,8 @@ RSpec.describe "Step semantics" do
     before { start_worker(concurrency: 2) }
 
     it "starts nothing new, lets the running branch finish, skips what never ran, and only then ends" do
-      uuid = create_workflow_task("branches", plan("fails" => { sleep: 0.1, raise: "permanent" }, "slow" => { sleep: 0.5 }))
+      uuid = create_workflow_task("branches",
+                                  plan("fails" => { sleep: 0.1, raise: "permanent" }, "slow" => { sleep: 0.5 }))
       final = TaskerCore.wait_for_task(uuid, timeout: 5)
       answered = monotonic
 
