@@ -60,15 +60,16 @@ class SilenceableTcpProxy
       loop do
         break if link[:silent]
 
-        ready = from.wait_readable(0.05)
-        next unless ready
-        break if link[:silent]
-
-        to.write(from.readpartial(65_536))
+        to.write(from.readpartial(65_536)) if from.wait_readable(0.05) && !link[:silent]
       end
-    rescue EOFError, IOError, SystemCallError
-      link[:closed] = true
-      link[:sockets].each { |s| s.close unless s.closed? } unless link[:silent]
+    rescue IOError, SystemCallError # EOFError is an IOError
+      close_link(link)
     end
+  end
+
+  # One side closed: close the other (a silenced link stays open, as a dead route does).
+  def close_link(link)
+    link[:closed] = true
+    link[:sockets].each { |s| s.close unless s.closed? } unless link[:silent]
   end
 end

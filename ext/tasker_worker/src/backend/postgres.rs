@@ -58,6 +58,9 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Polling mode has no notifications: waited tasks are checked this often (one query for all).
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
 const CLEANUP_EVERY: Duration = Duration::from_secs(60);
+/// Retries (`RETRY_WRITE_AFTER` apart) of a failed write while shutting down, before the
+/// outcomes are left to the claims' expiry (their steps then run again elsewhere).
+const SHUTDOWN_WRITE_RETRIES: usize = 8;
 /// Finished tasks deleted per statement by the retention cleanup (which loops until none is left).
 const CLEANUP_BATCH: i64 = 5000;
 /// The LISTEN connection is asked `SELECT 1` after this long without a message...
@@ -408,25 +411,22 @@ impl PostgresBackend {
         }
     }
 
+    /// Whether waited tasks are due a direct check (rather than waiting for notifications).
+    fn checks_waiters(&self) -> bool {
+        !self.waiters.is_empty() && (!self.listens() || self.recheck_waiters)
+    }
+
     async fn housekeeping(&mut self, now: Instant) {
         if !self.finished_unanswered.is_empty() {
             let finished = std::mem::take(&mut self.finished_unanswered);
             self.answer_waiters(finished).await;
         }
         // Notifications answer waiters; without them (Polling) or after missing some (the
-        // listener reconnected), every waited task is checked, in one query.
-        let periodic = !self.listens() && now >= self.next_housekeeping;
-        if periodic || self.recheck_waiters {
+        // listener reconnected, a check failed), every waited task is checked, in one query.
+        if self.checks_waiters() && now >= self.next_housekeeping {
             self.next_housekeeping = now + HOUSEKEEPING_EVERY;
             self.recheck_waiters = false;
             self.check_all_waiters().await;
-        }
-        if !self.waiters.is_empty() {
-            // Waiters whose answer is sitting unread (the caller gave up) are dropped.
-            self.waiters.retain(|_, replies| {
-                replies.retain(|r| !r.is_full());
-                !replies.is_empty()
-            });
         }
         if now >= self.next_cleanup {
             self.next_cleanup = now + cleanup_every(self.settings.finished_task_ttl);
@@ -1003,8 +1003,17 @@ impl Backend for PostgresBackend {
         self.pending.extend(entries);
         self.start_write(now);
         if self.stopping {
-            // Shutting down: the engine stops once nothing is in flight, so finish the write first.
+            // Shutting down: the engine stops once nothing is in flight, so finish the write
+            // first, retrying a failed one for a little while (a database restarting).
             self.wait_for_write(now).await;
+            for _ in 0..SHUTDOWN_WRITE_RETRIES {
+                let Some(at) = self.retry_write_at.filter(|_| !self.pending.is_empty()) else {
+                    break;
+                };
+                tokio::time::sleep_until(at.into()).await;
+                self.start_write(Instant::now());
+                self.wait_for_write(Instant::now()).await;
+            }
         }
         Ok(())
     }
@@ -1035,8 +1044,7 @@ impl Backend for PostgresBackend {
 
     fn next_wakeup(&self) -> Option<Instant> {
         let poll = if self.polls() { self.next_poll } else { None };
-        let waiters =
-            (!self.listens() && !self.waiters.is_empty()).then_some(self.next_housekeeping);
+        let waiters = self.checks_waiters().then_some(self.next_housekeeping);
         let retry_write = (!self.writing).then_some(self.retry_write_at).flatten();
         [
             poll,
@@ -1056,7 +1064,8 @@ impl Backend for PostgresBackend {
             Notification::Reconnected => {
                 // Whatever was announced while the listener was away is checked directly.
                 self.maybe_ready = true;
-                self.recheck_waiters = !self.waiters.is_empty();
+                self.recheck_waiters = true;
+                self.next_housekeeping = Instant::now();
             }
             Notification::TasksFinished(tasks) => self
                 .finished_unanswered
