@@ -14,14 +14,14 @@ RSpec.describe "PostgreSQL backend (adversarial): recording and claiming under f
     end
   end
 
-  # a (each attempt allowed 1 s) -> b
+  # a (each attempt allowed 2 s) -> b
   def write_short_timeout_template
     File.write(File.join(@dir, "short.yml"), <<~YAML)
       namespace: pg
       name: short_timeout
       version: 1.0.0
       steps:
-        - { name: a, handler: { callable: PgSpec::Step }, timeout_seconds: 1, retry: { max_attempts: 5 } }
+        - { name: a, handler: { callable: PgSpec::Step }, timeout_seconds: 2, retry: { max_attempts: 5 } }
         - { name: b, dependencies: [a], handler: { callable: PgSpec::Step } }
     YAML
     [PostgresHelpers::PG_TEMPLATES, @dir]
@@ -36,20 +36,21 @@ RSpec.describe "PostgreSQL backend (adversarial): recording and claiming under f
     install_fault("complete", table: "tasker_steps", status: "complete", sqlstate: "57014")
     arm_fault("complete")
     log = File.join(@dir, "handler.log")
-    uuid = TaskerCore.create_task(namespace: "pg", name: "short_timeout", context: { "log" => log })
+    uuids = TaskerCore.create_tasks(namespace: "pg", name: "short_timeout", contexts: Array.new(4) { { "log" => log } })
 
-    # Attempt 1's outcome is kept (its write fails); its claim expires after 1 s; attempt 2 runs and
+    # Attempt 1's outcome is kept (its write fails); its claim expires after 2 s; attempt 2 runs and
     # its outcome joins attempt 1's in the batch that is retried.
     eventually(timeout: 15, interval: 0.05) do
-      handler_log(log).any? { |line| line[:attempt] == 2 && line[:event] == "done" }
+      handler_log(log).count { |line| line[:attempt] == 2 && line[:event] == "done" } >= 4
     end
-    sleep 0.6
+    sleep 1
     disarm_fault("complete")
 
-    result = TaskerCore.wait_for_task(uuid, timeout: 10)
-    expect(result && result[:status]).to eq("complete")
-    expect(step_of(result, "b")[:result]["value"]).to eq(2)
-    expect(psql_count("SELECT min(waiting_on) FROM tasker_steps WHERE task_uuid = '#{uuid}'", db: db)).to eq(0)
+    results = uuids.map { |uuid| TaskerCore.wait_for_task(uuid, timeout: 10) }
+    expect(results.map { |r| r && r[:status] }).to eq(["complete"] * 4)
+    expect(results.map { |r| step_of(r, "b")[:result]["value"] }).to eq([2] * 4)
+    expect(psql_count("SELECT min(waiting_on) FROM tasker_steps WHERE task_uuid = ANY(#{uuid_array(uuids)})",
+                      db: db)).to eq(0)
   end
 
   it "fails only the step whose result or error holds a NUL byte, with a clear error; every other step runs " \
