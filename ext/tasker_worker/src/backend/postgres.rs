@@ -145,8 +145,10 @@ struct WriteDone {
     readiness: Readiness,
     /// Claim room reserved for the transaction (counted in `outstanding` while it ran).
     reserved: usize,
-    /// The claim in the transaction ran (it committed).
+    /// The claim in the transaction ran, and committed.
     claim_ran: bool,
+    /// The transaction failed: whatever it would have claimed is still there.
+    claim_lost: bool,
     claimed: Vec<PgRow>,
 }
 
@@ -733,9 +735,19 @@ impl PostgresBackend {
             return;
         };
         self.retry_write_at = None;
-        // The transaction also claims what this worker has room for; that room is reserved
+        // The transaction also claims what this worker has room for: always when something may
+        // be ready, else only if its own outcomes make successors ready. That room is reserved
         // until it ends, so that claims meanwhile do not take it too.
-        let room = self.claim_room(now);
+        let may_find = self.claim_room(now) > 0;
+        let room = if self.stopping {
+            0
+        } else {
+            self.settings.max_in_flight.saturating_sub(self.outstanding)
+        };
+        let claim = Claim {
+            room,
+            even_if_nothing_readied: may_find,
+        };
         self.outstanding += room;
         self.writing = true;
         let entries = std::mem::take(&mut self.pending);
@@ -749,7 +761,7 @@ impl PostgresBackend {
         let scope = Arc::clone(&self.scope);
         let results = self.write_results_sender.clone();
         tokio::spawn(async move {
-            let done = write_outcomes(pool, scope, entries, room, locking).await;
+            let done = write_outcomes(pool, scope, entries, claim, locking).await;
             if results.send(done).is_ok() {
                 let _ = wake.send(EngineMessage::Notify(Notification::BackendWorkDone));
             }
@@ -782,10 +794,10 @@ impl PostgresBackend {
             self.maybe_ready = true;
         }
         self.outstanding = self.outstanding.saturating_sub(done.reserved);
-        if done.reserved > 0 && !done.claim_ran {
-            // The claim was rolled back with the write: claim again on the next pass.
+        if done.claim_lost {
+            // The claim was rolled back with the write: claim again shortly.
             self.claim_failed(now);
-        } else if done.reserved > 0 {
+        } else if done.claim_ran {
             if let Ok(pool) = self.pool().cloned() {
                 let got = done.claimed.len();
                 self.claimed(&pool, done.reserved, got, now).await;
@@ -965,7 +977,15 @@ impl Backend for PostgresBackend {
         let room = (max - rows.len()).min(self.claim_room(now));
         let pool = self.pool()?.clone();
         if room > 0 {
-            match claim_rows(&pool, &self.scope, room).await.map_err(db) {
+            // Bounded: a connection that died silently must not hold up the engine thread.
+            let claim = tokio::time::timeout(WRITE_TIMEOUT, claim_rows(&pool, &self.scope, room));
+            let fresh = claim.await.unwrap_or_else(|_| {
+                Err(sqlx::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "claiming took longer than 30s",
+                )))
+            });
+            match fresh.map_err(db) {
                 Ok(fresh) => {
                     self.claimed(&pool, room, fresh.len(), now).await;
                     rows.extend(fresh);
@@ -1299,23 +1319,39 @@ struct Written {
     deferred: Vec<usize>,
     finished: Vec<Uuid>,
     readiness: Readiness,
+    claim_ran: bool,
     claimed: Vec<PgRow>,
 }
 
-/// The write task: record `entries` (and claim up to `room`), isolating what cannot be stored.
+/// The claim a record transaction makes after its writes.
+#[derive(Clone, Copy)]
+struct Claim {
+    room: usize,
+    /// Claim even when the outcomes made no successor ready (something else may be ready).
+    even_if_nothing_readied: bool,
+}
+
+impl Claim {
+    const NONE: Claim = Claim {
+        room: 0,
+        even_if_nothing_readied: false,
+    };
+}
+
+/// The write task: record `entries` (and claim as `claim` says), isolating what cannot be stored.
 async fn write_outcomes(
     pool: PgPool,
     scope: Arc<ClaimScope>,
     mut entries: Vec<Entry>,
-    room: usize,
+    claim: Claim,
     locking: Locking,
 ) -> WriteDone {
     let mut done = WriteDone {
-        reserved: room,
+        reserved: claim.room,
         ..WriteDone::default()
     };
     let all: Vec<usize> = (0..entries.len()).collect();
-    let mut result = write_transaction(&pool, &scope, &entries, &all, room, locking).await;
+    let mut result = write_transaction(&pool, &scope, &entries, &all, claim, locking).await;
     if locking == Locking::Wait
         && result
             .as_ref()
@@ -1323,11 +1359,12 @@ async fn write_outcomes(
     {
         // Another session holds a row (a worker paused mid-transaction): record everything
         // else now rather than wait for it.
-        result = write_transaction(&pool, &scope, &entries, &all, room, Locking::SkipLocked).await;
+        result = write_transaction(&pool, &scope, &entries, &all, claim, Locking::SkipLocked).await;
     }
+    done.claim_lost = result.is_err() && claim.room > 0;
     match result {
         Ok(written) => {
-            done.claim_ran = true;
+            done.claim_ran = written.claim_ran;
             done.absorb(written, &entries, &all);
         }
         Err(e) if is_transient(&e) => done.keep(&entries, &all, &e),
@@ -1350,7 +1387,7 @@ async fn isolate(
 ) {
     let mut chunks = vec![subset];
     while let Some(chunk) = chunks.pop() {
-        match write_transaction(pool, scope, entries, &chunk, 0, Locking::Wait).await {
+        match write_transaction(pool, scope, entries, &chunk, Claim::NONE, Locking::Wait).await {
             Ok(written) => done.absorb(written, entries, &chunk),
             Err(e) if is_transient(&e) => done.keep(entries, &chunk, &e),
             Err(e) if chunk.len() > 1 => {
@@ -1366,7 +1403,9 @@ async fn isolate(
                 entry.effect = Effect::Fail(storable_text(format!(
                     "the step's outcome cannot be stored in PostgreSQL: {e}"
                 )));
-                match write_transaction(pool, scope, entries, &chunk, 0, Locking::Wait).await {
+                match write_transaction(pool, scope, entries, &chunk, Claim::NONE, Locking::Wait)
+                    .await
+                {
                     Ok(written) => done.absorb(written, entries, &chunk),
                     Err(e) => done.keep(entries, &chunk, &e),
                 }
@@ -1404,21 +1443,21 @@ impl WriteDone {
     }
 }
 
-/// One transaction: the outcomes of `subset`, then a claim of up to `room` steps. Deadlocks and
-/// serialization failures are retried at once, a few times.
+/// One transaction: the outcomes of `subset`, then a claim. Deadlocks and serialization
+/// failures are retried at once, a few times.
 async fn write_transaction(
     pool: &PgPool,
     scope: &ClaimScope,
     entries: &[Entry],
     subset: &[usize],
-    room: usize,
+    claim: Claim,
     locking: Locking,
 ) -> Result<Written, sqlx::Error> {
     let mut tries = 0;
     loop {
         let attempt = tokio::time::timeout(
             WRITE_TIMEOUT,
-            write_once(pool, scope, entries, subset, room, locking),
+            write_once(pool, scope, entries, subset, claim, locking),
         )
         .await
         .unwrap_or_else(|_| {
@@ -1444,7 +1483,7 @@ async fn write_once(
     scope: &ClaimScope,
     entries: &[Entry],
     subset: &[usize],
-    room: usize,
+    claim: Claim,
     locking: Locking,
 ) -> Result<Written, sqlx::Error> {
     let mut tx = pool.begin().await?;
@@ -1489,14 +1528,15 @@ async fn write_once(
         written.deferred = later;
     }
     let (finished, readiness) = write_entries(&mut tx, entries, &writing).await?;
-    let claimed = if room > 0 {
-        claim_rows(&mut *tx, scope, room).await?
+    let claims = claim.room > 0 && (claim.even_if_nothing_readied || readiness.readied);
+    let claimed = if claims {
+        claim_rows(&mut *tx, scope, claim.room).await?
     } else {
         Vec::new()
     };
     // Other workers need a NOTIFY only for what this one did not take: a retry falling due
     // later, or ready steps beyond its room. One per batch (NOTIFY takes a global lock at commit).
-    let left_over = readiness.readied && (room == 0 || claimed.len() == room);
+    let left_over = readiness.readied && (!claims || claimed.len() == claim.room);
     if readiness.retried || left_over {
         sqlx::query("SELECT pg_notify($1, '')")
             .bind(STEPS_READY)
@@ -1507,6 +1547,7 @@ async fn write_once(
     tx.commit().await?;
     written.finished = finished;
     written.readiness = readiness;
+    written.claim_ran = claims;
     written.claimed = claimed;
     Ok(written)
 }
