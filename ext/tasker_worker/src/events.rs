@@ -165,6 +165,28 @@ impl InFlight {
         }
     }
 
+    /// An attempt of a step its template does not have (a stored template changed under the same
+    /// version): it is failed at once, never run.
+    pub fn unknown_step(
+        task_uuid: Uuid,
+        step_uuid: Uuid,
+        step_index: usize,
+        attempt: u32,
+        now: Instant,
+    ) -> Self {
+        Self {
+            task_uuid,
+            step_uuid,
+            step_index,
+            step_name: Arc::from(format!("#{step_index}")),
+            attempt,
+            deadline: now,
+            timeout: Duration::ZERO,
+            on_timeout: OnTimeout::Raise,
+            phase: Arc::new(AttemptPhase::default()),
+        }
+    }
+
     /// The message an attempt that outlived its timeout is recorded with.
     pub fn timeout_message(&self) -> String {
         format!(

@@ -109,4 +109,7 @@ pub enum Notification {
     TasksFinished(Vec<Uuid>),
     /// The listener lost its connection and came back: notifications may have been missed.
     Reconnected,
+    /// Work the backend runs off the engine loop (a database write) finished: its results are
+    /// taken on the next `tick`.
+    BackendWorkDone,
 }

@@ -6,15 +6,26 @@
 //!   a new attempt.
 //! - Recording a batch of outcomes is one transaction: results, retries, successors made ready,
 //!   task completion, then a claim of what this worker has room for (often the successors just
-//!   made ready), so an engine loop costs one commit. Every write is conditioned on the attempt
-//!   number, so a stale completion (its step was reclaimed meanwhile) changes nothing: each
-//!   step's final result is recorded exactly once.
+//!   made ready). Every write is conditioned on the attempt number, so a stale completion (its
+//!   step was reclaimed meanwhile) changes nothing: each step's final result is recorded once.
+//! - That transaction runs on its own tokio task, one at a time: while it waits (on a row lock,
+//!   a restarting database), the engine thread keeps answering `create_task`, `task_status`
+//!   and `wait_for_task`, and gathers the next batch. Its result comes back through a channel,
+//!   and a [`Notification::BackendWorkDone`] wakes the engine loop to take it.
+//! - A batch that fails for a reason retrying cannot cure (a value the database cannot store)
+//!   is split until the outcome at fault is alone; that step fails with the database's reason
+//!   and every other outcome is recorded. A batch blocked by another session's row lock (a
+//!   paused worker) records what is not locked and keeps the rest for later.
+//! - Every connection sets `lock_timeout`, `idle_in_transaction_session_timeout` and TCP
+//!   keepalives, so a paused or partitioned worker holds its row locks for seconds, not hours.
 //! - A worker holds at most `max_in_flight` claimed steps (twice its handler threads): a claimed
 //!   step's deadline runs from the claim, so it must not wait long for a free thread.
 //! - Wake-ups: LISTEN/NOTIFY (EventDriven), a periodic claim (Polling), or both (Hybrid). One
 //!   NOTIFY per transaction at most, and only for steps the sender did not claim itself.
 //!   EventDriven workers also wake when the earliest hidden row becomes visible (a retry's
-//!   backoff, an expired claim), and every mode claims once at start.
+//!   backoff, an expired claim), and every mode claims once at start. The LISTEN connection is
+//!   its own (not one of the pool's) and is checked with a query whenever it has been quiet
+//!   for a few seconds: a connection that died silently is replaced.
 
 use super::{Backend, Notification, SnapshotReply};
 use crate::config::DeploymentMode;
@@ -26,27 +37,65 @@ use crate::events::{
 };
 use crate::template::{TaskTemplate, TemplateKey, TemplateRegistry};
 use serde_json::Value;
-use sqlx::postgres::{PgListener, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow};
 use sqlx::{PgPool, Postgres, Row, Transaction};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc::UnboundedSender;
-use tracing::{debug, info, warn};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::task::JoinHandle;
+use tracing::{debug, error, info, warn};
 use uuid::Uuid;
-
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 const STEPS_READY: &str = "tasker_steps_ready";
 const TASKS_FINISHED: &str = "tasker_tasks_finished";
-/// How long a failed write waits before it is tried again (the database may be restarting).
+/// How long a failed write (or claim) waits before it is tried again (the database may be restarting).
 const RETRY_WRITE_AFTER: Duration = Duration::from_millis(250);
-/// How often waiters and old rows are checked when nothing else wakes the engine.
+/// Longest a record transaction may take before it is abandoned (rolled back) and retried:
+/// a connection that died silently must not hold the outcomes forever.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Polling mode has no notifications: waited tasks are checked this often (one query for all).
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
 const CLEANUP_EVERY: Duration = Duration::from_secs(60);
+/// Retries (`RETRY_WRITE_AFTER` apart) of a failed write while shutting down, before the
+/// outcomes are left to the claims' expiry (their steps then run again elsewhere).
+const SHUTDOWN_WRITE_RETRIES: usize = 8;
+/// Finished tasks deleted per statement by the retention cleanup (which loops until none is left).
+const CLEANUP_BATCH: i64 = 5000;
+/// The LISTEN connection is asked `SELECT 1` after this long without a message...
+const LISTENER_HEARTBEAT: Duration = Duration::from_secs(5);
+/// ...and replaced if it does not answer within this.
+const LISTENER_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Session settings of every connection (the pool's and the listener's), so that one paused or
+/// partitioned worker costs the others seconds: its row locks are waited on for at most
+/// `lock_timeout`; a transaction it leaves idle (SIGSTOP, a frozen VM) is ended by the server
+/// after `idle_in_transaction_session_timeout`; and the server notices a peer that vanished
+/// without a FIN after about `idle + interval × count` seconds of TCP keepalives (or
+/// `tcp_user_timeout` ms of unacknowledged data), instead of the kernel default of two hours.
+pub const SESSION_SETTINGS: &[(&str, &str)] = &[
+    ("lock_timeout", "2s"),
+    ("idle_in_transaction_session_timeout", "5s"),
+    ("tcp_keepalives_idle", "5"),
+    ("tcp_keepalives_interval", "2"),
+    ("tcp_keepalives_count", "3"),
+    ("tcp_user_timeout", "10000"),
+];
+
+/// A build may run against a schema that has migrations it does not know, as long as they are
+/// additive. A migration that older builds cannot run against raises
+/// `tasker_schema_compat.min_migration` to its own version; a build whose newest migration is
+/// older refuses to start.
+fn migrator() -> sqlx::migrate::Migrator {
+    let mut migrator = sqlx::migrate!("./migrations");
+    migrator.set_ignore_missing(true);
+    migrator
+}
 
 pub struct PostgresSettings {
     pub url: String,
+    /// Connections for work; the LISTEN connection (Hybrid, EventDriven) is one more.
     pub pool_size: u32,
     pub worker_id: String,
     pub namespaces: Vec<String>,
@@ -59,8 +108,53 @@ pub struct PostgresSettings {
     pub max_in_flight: usize,
 }
 
+/// What a claim needs, shared with the write tasks.
+struct ClaimScope {
+    namespaces: Vec<String>,
+    worker_id: String,
+}
+
+/// One attempt's outcome, decided on the engine thread and ready to be written.
+#[derive(Clone)]
+struct Entry {
+    flight: InFlight,
+    /// The task's template (successors of a completed step); `None` when `effect` needs none.
+    template: Option<Arc<TaskTemplate>>,
+    effect: Effect,
+}
+
+#[derive(Clone)]
+enum Effect {
+    Complete(Value),
+    Retry { delay_ms: i32, message: String },
+    Fail(String),
+}
+
+/// What one write task did, handed back to the engine thread.
+#[derive(Default)]
+struct WriteDone {
+    /// Steps whose outcomes are settled (written, or found stale).
+    recorded: Vec<Uuid>,
+    /// Outcomes not written (the database is unreachable, rows are locked): written later.
+    kept: Vec<Entry>,
+    /// Why something was kept, for the log.
+    kept_because: Option<String>,
+    /// How many of `kept` wait for rows another session holds.
+    deferred: usize,
+    finished: Vec<Uuid>,
+    readiness: Readiness,
+    /// Claim room reserved for the transaction (counted in `outstanding` while it ran).
+    reserved: usize,
+    /// The claim in the transaction ran, and committed.
+    claim_ran: bool,
+    /// The transaction failed: whatever it would have claimed is still there.
+    claim_lost: bool,
+    claimed: Vec<PgRow>,
+}
+
 pub struct PostgresBackend {
     settings: PostgresSettings,
+    scope: Arc<ClaimScope>,
     local: Arc<TemplateRegistry>,
     pool: Option<PgPool>,
     /// Templates by key: local ones, and others loaded from the database on first use.
@@ -69,11 +163,24 @@ pub struct PostgresBackend {
     maybe_ready: bool,
     next_poll: Option<Instant>,
     waiters: HashMap<Uuid, Vec<SnapshotReply>>,
-    /// Outcomes whose transaction failed: kept and written again, never dropped.
-    unrecorded: Vec<(InFlight, AttemptOutcome)>,
+    /// Tasks reported finished (by NOTIFY or our own writes) whose waiters are not answered yet.
+    finished_unanswered: Vec<Uuid>,
+    /// Every waited task must be checked directly (notifications may have been missed).
+    recheck_waiters: bool,
+    /// Outcomes waiting for the next write (gathered while one runs, or kept after a failure).
+    pending: Vec<Entry>,
+    /// A write task is running.
+    writing: bool,
+    /// The last write left outcomes behind another session's row locks.
+    contended: bool,
+    write_results: UnboundedReceiver<WriteDone>,
+    write_results_sender: UnboundedSender<WriteDone>,
+    /// Wakes the engine loop when a write task ends.
+    wake: Option<UnboundedSender<EngineMessage>>,
     retry_write_at: Option<Instant>,
     next_housekeeping: Instant,
     next_cleanup: Instant,
+    cleanup: Option<JoinHandle<()>>,
     /// Attempts claimed here and not yet recorded or released (`prefetched` included).
     outstanding: usize,
     /// Claimed in a record transaction, not yet handed to the engine.
@@ -83,33 +190,49 @@ pub struct PostgresBackend {
     /// The template of each attempt claimed here and not yet recorded (by step), so recording
     /// it needs no lookup.
     flight_templates: HashMap<Uuid, Arc<TaskTemplate>>,
-    /// A claim due without any notification: at start (steps may already be waiting), and in
+    /// A claim due without any notification: at start (steps may already be waiting), in
     /// EventDriven mode when the earliest hidden row becomes visible (a retry's backoff ends, the
-    /// claim of a worker that died expires). Not a poll: a wake-up at a time the table names.
+    /// claim of a worker that died expires), and shortly after a claim that failed. Not a poll:
+    /// a wake-up at a time the table (or the failure) names.
     wake_claim_at: Option<Instant>,
 }
 
 impl PostgresBackend {
     pub fn new(settings: PostgresSettings, local: Arc<TemplateRegistry>) -> Self {
         let templates = local.iter().map(|t| (t.key(), Arc::clone(t))).collect();
-        let cleanup_every = cleanup_every(settings.finished_task_ttl);
+        let scope = Arc::new(ClaimScope {
+            namespaces: settings.namespaces.clone(),
+            worker_id: settings.worker_id.clone(),
+        });
+        let (write_results_sender, write_results) = unbounded_channel();
+        let now = Instant::now();
         Self {
             settings,
+            scope,
             local,
             pool: None,
             templates,
             maybe_ready: true,
             next_poll: None,
             waiters: HashMap::new(),
-            unrecorded: Vec::new(),
+            finished_unanswered: Vec::new(),
+            recheck_waiters: false,
+            pending: Vec::new(),
+            writing: false,
+            contended: false,
+            write_results,
+            write_results_sender,
+            wake: None,
             retry_write_at: None,
-            next_housekeeping: Instant::now() + HOUSEKEEPING_EVERY,
-            next_cleanup: Instant::now() + cleanup_every,
+            next_housekeeping: now + HOUSEKEEPING_EVERY,
+            // Right after start: whatever expired while no worker ran goes at once.
+            next_cleanup: now,
+            cleanup: None,
             outstanding: 0,
             prefetched: Vec::new(),
             stopping: false,
             flight_templates: HashMap::new(),
-            wake_claim_at: Some(Instant::now()),
+            wake_claim_at: Some(now),
         }
     }
 
@@ -154,14 +277,15 @@ impl PostgresBackend {
         Ok(template)
     }
 
+    /// Store this process's templates for the others. A template stored under the same
+    /// namespace, name and version with different content is never replaced: tasks created of
+    /// it would run with another DAG. This process refuses to start instead.
     async fn store_templates(&self) -> EngineResult<()> {
         let pool = self.pool()?;
         for template in self.local.iter() {
             sqlx::query(
                 "INSERT INTO tasker_templates (namespace, name, version, yaml, source) VALUES ($1, $2, $3, $4, $5)
-                 ON CONFLICT (namespace, name, version)
-                 DO UPDATE SET yaml = EXCLUDED.yaml, source = EXCLUDED.source, updated_at = now()
-                 WHERE tasker_templates.yaml IS DISTINCT FROM EXCLUDED.yaml",
+                 ON CONFLICT (namespace, name, version) DO NOTHING",
             )
             .bind(&template.namespace)
             .bind(&template.name)
@@ -171,6 +295,30 @@ impl PostgresBackend {
             .execute(pool)
             .await
             .map_err(db)?;
+            let stored = sqlx::query(
+                "SELECT yaml, source, to_char(updated_at, 'YYYY-MM-DD HH24:MI:SS TZ') AS stored_at
+                 FROM tasker_templates WHERE namespace = $1 AND name = $2 AND version = $3",
+            )
+            .bind(&template.namespace)
+            .bind(&template.name)
+            .bind(&template.version)
+            .fetch_one(pool)
+            .await
+            .map_err(db)?;
+            let stored_yaml: String = stored.get("yaml");
+            if stored_yaml != template.yaml
+                && template_content(&stored_yaml) != template_content(&template.yaml)
+            {
+                let source: String = stored.get("source");
+                let stored_at: String = stored.get("stored_at");
+                return Err(EngineError::config(format!(
+                    "template {} ({}) differs from the template stored in the database under the same namespace, \
+                     name and version (stored from {source} at {stored_at}): tasks of one version must all run \
+                     the same steps. Give the changed template a new `version`",
+                    template.key(),
+                    template.source.display(),
+                )));
+            }
         }
         Ok(())
     }
@@ -221,59 +369,89 @@ impl PostgresBackend {
         }))
     }
 
-    /// Answer waiters whose tasks have finished (from a notification or a periodic check).
+    /// Answer the waiters of tasks that may have finished. A task that is gone was finished
+    /// and deleted by the retention cleanup: its waiters learn that, rather than nothing.
     async fn answer_waiters(&mut self, candidates: Vec<Uuid>) {
         for task_uuid in candidates {
             if !self.waiters.contains_key(&task_uuid) {
                 continue;
             }
-            match self.snapshot(task_uuid).await {
-                Ok(Some(snapshot)) if snapshot.status.is_finished() => {
-                    for waiter in self.waiters.remove(&task_uuid).unwrap_or_default() {
-                        let _ = waiter.try_send(Ok(snapshot.clone()));
-                    }
+            let answer = match self.snapshot(task_uuid).await {
+                Ok(Some(snapshot)) if snapshot.status.is_finished() => Ok(snapshot),
+                Ok(Some(_)) => continue,
+                Ok(None) => Err(deleted_task(task_uuid)),
+                Err(e) => {
+                    debug!(error = %e, "checking a waited task failed; will check again");
+                    self.recheck_waiters = true;
+                    continue;
                 }
-                Ok(_) => {}
-                Err(e) => debug!(error = %e, "checking a waited task failed; will check again"),
+            };
+            for waiter in self.waiters.remove(&task_uuid).unwrap_or_default() {
+                let _ = waiter.try_send(answer.clone());
             }
         }
     }
 
+    /// Every waited task, in one query: which are finished or gone (then answered).
+    async fn check_all_waiters(&mut self) {
+        let waited: Vec<Uuid> = self.waiters.keys().copied().collect();
+        if waited.is_empty() {
+            return;
+        }
+        let Ok(pool) = self.pool() else { return };
+        let rows = sqlx::query(
+            "SELECT w.task_uuid FROM unnest($1::uuid[]) AS w(task_uuid)
+             LEFT JOIN tasker_tasks t ON t.task_uuid = w.task_uuid
+             WHERE t.task_uuid IS NULL OR t.status IN ('complete', 'error')",
+        )
+        .bind(&waited)
+        .fetch_all(pool)
+        .await;
+        match rows {
+            Ok(rows) => {
+                let settled = rows.iter().map(|r| r.get("task_uuid")).collect();
+                self.answer_waiters(settled).await;
+            }
+            Err(e) => {
+                debug!(error = %e, "checking waited tasks failed; will check again");
+                self.recheck_waiters = true;
+            }
+        }
+    }
+
+    /// Whether waited tasks are due a direct check (rather than waiting for notifications).
+    fn checks_waiters(&self) -> bool {
+        !self.waiters.is_empty() && (!self.listens() || self.recheck_waiters)
+    }
+
     async fn housekeeping(&mut self, now: Instant) {
-        if now >= self.next_housekeeping {
+        if !self.finished_unanswered.is_empty() {
+            let finished = std::mem::take(&mut self.finished_unanswered);
+            self.answer_waiters(finished).await;
+        }
+        // Notifications answer waiters; without them (Polling) or after missing some (the
+        // listener reconnected, a check failed), every waited task is checked, in one query.
+        if self.checks_waiters() && now >= self.next_housekeeping {
             self.next_housekeeping = now + HOUSEKEEPING_EVERY;
-            // Notifications can be missed across a reconnect: check waited tasks directly too.
-            let waited: Vec<Uuid> = self.waiters.keys().copied().collect();
-            self.answer_waiters(waited).await;
-            self.waiters.retain(|_, replies| {
-                replies.retain(|r| !r.is_full());
-                !replies.is_empty()
-            });
+            self.recheck_waiters = false;
+            self.check_all_waiters().await;
         }
         if now >= self.next_cleanup {
             self.next_cleanup = now + cleanup_every(self.settings.finished_task_ttl);
-            let ttl = self.settings.finished_task_ttl.as_secs_f64();
-            if let Ok(pool) = self.pool() {
-                match sqlx::query(
-                    "DELETE FROM tasker_tasks WHERE task_uuid IN (
-                       SELECT task_uuid FROM tasker_tasks
-                       WHERE finished_at < now() - make_interval(secs => $1) LIMIT 5000)",
-                )
-                .bind(ttl)
-                .execute(pool)
-                .await
-                {
-                    Ok(done) if done.rows_affected() > 0 => {
-                        info!(
-                            deleted = done.rows_affected(),
-                            "deleted finished tasks older than finished_task_ttl"
-                        )
-                    }
-                    Ok(_) => {}
-                    Err(e) => warn!(error = %e, "deleting old finished tasks failed"),
-                }
-            }
+            self.start_cleanup();
         }
+    }
+
+    /// Delete expired finished tasks on a task of its own, looping until none is left, so that
+    /// deletion keeps up with any completion rate and never holds up the engine thread.
+    fn start_cleanup(&mut self) {
+        if self.cleanup.as_ref().is_some_and(|c| !c.is_finished()) {
+            return;
+        }
+        let Ok(pool) = self.pool() else { return };
+        let pool = pool.clone();
+        let ttl = self.settings.finished_task_ttl.as_secs_f64();
+        self.cleanup = Some(tokio::spawn(delete_expired_tasks(pool, ttl)));
     }
 
     /// EventDriven: nothing polls, so wake up when the earliest hidden row becomes visible.
@@ -299,7 +477,6 @@ impl PostgresBackend {
             }
         }
     }
-
     /// Events for claimed rows (templates, dependency results). An attempt beyond the last one
     /// allowed (its worker died holding the last) is recorded as timed out instead.
     async fn build_events(
@@ -327,6 +504,7 @@ impl PostgresBackend {
 
         let mut claimed = Vec::with_capacity(rows.len());
         let mut exhausted = Vec::new();
+        let mut mismatched = Vec::new();
         let mut infos: HashMap<Uuid, Arc<TaskInfo>> = HashMap::new();
         for row in rows {
             let key = TemplateKey {
@@ -338,7 +516,25 @@ impl PostgresBackend {
             let task_uuid: Uuid = row.get("task_uuid");
             let index = row.get::<i32, _>("step_index") as usize;
             let attempt = row.get::<i32, _>("attempts") as u32;
-            let definition = Arc::clone(&template.steps[index]);
+            let Some(definition) = template.steps.get(index).map(Arc::clone) else {
+                // Only a template changed under the same version gets here (refused at
+                // bootstrap since): fail the step, never panic the engine.
+                mismatched.push(Entry {
+                    flight: InFlight::unknown_step(
+                        task_uuid,
+                        row.get("step_uuid"),
+                        index,
+                        attempt,
+                        now,
+                    ),
+                    template: None,
+                    effect: Effect::Fail(format!(
+                        "the task's template {key} has no step #{index}: the stored template was changed \
+                         under the same version"
+                    )),
+                });
+                continue;
+            };
             let flight = InFlight::new(
                 task_uuid,
                 row.get("step_uuid"),
@@ -386,6 +582,11 @@ impl PostgresBackend {
                 ready_at_ns: row.get::<i64, _>("ready_at_ns").max(0) as u64,
             };
             claimed.push((event, flight));
+        }
+        if !mismatched.is_empty() {
+            self.outstanding = self.outstanding.saturating_sub(mismatched.len());
+            self.pending.extend(mismatched);
+            self.start_write(now);
         }
         if !exhausted.is_empty() {
             let lost = exhausted
@@ -467,449 +668,159 @@ impl PostgresBackend {
         }
     }
 
-    /// One transaction: record the outcomes, then claim what this worker has room for (the
-    /// successors just made ready among them), so a loop of the engine costs one commit.
-    async fn write_outcomes(
+    /// A claim failed (the database restarting, a lock timeout): claim again shortly, in every
+    /// mode, rather than at the next poll, notification or cleanup.
+    fn claim_failed(&mut self, now: Instant) {
+        self.maybe_ready = true;
+        let at = now + RETRY_WRITE_AFTER;
+        self.wake_claim_at = Some(self.wake_claim_at.map_or(at, |w| w.min(at)));
+    }
+
+    /// Decide what each outcome does to its step (on the engine thread: templates are here).
+    async fn prepare(&mut self, outcomes: Vec<(InFlight, AttemptOutcome)>) -> Vec<Entry> {
+        let unknown: Vec<Uuid> = outcomes
+            .iter()
+            .filter(|(f, _)| !self.flight_templates.contains_key(&f.step_uuid))
+            .map(|(f, _)| f.task_uuid)
+            .collect();
+        let mut template_of_task: HashMap<Uuid, Arc<TaskTemplate>> = HashMap::new();
+        if !unknown.is_empty() {
+            match self.templates_of_tasks(&unknown).await {
+                Ok(found) => template_of_task = found,
+                Err(e) => warn!(error = %e, "looking up the templates of recorded steps failed"),
+            }
+        }
+        let mut entries = Vec::with_capacity(outcomes.len());
+        for (flight, outcome) in outcomes {
+            let template = self
+                .flight_templates
+                .get(&flight.step_uuid)
+                .or_else(|| template_of_task.get(&flight.task_uuid))
+                .cloned();
+            let Some(template) = template else {
+                // Its task is gone (deleted after finishing): there is nothing left to record.
+                debug!(task_uuid = %flight.task_uuid, "outcome for a task that no longer exists");
+                continue;
+            };
+            entries.push(entry_for(flight, outcome, template));
+        }
+        entries
+    }
+
+    async fn templates_of_tasks(
         &mut self,
-        outcomes: &[(InFlight, AttemptOutcome)],
-        now: Instant,
-    ) -> EngineResult<Vec<Uuid>> {
-        let pool = self.pool()?.clone();
-        let mut tx = pool.begin().await.map_err(db)?;
-        let (finished, readiness) = record_in(&mut tx, self, outcomes).await?;
-        let room = self.claim_room(now);
-        let claimed = if room > 0 {
-            claim_rows(&mut *tx, &self.settings, room).await?
-        } else {
-            Vec::new()
-        };
-        // Other workers need a NOTIFY only for what this one did not take: a retry falling due
-        // later, or ready steps beyond its room. One per batch (NOTIFY takes a global lock at commit).
-        let left_over = readiness.readied && (room == 0 || claimed.len() == room);
-        if readiness.retried || left_over {
-            sqlx::query("SELECT pg_notify($1, '')")
-                .bind(STEPS_READY)
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
-        }
-        notify_finished(&mut tx, &finished).await?;
-        tx.commit().await.map_err(db)?;
-        if room > 0 {
-            self.claimed(&pool, room, claimed.len(), now).await;
-            self.prefetched.extend(claimed);
-        }
-        Ok(finished)
-    }
-}
-
-/// Finished tasks are deleted every minute, or every `finished_task_ttl` when that is shorter
-/// (so a short TTL is honoured within about twice its length).
-fn cleanup_every(ttl: Duration) -> Duration {
-    CLEANUP_EVERY.min(ttl).max(Duration::from_millis(100))
-}
-
-/// Record successful attempts ($1 steps, $2 attempts, $3 results) and their effects: each edge
-/// ($4 completed step → $5 task, $6 successor index, $7 its timeout, $8 namespace) of a current
-/// completion counts toward that successor. Returns ("done", step) per current completion,
-/// ("ready", step) per successor made ready, ("finished", task) per task now complete.
-const COMPLETE_SQL: &str = "WITH input AS (
-       SELECT * FROM unnest($1::uuid[], $2::int4[], $3::jsonb[]) AS i(step_uuid, attempt, result)
-     ), done AS (
-       UPDATE tasker_steps s SET status = 'complete', result = i.result, error_message = NULL
-       FROM input i
-       WHERE s.step_uuid = i.step_uuid AND s.attempts = i.attempt AND s.status = 'in_progress'
-       RETURNING s.step_uuid, s.task_uuid
-     ), gone AS (
-       DELETE FROM tasker_ready_steps r USING done d WHERE r.step_uuid = d.step_uuid
-     ), dec AS (
-       SELECT e.task_uuid, e.step_index, count(*)::int4 AS n, min(e.timeout_ms) AS timeout_ms,
-              min(e.namespace) AS namespace
-       FROM unnest($4::uuid[], $5::uuid[], $6::int4[], $7::int4[], $8::text[])
-              AS e(src, task_uuid, step_index, timeout_ms, namespace)
-       JOIN done d ON d.step_uuid = e.src
-       GROUP BY e.task_uuid, e.step_index
-     ), upd AS (
-       UPDATE tasker_steps s
-       SET waiting_on = s.waiting_on - d.n,
-           status = CASE WHEN s.waiting_on - d.n = 0 AND t.status <> 'error' THEN 'enqueued' ELSE s.status END,
-           ready_at = CASE WHEN s.waiting_on - d.n = 0 THEN now() ELSE s.ready_at END
-       FROM dec d JOIN tasker_tasks t ON t.task_uuid = d.task_uuid
-       WHERE s.task_uuid = d.task_uuid AND s.step_index = d.step_index
-       RETURNING s.step_uuid, s.task_uuid, s.waiting_on, d.timeout_ms, d.namespace, t.status AS task_status
-     ), ready AS (
-       INSERT INTO tasker_ready_steps (step_uuid, task_uuid, namespace, timeout_ms)
-       SELECT step_uuid, task_uuid, namespace, timeout_ms FROM upd
-       WHERE waiting_on = 0 AND task_status <> 'error'
-       ON CONFLICT (step_uuid) DO NOTHING
-       RETURNING step_uuid
-     ), fin AS (
-       UPDATE tasker_tasks t
-       SET incomplete_steps = t.incomplete_steps - f.n,
-           status = CASE WHEN t.incomplete_steps - f.n = 0 THEN 'complete'
-                         WHEN t.status = 'pending' THEN 'in_progress' ELSE t.status END,
-           finished_at = CASE WHEN t.incomplete_steps - f.n = 0 THEN now() ELSE t.finished_at END
-       FROM (SELECT task_uuid, count(*)::int4 AS n FROM done GROUP BY task_uuid) f
-       WHERE t.task_uuid = f.task_uuid
-       RETURNING t.task_uuid, t.incomplete_steps
-     )
-     SELECT 'done' AS kind, step_uuid AS id FROM done
-     UNION ALL SELECT 'ready', step_uuid FROM ready
-     UNION ALL SELECT 'finished', task_uuid FROM fin WHERE incomplete_steps = 0";
-
-/// Claim up to $2 ready steps of namespaces $1 for worker $3: visibility pushed forward by each
-/// step's timeout, attempt counted, task marked in progress. Returns what events are built from.
-const CLAIM_SQL: &str = "WITH claimable AS (
-               SELECT c.step_uuid FROM unnest($1::text[]) AS ns(namespace)
-               CROSS JOIN LATERAL (
-                 SELECT r.step_uuid, r.visible_at FROM tasker_ready_steps r
-                 WHERE r.namespace = ns.namespace AND r.visible_at <= now()
-                 ORDER BY r.visible_at LIMIT $2
-                 FOR UPDATE SKIP LOCKED
-               ) c
-               ORDER BY c.visible_at LIMIT $2
-             ), claimed AS (
-               UPDATE tasker_ready_steps r
-               SET visible_at = now() + make_interval(secs => r.timeout_ms / 1000.0), claimed_by = $3
-               FROM claimable c WHERE r.step_uuid = c.step_uuid
-               RETURNING r.step_uuid, r.timeout_ms
-             ), bumped AS (
-               UPDATE tasker_steps s SET attempts = s.attempts + 1, status = 'in_progress'
-               FROM claimed c WHERE s.step_uuid = c.step_uuid
-               RETURNING s.step_uuid, s.task_uuid, s.step_index, s.attempts,
-                         (extract(epoch FROM coalesce(s.ready_at, now())) * 1e9)::int8 AS ready_at_ns, c.timeout_ms
-             ), started AS (
-               UPDATE tasker_tasks t SET status = 'in_progress'
-               WHERE t.task_uuid IN (SELECT task_uuid FROM bumped) AND t.status = 'pending'
-             )
-             SELECT b.*, t.namespace, t.name, t.version, t.context
-             FROM bumped b JOIN tasker_tasks t ON t.task_uuid = b.task_uuid";
-
-async fn claim_rows<'e, E>(
-    executor: E,
-    settings: &PostgresSettings,
-    max: usize,
-) -> EngineResult<Vec<PgRow>>
-where
-    E: sqlx::Executor<'e, Database = Postgres>,
-{
-    sqlx::query(CLAIM_SQL)
-        .bind(&settings.namespaces)
-        .bind(max as i64)
-        .bind(&settings.worker_id)
-        .fetch_all(executor)
+        tasks: &[Uuid],
+    ) -> EngineResult<HashMap<Uuid, Arc<TaskTemplate>>> {
+        let rows = sqlx::query(
+            "SELECT task_uuid, namespace, name, version FROM tasker_tasks WHERE task_uuid = ANY($1)",
+        )
+        .bind(tasks)
+        .fetch_all(self.pool()?)
         .await
-        .map_err(db)
-}
-
-fn db(e: sqlx::Error) -> EngineError {
-    EngineError::Internal(format!("postgres: {e}"))
-}
-
-fn task_status(s: &str) -> TaskStatus {
-    match s {
-        "in_progress" => TaskStatus::InProgress,
-        "complete" => TaskStatus::Complete,
-        "error" => TaskStatus::Error,
-        _ => TaskStatus::Pending,
-    }
-}
-
-fn step_status(s: &str) -> StepStatus {
-    match s {
-        "enqueued" => StepStatus::Enqueued,
-        "in_progress" => StepStatus::InProgress,
-        "complete" => StepStatus::Complete,
-        "error" => StepStatus::Error,
-        "waiting_for_retry" => StepStatus::WaitingForRetry,
-        _ => StepStatus::Pending,
-    }
-}
-
-/// `postgres://user:secret@host/db` → `postgres://user:****@host/db`, for error messages.
-pub fn mask_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
-        return url.to_string();
-    };
-    let rest = &url[scheme_end..];
-    let Some(at) = rest.find('@') else {
-        return url.to_string();
-    };
-    match rest[..at].find(':') {
-        Some(colon) => format!(
-            "{}{}:****{}",
-            &url[..scheme_end],
-            &rest[..colon],
-            &rest[at..]
-        ),
-        None => url.to_string(),
-    }
-}
-
-fn ms(d: Duration) -> i32 {
-    d.as_millis().min(i32::MAX as u128) as i32
-}
-
-/// What a batch of outcomes made claimable.
-#[derive(Default)]
-struct Readiness {
-    /// Successors became ready now.
-    readied: bool,
-    /// Steps will be ready again after their backoff.
-    retried: bool,
-}
-
-/// One batch of outcomes, inside `tx`. Returns the tasks that finished.
-async fn record_in(
-    tx: &mut Transaction<'static, Postgres>,
-    backend: &mut PostgresBackend,
-    outcomes: &[(InFlight, AttemptOutcome)],
-) -> EngineResult<(Vec<Uuid>, Readiness)> {
-    // Lock rows in one order in every transaction, so concurrent batches cannot deadlock.
-    let mut ordered: Vec<&(InFlight, AttemptOutcome)> = outcomes.iter().collect();
-    ordered.sort_by_key(|(f, _)| (f.task_uuid, f.step_index));
-
-    let mut ok_steps = Vec::new();
-    let mut ok_attempts = Vec::new();
-    let mut ok_results = Vec::new();
-    let (mut edge_src, mut edge_task, mut edge_index, mut edge_timeout, mut edge_namespace) = (
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::<String>::new(),
-    );
-    let mut retry_steps = Vec::new();
-    let mut retry_attempts = Vec::new();
-    let mut retry_delays = Vec::new();
-    let mut retry_messages = Vec::new();
-    let mut fail_steps = Vec::new();
-    let mut fail_attempts = Vec::new();
-    let mut fail_messages = Vec::new();
-
-    // Templates by task (successors, retry policies): known from the claim, else looked up.
-    let mut template_of: HashMap<Uuid, Arc<TaskTemplate>> = HashMap::new();
-    for (flight, _) in &ordered {
-        if let Some(t) = backend.flight_templates.get(&flight.step_uuid) {
-            template_of.insert(flight.task_uuid, Arc::clone(t));
-        }
-    }
-    let unknown: Vec<Uuid> = ordered
-        .iter()
-        .map(|(f, _)| f.task_uuid)
-        .filter(|t| !template_of.contains_key(t))
-        .collect();
-    if !unknown.is_empty() {
-        let rows = sqlx::query("SELECT task_uuid, namespace, name, version FROM tasker_tasks WHERE task_uuid = ANY($1)")
-            .bind(&unknown)
-            .fetch_all(&mut **tx)
-            .await
-            .map_err(db)?;
+        .map_err(db)?;
+        let mut found = HashMap::new();
         for row in rows {
             let key = TemplateKey {
                 namespace: row.get("namespace"),
                 name: row.get("name"),
                 version: row.get("version"),
             };
-            template_of.insert(row.get("task_uuid"), backend.template(&key).await?);
+            found.insert(row.get("task_uuid"), self.template(&key).await?);
         }
+        Ok(found)
     }
 
-    for (flight, outcome) in ordered {
-        let (retryable, retry_after, message) = match outcome {
-            AttemptOutcome::Completed(c) if c.success => {
-                ok_steps.push(flight.step_uuid);
-                ok_attempts.push(flight.attempt as i32);
-                ok_results.push(c.result.clone());
-                // The successors this completion counts toward (applied only if it is current).
-                if let Some(template) = template_of.get(&flight.task_uuid) {
-                    for &next in &template.dependents[flight.step_index] {
-                        edge_src.push(flight.step_uuid);
-                        edge_task.push(flight.task_uuid);
-                        edge_index.push(next as i32);
-                        edge_timeout.push(ms(template.steps[next].timeout));
-                        edge_namespace.push(template.namespace.clone());
-                    }
-                }
-                continue;
-            }
-            AttemptOutcome::Completed(c) => (c.retryable, c.retry_after, c.failure_message()),
-            AttemptOutcome::TimedOut => (true, None, flight.timeout_message()),
-            AttemptOutcome::Cancelled(_) => (false, None, "cancelled while running".to_string()),
-        };
-        let Some(template) = template_of.get(&flight.task_uuid) else {
-            continue;
-        };
-        let policy = &template.steps[flight.step_index].retry;
-        if retryable && policy.retryable && flight.attempt < policy.max_attempts {
-            retry_steps.push(flight.step_uuid);
-            retry_attempts.push(flight.attempt as i32);
-            retry_delays.push(ms(
-                retry_after.unwrap_or_else(|| policy.delay_after(flight.attempt))
-            ));
-            retry_messages.push(message);
-        } else {
-            fail_steps.push(flight.step_uuid);
-            fail_attempts.push(flight.attempt as i32);
-            fail_messages.push(if !retryable || !policy.retryable {
-                message
-            } else {
-                format!("{message} (gave up after {} attempts)", flight.attempt)
-            });
-        }
-    }
-
-    let mut finished = Vec::new();
-    let mut readiness = Readiness::default();
-
-    if !ok_steps.is_empty() {
-        // One statement: results, the hot table, successors (a successor whose last dependency
-        // just completed becomes ready), task counters. Every part keys on the completions that
-        // were current (`done`): a stale one changes nothing.
-        let rows = sqlx::query(COMPLETE_SQL)
-            .bind(&ok_steps)
-            .bind(&ok_attempts)
-            .bind(&ok_results)
-            .bind(&edge_src)
-            .bind(&edge_task)
-            .bind(&edge_index)
-            .bind(&edge_timeout)
-            .bind(&edge_namespace)
-            .fetch_all(&mut **tx)
-            .await
-            .map_err(db)?;
-        let mut done = 0;
-        for row in rows {
-            match row.get::<&str, _>("kind") {
-                "done" => done += 1,
-                "ready" => readiness.readied = true,
-                _ => finished.push(row.get::<Uuid, _>("id")),
-            }
-        }
-        if done < ok_steps.len() {
-            debug!(
-                stale = ok_steps.len() - done,
-                "completions for attempts that are no longer current"
-            );
-        }
-    }
-
-    if !retry_steps.is_empty() {
-        sqlx::query(
-            "WITH input AS (
-               SELECT * FROM unnest($1::uuid[], $2::int4[], $3::int4[], $4::text[]) AS i(step_uuid, attempt, delay_ms, message)
-             ), upd AS (
-               UPDATE tasker_steps s
-               SET status = 'waiting_for_retry', error_message = i.message,
-                   ready_at = now() + make_interval(secs => i.delay_ms / 1000.0)
-               FROM input i
-               WHERE s.step_uuid = i.step_uuid AND s.attempts = i.attempt AND s.status = 'in_progress'
-               RETURNING s.step_uuid, i.delay_ms
-             )
-             UPDATE tasker_ready_steps r
-             SET visible_at = now() + make_interval(secs => upd.delay_ms / 1000.0), claimed_by = NULL
-             FROM upd WHERE r.step_uuid = upd.step_uuid",
-        )
-        .bind(&retry_steps)
-        .bind(&retry_attempts)
-        .bind(&retry_delays)
-        .bind(&retry_messages)
-        .execute(&mut **tx)
-        .await
-        .map_err(db)?;
-        readiness.retried = true;
-    }
-
-    if !fail_steps.is_empty() {
-        let rows = sqlx::query(
-            "WITH input AS (
-               SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[]) AS i(step_uuid, attempt, message)
-             ), failed AS (
-               UPDATE tasker_steps s SET status = 'error', error_message = i.message
-               FROM input i
-               WHERE s.step_uuid = i.step_uuid AND s.attempts = i.attempt AND s.status = 'in_progress'
-               RETURNING s.task_uuid
-             )
-             UPDATE tasker_tasks t SET status = 'error', finished_at = now()
-             WHERE t.task_uuid IN (SELECT task_uuid FROM failed) AND t.status NOT IN ('complete', 'error')
-             RETURNING t.task_uuid",
-        )
-        .bind(&fail_steps)
-        .bind(&fail_attempts)
-        .bind(&fail_messages)
-        .fetch_all(&mut **tx)
-        .await
-        .map_err(db)?;
-        let errored: Vec<Uuid> = rows.iter().map(|r| r.get("task_uuid")).collect();
-        // An errored task runs nothing more: its queued steps leave the hot table.
-        sqlx::query(
-            "DELETE FROM tasker_ready_steps WHERE task_uuid = ANY($1) OR step_uuid = ANY($2)",
-        )
-        .bind(&errored)
-        .bind(&fail_steps)
-        .execute(&mut **tx)
-        .await
-        .map_err(db)?;
-        finished.extend(errored);
-    }
-
-    if readiness.readied || readiness.retried {
-        backend.maybe_ready = true;
-    }
-    Ok((finished, readiness))
-}
-
-async fn notify_finished(
-    tx: &mut Transaction<'static, Postgres>,
-    finished: &[Uuid],
-) -> EngineResult<()> {
-    // A NOTIFY payload holds < 8000 bytes: 200 uuids (37 bytes each with the comma) per message.
-    for chunk in finished.chunks(200) {
-        let payload = chunk
-            .iter()
-            .map(Uuid::to_string)
-            .collect::<Vec<_>>()
-            .join(",");
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(TASKS_FINISHED)
-            .bind(payload)
-            .execute(&mut **tx)
-            .await
-            .map_err(db)?;
-    }
-    Ok(())
-}
-
-async fn listen(pool: PgPool, inbox: UnboundedSender<EngineMessage>) {
-    let mut listener = loop {
-        match PgListener::connect_with(&pool).await {
-            Ok(mut l) => match l.listen_all([STEPS_READY, TASKS_FINISHED]).await {
-                Ok(()) => break l,
-                Err(e) => warn!(error = %e, "LISTEN failed; retrying"),
-            },
-            Err(e) => warn!(error = %e, "listener cannot connect; retrying"),
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
-    loop {
-        let message = match listener.try_recv().await {
-            Ok(Some(n)) if n.channel() == STEPS_READY => Notification::StepsReady,
-            Ok(Some(n)) => Notification::TasksFinished(
-                n.payload()
-                    .split(',')
-                    .filter_map(|s| Uuid::parse_str(s).ok())
-                    .collect(),
-            ),
-            // The connection dropped; the next try_recv reconnects and re-listens.
-            Ok(None) => Notification::Reconnected,
-            Err(e) => {
-                warn!(error = %e, "listener error; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                Notification::Reconnected
-            }
-        };
-        if inbox.send(EngineMessage::Notify(message)).is_err() {
+    /// Start a write task for the pending outcomes, unless one runs or a retry is not due yet.
+    fn start_write(&mut self, now: Instant) {
+        if self.writing || self.pending.is_empty() || self.retry_write_at.is_some_and(|at| now < at)
+        {
             return;
+        }
+        let (Ok(pool), Some(wake)) = (self.pool().cloned(), self.wake.clone()) else {
+            return;
+        };
+        self.retry_write_at = None;
+        // The transaction also claims what this worker has room for: always when something may
+        // be ready, else only if its own outcomes make successors ready. That room is reserved
+        // until it ends, so that claims meanwhile do not take it too.
+        let may_find = self.claim_room(now) > 0;
+        let room = if self.stopping {
+            0
+        } else {
+            self.settings.max_in_flight.saturating_sub(self.outstanding)
+        };
+        let claim = Claim {
+            room,
+            even_if_nothing_readied: may_find,
+        };
+        self.outstanding += room;
+        self.writing = true;
+        let entries = std::mem::take(&mut self.pending);
+        // After outcomes had to wait for another session's row locks, write without waiting
+        // for locks until everything has been written: a paused worker may hold them for a while.
+        let locking = if self.contended {
+            Locking::SkipLocked
+        } else {
+            Locking::Wait
+        };
+        let scope = Arc::clone(&self.scope);
+        let results = self.write_results_sender.clone();
+        tokio::spawn(async move {
+            let done = write_outcomes(pool, scope, entries, claim, locking).await;
+            if results.send(done).is_ok() {
+                let _ = wake.send(EngineMessage::Notify(Notification::BackendWorkDone));
+            }
+        });
+    }
+
+    /// Take the results of finished write tasks.
+    async fn take_write_results(&mut self, now: Instant) {
+        while let Ok(done) = self.write_results.try_recv() {
+            self.finish_write(done, now).await;
+        }
+    }
+
+    async fn finish_write(&mut self, done: WriteDone, now: Instant) {
+        self.writing = false;
+        for step in &done.recorded {
+            self.flight_templates.remove(step);
+        }
+        self.contended = done.deferred > 0;
+        if !done.kept.is_empty() {
+            warn!(
+                outcomes = done.kept.len(),
+                reason = done.kept_because.as_deref().unwrap_or("unknown"),
+                "recording outcomes failed; they are kept and retried"
+            );
+            self.pending.splice(0..0, done.kept);
+            self.retry_write_at = Some(now + RETRY_WRITE_AFTER);
+        }
+        if done.readiness.readied || done.readiness.retried {
+            self.maybe_ready = true;
+        }
+        self.outstanding = self.outstanding.saturating_sub(done.reserved);
+        if done.claim_lost {
+            // The claim was rolled back with the write: claim again shortly.
+            self.claim_failed(now);
+        } else if done.claim_ran {
+            if let Ok(pool) = self.pool().cloned() {
+                let got = done.claimed.len();
+                self.claimed(&pool, done.reserved, got, now).await;
+            }
+            self.prefetched.extend(done.claimed);
+        }
+        if !self.waiters.is_empty() {
+            self.answer_waiters(done.finished).await;
+        }
+    }
+
+    /// Wait for the running write task, if any, and take its results.
+    async fn wait_for_write(&mut self, now: Instant) {
+        while self.writing {
+            match self.write_results.recv().await {
+                Some(done) => self.finish_write(done, now).await,
+                None => break,
+            }
         }
     }
 }
@@ -917,25 +828,26 @@ async fn listen(pool: PgPool, inbox: UnboundedSender<EngineMessage>) {
 impl Backend for PostgresBackend {
     async fn start(&mut self, inbox: UnboundedSender<EngineMessage>) -> EngineResult<()> {
         let masked = mask_url(&self.settings.url);
+        let options = connect_options(&self.settings.url, &self.settings.worker_id)
+            .map_err(|e| EngineError::Bootstrap(format!("invalid database_url {masked}: {e}")))?;
         let pool = PgPoolOptions::new()
             .max_connections(self.settings.pool_size)
             .min_connections(1)
             .acquire_timeout(Duration::from_secs(3))
-            .connect(&self.settings.url)
+            .connect_with(options.clone())
             .await
             .map_err(|e| {
                 EngineError::Bootstrap(format!("cannot connect to PostgreSQL at {masked}: {e}"))
             })?;
-        // sqlx serialises concurrent migrators with an advisory lock: simultaneous bootstraps are safe.
-        MIGRATOR.run(&pool).await.map_err(|e| {
-            EngineError::Bootstrap(format!("migrating the schema at {masked} failed: {e}"))
-        })?;
-        self.pool = Some(pool.clone());
+        migrate(&pool, &masked).await?;
+        self.pool = Some(pool);
         self.store_templates().await?;
         if self.listens() {
-            tokio::spawn(listen(pool, inbox));
+            tokio::spawn(listen(options, inbox.clone()));
         }
-        info!(url = %masked, mode = self.settings.mode.as_str(), "postgres backend ready");
+        self.wake = Some(inbox);
+        info!(mode = self.settings.mode.as_str(), "postgres backend ready");
+        debug!(url = %masked, "postgres backend connected");
         Ok(())
     }
 
@@ -1031,9 +943,9 @@ impl Backend for PostgresBackend {
     }
 
     async fn task_status(&mut self, task_uuid: Uuid) -> EngineResult<TaskSnapshot> {
-        self.snapshot(task_uuid).await?.ok_or_else(|| {
-            EngineError::UnknownTask(format!("{task_uuid}: no such task in the database (finished tasks are deleted after finished_task_ttl)"))
-        })
+        self.snapshot(task_uuid)
+            .await?
+            .ok_or_else(|| deleted_task(task_uuid))
     }
 
     async fn wait_for_task(&mut self, task_uuid: Uuid, reply: SnapshotReply) {
@@ -1043,9 +955,7 @@ impl Backend for PostgresBackend {
             }
             Ok(Some(_)) => self.waiters.entry(task_uuid).or_default().push(reply),
             Ok(None) => {
-                let _ = reply.try_send(Err(EngineError::UnknownTask(format!(
-                    "{task_uuid}: no such task in the database"
-                ))));
+                let _ = reply.try_send(Err(deleted_task(task_uuid)));
             }
             Err(e) => {
                 let _ = reply.try_send(Err(e));
@@ -1076,11 +986,9 @@ impl Backend for PostgresBackend {
     }
 
     async fn tick(&mut self, now: Instant) {
+        self.take_write_results(now).await;
         self.housekeeping(now).await;
-        if self.retry_write_at.is_some_and(|at| now >= at) {
-            self.retry_write_at = None;
-            let _ = self.record(Vec::new(), now).await;
-        }
+        self.start_write(now);
     }
 
     async fn claim(
@@ -1096,13 +1004,26 @@ impl Backend for PostgresBackend {
         let room = (max - rows.len()).min(self.claim_room(now));
         let pool = self.pool()?.clone();
         if room > 0 {
-            match claim_rows(&pool, &self.settings, room).await {
+            // Bounded: a connection that died silently must not hold up the engine thread.
+            let claim = tokio::time::timeout(WRITE_TIMEOUT, claim_rows(&pool, &self.scope, room));
+            let fresh = claim.await.unwrap_or_else(|_| {
+                Err(sqlx::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "claiming took longer than 30s",
+                )))
+            });
+            match fresh.map_err(db) {
                 Ok(fresh) => {
                     self.claimed(&pool, room, fresh.len(), now).await;
                     rows.extend(fresh);
                 }
-                Err(e) if rows.is_empty() => return Err(e),
-                Err(e) => warn!(error = %e, "claiming ready steps failed"),
+                Err(e) => {
+                    self.claim_failed(now);
+                    if rows.is_empty() {
+                        return Err(e);
+                    }
+                    warn!(error = %e, "claiming ready steps failed; will retry");
+                }
             }
         }
         if rows.is_empty() {
@@ -1113,6 +1034,7 @@ impl Backend for PostgresBackend {
             Err(e) => {
                 // Claimed in the database: keep them for the next try, never lose them.
                 self.prefetched.splice(0..0, rows);
+                self.claim_failed(now);
                 Err(e)
             }
         }
@@ -1120,43 +1042,28 @@ impl Backend for PostgresBackend {
 
     async fn record(
         &mut self,
-        mut outcomes: Vec<(InFlight, AttemptOutcome)>,
+        outcomes: Vec<(InFlight, AttemptOutcome)>,
         now: Instant,
     ) -> EngineResult<Vec<Uuid>> {
         self.outstanding = self.outstanding.saturating_sub(outcomes.len());
-        if !self.unrecorded.is_empty() {
-            outcomes.append(&mut self.unrecorded);
-        }
-        if outcomes.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut attempt = 0;
-        loop {
-            match self.write_outcomes(&outcomes, now).await {
-                Ok(finished) => {
-                    for (flight, _) in &outcomes {
-                        self.flight_templates.remove(&flight.step_uuid);
-                    }
-                    if !self.waiters.is_empty() {
-                        self.answer_waiters(finished).await;
-                    }
-                    return Ok(Vec::new());
-                }
-                // A deadlock or serialization failure: the transaction rolled back, try again now.
-                Err(EngineError::Internal(m))
-                    if attempt < 3
-                        && (m.contains("deadlock") || m.contains("could not serialize")) =>
-                {
-                    attempt += 1;
-                }
-                Err(e) => {
-                    warn!(error = %e, outcomes = outcomes.len(), "recording outcomes failed; they are kept and retried");
-                    self.unrecorded = outcomes;
-                    self.retry_write_at = Some(now + RETRY_WRITE_AFTER);
-                    return Ok(Vec::new());
-                }
+        let entries = self.prepare(outcomes).await;
+        self.pending.extend(entries);
+        self.start_write(now);
+        if self.stopping {
+            // Shutting down: the engine stops once nothing is in flight, so finish the write
+            // first, retrying a failed one for a little while (a database restarting).
+            self.wait_for_write(now).await;
+            for _ in 0..SHUTDOWN_WRITE_RETRIES {
+                let Some(at) = self.retry_write_at.filter(|_| !self.pending.is_empty()) else {
+                    break;
+                };
+                tokio::time::sleep_until(at.into()).await;
+                self.start_write(Instant::now());
+                self.wait_for_write(Instant::now()).await;
             }
         }
+        // TODO(issue E): honest endings on PostgreSQL (no task halts here yet).
+        Ok(Vec::new())
     }
 
     async fn release(&mut self, unstarted: Vec<InFlight>) {
@@ -1171,6 +1078,8 @@ impl Backend for PostgresBackend {
 
     async fn stop_claiming(&mut self) {
         self.stopping = true;
+        // A running write may be claiming: take its rows before handing back what is held.
+        self.wait_for_write(Instant::now()).await;
         if self.prefetched.is_empty() {
             return;
         }
@@ -1183,11 +1092,12 @@ impl Backend for PostgresBackend {
 
     fn next_wakeup(&self) -> Option<Instant> {
         let poll = if self.polls() { self.next_poll } else { None };
-        let waiters = (!self.waiters.is_empty()).then_some(self.next_housekeeping);
+        let waiters = self.checks_waiters().then_some(self.next_housekeeping);
+        let retry_write = (!self.writing).then_some(self.retry_write_at).flatten();
         [
             poll,
             self.wake_claim_at,
-            self.retry_write_at,
+            retry_write,
             waiters,
             Some(self.next_cleanup),
         ]
@@ -1198,13 +1108,18 @@ impl Backend for PostgresBackend {
 
     fn notify(&mut self, notification: Notification) {
         match notification {
-            Notification::StepsReady | Notification::Reconnected => self.maybe_ready = true,
-            Notification::TasksFinished(tasks) => {
-                // Answered on the next tick.
-                if tasks.iter().any(|t| self.waiters.contains_key(t)) {
-                    self.next_housekeeping = Instant::now();
-                }
+            Notification::StepsReady => self.maybe_ready = true,
+            Notification::Reconnected => {
+                // Whatever was announced while the listener was away is checked directly.
+                self.maybe_ready = true;
+                self.recheck_waiters = true;
+                self.next_housekeeping = Instant::now();
             }
+            Notification::TasksFinished(tasks) => self
+                .finished_unanswered
+                .extend(tasks.into_iter().filter(|t| self.waiters.contains_key(t))),
+            // Taken on the next tick.
+            Notification::BackendWorkDone => {}
         }
     }
 
@@ -1215,17 +1130,997 @@ impl Backend for PostgresBackend {
     }
 }
 
+/// Finished tasks are deleted at start, then every minute, or every `finished_task_ttl` when that
+/// is shorter (so a short TTL is honoured within about twice its length).
+fn cleanup_every(ttl: Duration) -> Duration {
+    CLEANUP_EVERY.min(ttl).max(Duration::from_millis(100))
+}
+
+/// Delete finished tasks older than `ttl_secs`, a batch at a time until none is left. Workers
+/// running it at once take different rows (`SKIP LOCKED`).
+async fn delete_expired_tasks(pool: PgPool, ttl_secs: f64) {
+    let started = Instant::now();
+    let mut deleted = 0;
+    loop {
+        let batch = sqlx::query(
+            "DELETE FROM tasker_tasks WHERE task_uuid IN (
+               SELECT task_uuid FROM tasker_tasks
+               WHERE finished_at < now() - make_interval(secs => $1)
+               ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(ttl_secs)
+        .bind(CLEANUP_BATCH)
+        .execute(&pool)
+        .await;
+        match batch {
+            Ok(done) => {
+                deleted += done.rows_affected();
+                if done.rows_affected() < CLEANUP_BATCH as u64 {
+                    break;
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "deleting old finished tasks failed; will try again at the next cleanup");
+                break;
+            }
+        }
+    }
+    if deleted > 0 {
+        info!(
+            deleted,
+            seconds = started.elapsed().as_secs_f64(),
+            "deleted finished tasks older than finished_task_ttl"
+        );
+    }
+}
+
+/// The error for a task the database does not have: never created, or finished and deleted.
+fn deleted_task(task_uuid: Uuid) -> EngineError {
+    EngineError::UnknownTask(format!(
+        "{task_uuid}: no such task in the database (finished tasks are deleted after finished_task_ttl)"
+    ))
+}
+
+/// The template's content, whatever its formatting and comments: its YAML as JSON with sorted keys.
+fn template_content(yaml: &str) -> Option<String> {
+    let value: Value = serde_norway::from_str(yaml).ok()?;
+    Some(sorted(value).to_string())
+}
+
+fn sorted(value: Value) -> Value {
+    match value {
+        Value::Object(map) => {
+            let mut entries: Vec<(String, Value)> = map.into_iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            Value::Object(entries.into_iter().map(|(k, v)| (k, sorted(v))).collect())
+        }
+        Value::Array(items) => Value::Array(items.into_iter().map(sorted).collect()),
+        other => other,
+    }
+}
+
+/// Where in `value` a NUL character sits (jsonb cannot store one), as a path like `$.a[2]`.
+fn nul_in(value: &Value) -> Option<String> {
+    fn walk(value: &Value, path: &mut String) -> bool {
+        match value {
+            Value::String(s) => s.contains('\0'),
+            Value::Array(items) => items.iter().enumerate().any(|(i, v)| {
+                let len = path.len();
+                path.push_str(&format!("[{i}]"));
+                let found = walk(v, path);
+                if !found {
+                    path.truncate(len);
+                }
+                found
+            }),
+            Value::Object(map) => map.iter().any(|(k, v)| {
+                let len = path.len();
+                path.push('.');
+                path.push_str(&k.replace('\0', "\\u0000"));
+                let found = k.contains('\0') || walk(v, path);
+                if !found {
+                    path.truncate(len);
+                }
+                found
+            }),
+            _ => false,
+        }
+    }
+    let mut path = String::from("$");
+    walk(value, &mut path).then_some(path)
+}
+
+/// PostgreSQL text cannot hold NUL: written as the six characters `\u0000` instead.
+fn storable_text(text: String) -> String {
+    if text.contains('\0') {
+        text.replace('\0', "\\u0000")
+    } else {
+        text
+    }
+}
+
+/// What an outcome does to its step: complete it, retry it after a delay, or fail it for good.
+fn entry_for(flight: InFlight, outcome: AttemptOutcome, template: Arc<TaskTemplate>) -> Entry {
+    let Some(policy) = template
+        .steps
+        .get(flight.step_index)
+        .map(|s| s.retry.clone())
+    else {
+        let message = format!(
+            "the task's template {} has no step #{}: the stored template was changed under the same version",
+            template.key(),
+            flight.step_index
+        );
+        return Entry {
+            flight,
+            template: None,
+            effect: Effect::Fail(message),
+        };
+    };
+    let (retryable, retry_after, message) = match outcome {
+        AttemptOutcome::Completed(c) if c.success => {
+            let effect = match nul_in(&c.result) {
+                None => Effect::Complete(c.result),
+                Some(path) => Effect::Fail(format!(
+                    "the step's result cannot be stored in PostgreSQL: it contains a NUL character (\\u0000) at \
+                     {path}, which jsonb does not accept"
+                )),
+            };
+            return Entry {
+                flight,
+                template: Some(template),
+                effect,
+            };
+        }
+        AttemptOutcome::Completed(c) => (c.retryable, c.retry_after, c.failure_message()),
+        AttemptOutcome::TimedOut => (true, None, flight.timeout_message()),
+        // TODO(issue E): cancel on PostgreSQL; until then no attempt is cancelled here.
+        AttemptOutcome::Cancelled(_) => (false, None, "cancelled while running".to_string()),
+    };
+    let message = storable_text(message);
+    let effect = if retryable && policy.retryable && flight.attempt < policy.max_attempts {
+        Effect::Retry {
+            delay_ms: ms(retry_after.unwrap_or_else(|| policy.delay_after(flight.attempt))),
+            message,
+        }
+    } else if !retryable || !policy.retryable {
+        Effect::Fail(message)
+    } else {
+        Effect::Fail(format!(
+            "{message} (gave up after {} attempts)",
+            flight.attempt
+        ))
+    };
+    Entry {
+        flight,
+        template: Some(template),
+        effect,
+    }
+}
+
+/// Whether a failed write may succeed unchanged later: the connection or the server is in
+/// trouble, or a lock or serialization conflict. Anything else (a value the database rejects)
+/// would fail forever, and is isolated instead.
+fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(d) => {
+            let code = d.code().unwrap_or_default();
+            // 08 connection, 25P03 idle-in-transaction timeout, 40 rollback (deadlock,
+            // serialization), 53 resources, 55 object state (lock_not_available), 57 operator
+            // intervention (shutdown, cancel), 58 system error.
+            ["08", "40", "53", "55", "57", "58"]
+                .iter()
+                .any(|class| code.starts_with(class))
+                || code == "25P03"
+        }
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        _ => false,
+    }
+}
+
+fn sqlstate(e: &sqlx::Error) -> Option<String> {
+    match e {
+        sqlx::Error::Database(d) => d.code().map(|c| c.into_owned()),
+        _ => None,
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Locking {
+    /// Wait for row locks (up to `lock_timeout`).
+    Wait,
+    /// Write only the outcomes of tasks whose rows no other session holds; defer the rest.
+    SkipLocked,
+}
+
+/// What one transaction did.
+#[derive(Default)]
+struct Written {
+    /// Indices (into the entries) deferred because another session holds their task's row.
+    deferred: Vec<usize>,
+    finished: Vec<Uuid>,
+    readiness: Readiness,
+    claim_ran: bool,
+    claimed: Vec<PgRow>,
+}
+
+/// The claim a record transaction makes after its writes.
+#[derive(Clone, Copy)]
+struct Claim {
+    room: usize,
+    /// Claim even when the outcomes made no successor ready (something else may be ready).
+    even_if_nothing_readied: bool,
+}
+
+impl Claim {
+    const NONE: Claim = Claim {
+        room: 0,
+        even_if_nothing_readied: false,
+    };
+}
+
+/// The write task: record `entries` (and claim as `claim` says), isolating what cannot be stored.
+async fn write_outcomes(
+    pool: PgPool,
+    scope: Arc<ClaimScope>,
+    mut entries: Vec<Entry>,
+    claim: Claim,
+    locking: Locking,
+) -> WriteDone {
+    let mut done = WriteDone {
+        reserved: claim.room,
+        ..WriteDone::default()
+    };
+    let all: Vec<usize> = (0..entries.len()).collect();
+    let mut result = write_transaction(&pool, &scope, &entries, &all, claim, locking).await;
+    if locking == Locking::Wait
+        && result
+            .as_ref()
+            .is_err_and(|e| sqlstate(e).as_deref() == Some("55P03"))
+    {
+        // Another session holds a row (a worker paused mid-transaction): record everything
+        // else now rather than wait for it.
+        result = write_transaction(&pool, &scope, &entries, &all, claim, Locking::SkipLocked).await;
+    }
+    done.claim_lost = result.is_err() && claim.room > 0;
+    match result {
+        Ok(written) => {
+            done.claim_ran = written.claim_ran;
+            done.absorb(written, &entries, &all);
+        }
+        Err(e) if is_transient(&e) => done.keep(&entries, &all, &e),
+        Err(e) => {
+            warn!(error = %e, outcomes = entries.len(), "a batch of outcomes cannot be stored; isolating the outcome at fault");
+            isolate(&pool, &scope, &mut entries, all, &mut done).await;
+        }
+    }
+    done
+}
+
+/// Write `subset` in halves until each failing outcome is alone; an outcome that the database
+/// refuses on its own fails its step with the database's reason, and nothing else is held up.
+async fn isolate(
+    pool: &PgPool,
+    scope: &ClaimScope,
+    entries: &mut [Entry],
+    subset: Vec<usize>,
+    done: &mut WriteDone,
+) {
+    let mut chunks = vec![subset];
+    while let Some(chunk) = chunks.pop() {
+        match write_transaction(pool, scope, entries, &chunk, Claim::NONE, Locking::Wait).await {
+            Ok(written) => done.absorb(written, entries, &chunk),
+            Err(e) if is_transient(&e) => done.keep(entries, &chunk, &e),
+            Err(e) if chunk.len() > 1 => {
+                let (left, right) = chunk.split_at(chunk.len() / 2);
+                chunks.push(right.to_vec());
+                chunks.push(left.to_vec());
+                debug!(error = %e, "a part of a batch cannot be stored; splitting it");
+            }
+            Err(e) => {
+                let entry = &mut entries[chunk[0]];
+                error!(error = %e, step_uuid = %entry.flight.step_uuid, attempt = entry.flight.attempt,
+                       "the database refuses this step's outcome; the step fails");
+                entry.effect = Effect::Fail(storable_text(format!(
+                    "the step's outcome cannot be stored in PostgreSQL: {e}"
+                )));
+                match write_transaction(pool, scope, entries, &chunk, Claim::NONE, Locking::Wait)
+                    .await
+                {
+                    Ok(written) => done.absorb(written, entries, &chunk),
+                    Err(e) => done.keep(entries, &chunk, &e),
+                }
+            }
+        }
+    }
+}
+
+impl WriteDone {
+    fn absorb(&mut self, written: Written, entries: &[Entry], subset: &[usize]) {
+        let deferred: HashSet<usize> = written.deferred.iter().copied().collect();
+        for &i in subset {
+            if deferred.contains(&i) {
+                self.kept.push(entries[i].clone());
+            } else {
+                self.recorded.push(entries[i].flight.step_uuid);
+            }
+        }
+        self.deferred += deferred.len();
+        if !deferred.is_empty() {
+            self.kept_because = Some(format!(
+                "{} outcomes wait for rows another session holds",
+                deferred.len()
+            ));
+        }
+        self.finished.extend(written.finished);
+        self.readiness.readied |= written.readiness.readied;
+        self.readiness.retried |= written.readiness.retried;
+        self.claimed.extend(written.claimed);
+    }
+
+    fn keep(&mut self, entries: &[Entry], subset: &[usize], e: &sqlx::Error) {
+        self.kept.extend(subset.iter().map(|&i| entries[i].clone()));
+        self.kept_because = Some(e.to_string());
+    }
+}
+
+/// One transaction: the outcomes of `subset`, then a claim. Deadlocks and serialization
+/// failures are retried at once, a few times.
+async fn write_transaction(
+    pool: &PgPool,
+    scope: &ClaimScope,
+    entries: &[Entry],
+    subset: &[usize],
+    claim: Claim,
+    locking: Locking,
+) -> Result<Written, sqlx::Error> {
+    let mut tries = 0;
+    loop {
+        let attempt = tokio::time::timeout(
+            WRITE_TIMEOUT,
+            write_once(pool, scope, entries, subset, claim, locking),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the transaction took longer than {}s",
+                    WRITE_TIMEOUT.as_secs()
+                ),
+            )))
+        });
+        match attempt {
+            Err(e) if tries < 3 && sqlstate(&e).is_some_and(|c| c == "40P01" || c == "40001") => {
+                tries += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn write_once(
+    pool: &PgPool,
+    scope: &ClaimScope,
+    entries: &[Entry],
+    subset: &[usize],
+    claim: Claim,
+    locking: Locking,
+) -> Result<Written, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let mut written = Written::default();
+    let mut writing: Vec<usize> = subset.to_vec();
+    // The tasks' rows first, in one order: every writer takes locks task rows first, then steps.
+    let mut tasks: Vec<Uuid> = subset
+        .iter()
+        .map(|&i| entries[i].flight.task_uuid)
+        .collect();
+    tasks.sort();
+    tasks.dedup();
+    let lock = match locking {
+        Locking::Wait => {
+            "SELECT task_uuid FROM tasker_tasks WHERE task_uuid = ANY($1) ORDER BY task_uuid FOR UPDATE"
+        }
+        Locking::SkipLocked => {
+            "SELECT task_uuid FROM tasker_tasks WHERE task_uuid = ANY($1) ORDER BY task_uuid
+             FOR UPDATE SKIP LOCKED"
+        }
+    };
+    let locked: HashSet<Uuid> = sqlx::query_scalar(lock)
+        .bind(&tasks)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
+    if locking == Locking::SkipLocked {
+        // A task that no longer exists needs no lock: its outcomes change nothing.
+        let existing: HashSet<Uuid> =
+            sqlx::query_scalar("SELECT task_uuid FROM tasker_tasks WHERE task_uuid = ANY($1)")
+                .bind(&tasks)
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .collect();
+        let (now, later): (Vec<usize>, Vec<usize>) = writing.into_iter().partition(|&i| {
+            let task = entries[i].flight.task_uuid;
+            locked.contains(&task) || !existing.contains(&task)
+        });
+        writing = now;
+        written.deferred = later;
+    }
+    let (finished, readiness) = write_entries(&mut tx, entries, &writing).await?;
+    let claims = claim.room > 0 && (claim.even_if_nothing_readied || readiness.readied);
+    let claimed = if claims {
+        claim_rows(&mut *tx, scope, claim.room).await?
+    } else {
+        Vec::new()
+    };
+    // Other workers need a NOTIFY only for what this one did not take: a retry falling due
+    // later, or ready steps beyond its room. One per batch (NOTIFY takes a global lock at commit).
+    let left_over = readiness.readied && (!claims || claimed.len() == claim.room);
+    if readiness.retried || left_over {
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(STEPS_READY)
+            .execute(&mut *tx)
+            .await?;
+    }
+    notify_finished(&mut tx, &finished).await?;
+    tx.commit().await?;
+    written.finished = finished;
+    written.readiness = readiness;
+    written.claim_ran = claims;
+    written.claimed = claimed;
+    Ok(written)
+}
+
+/// Record the outcomes `subset` of `entries` inside `tx`. Returns the tasks that finished.
+async fn write_entries(
+    tx: &mut Transaction<'static, Postgres>,
+    entries: &[Entry],
+    subset: &[usize],
+) -> Result<(Vec<Uuid>, Readiness), sqlx::Error> {
+    // Lock rows in one order in every transaction, so concurrent batches cannot deadlock.
+    // One entry per attempt: an attempt is recorded once however often it was handed over.
+    let mut ordered: Vec<&Entry> = subset.iter().map(|&i| &entries[i]).collect();
+    ordered.sort_by_key(|e| (e.flight.task_uuid, e.flight.step_index, e.flight.attempt));
+    ordered.dedup_by_key(|e| (e.flight.step_uuid, e.flight.attempt));
+
+    let mut ok_steps = Vec::new();
+    let mut ok_attempts = Vec::new();
+    let mut ok_results = Vec::new();
+    let mut edges = Edges::default();
+    let mut retry_steps = Vec::new();
+    let mut retry_attempts = Vec::new();
+    let mut retry_delays = Vec::new();
+    let mut retry_messages = Vec::new();
+    let mut fail_steps = Vec::new();
+    let mut fail_attempts = Vec::new();
+    let mut fail_messages = Vec::new();
+
+    for entry in ordered {
+        let flight = &entry.flight;
+        match &entry.effect {
+            Effect::Complete(result) => {
+                ok_steps.push(flight.step_uuid);
+                ok_attempts.push(flight.attempt as i32);
+                ok_results.push(result);
+                // The successors this completion counts toward (applied only if this very
+                // attempt is the step's current one).
+                if let Some(template) = &entry.template {
+                    for &next in &template.dependents[flight.step_index] {
+                        edges.src.push(flight.step_uuid);
+                        edges.src_attempt.push(flight.attempt as i32);
+                        edges.task.push(flight.task_uuid);
+                        edges.index.push(next as i32);
+                        edges.timeout.push(ms(template.steps[next].timeout));
+                        edges.namespace.push(template.namespace.clone());
+                    }
+                }
+            }
+            Effect::Retry { delay_ms, message } => {
+                retry_steps.push(flight.step_uuid);
+                retry_attempts.push(flight.attempt as i32);
+                retry_delays.push(*delay_ms);
+                retry_messages.push(message.as_str());
+            }
+            Effect::Fail(message) => {
+                fail_steps.push(flight.step_uuid);
+                fail_attempts.push(flight.attempt as i32);
+                fail_messages.push(message.as_str());
+            }
+        }
+    }
+
+    let mut finished = Vec::new();
+    let mut readiness = Readiness::default();
+
+    if !ok_steps.is_empty() {
+        // One statement: results, the hot table, successors (a successor whose last dependency
+        // just completed becomes ready), task counters. Every part keys on the completions that
+        // were current (`done`): a stale one changes nothing.
+        let rows = sqlx::query(COMPLETE_SQL)
+            .bind(&ok_steps)
+            .bind(&ok_attempts)
+            .bind(&ok_results)
+            .bind(&edges.src)
+            .bind(&edges.task)
+            .bind(&edges.index)
+            .bind(&edges.timeout)
+            .bind(&edges.namespace)
+            .bind(&edges.src_attempt)
+            .fetch_all(&mut **tx)
+            .await?;
+        let mut done = 0;
+        for row in rows {
+            match row.get::<&str, _>("kind") {
+                "done" => done += 1,
+                "ready" => readiness.readied = true,
+                _ => finished.push(row.get::<Uuid, _>("id")),
+            }
+        }
+        if done < ok_steps.len() {
+            debug!(
+                stale = ok_steps.len() - done,
+                "completions for attempts that are no longer current"
+            );
+        }
+    }
+
+    if !retry_steps.is_empty() {
+        sqlx::query(
+            "WITH input AS (
+               SELECT * FROM unnest($1::uuid[], $2::int4[], $3::int4[], $4::text[]) AS i(step_uuid, attempt, delay_ms, message)
+             ), upd AS (
+               UPDATE tasker_steps s
+               SET status = 'waiting_for_retry', error_message = i.message,
+                   ready_at = now() + make_interval(secs => i.delay_ms / 1000.0)
+               FROM input i
+               WHERE s.step_uuid = i.step_uuid AND s.attempts = i.attempt AND s.status = 'in_progress'
+               RETURNING s.step_uuid, i.delay_ms
+             )
+             UPDATE tasker_ready_steps r
+             SET visible_at = now() + make_interval(secs => upd.delay_ms / 1000.0), claimed_by = NULL
+             FROM upd WHERE r.step_uuid = upd.step_uuid",
+        )
+        .bind(&retry_steps)
+        .bind(&retry_attempts)
+        .bind(&retry_delays)
+        .bind(&retry_messages)
+        .execute(&mut **tx)
+        .await?;
+        readiness.retried = true;
+    }
+
+    if !fail_steps.is_empty() {
+        let rows = sqlx::query(
+            "WITH input AS (
+               SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[]) AS i(step_uuid, attempt, message)
+             ), failed AS (
+               UPDATE tasker_steps s SET status = 'error', error_message = i.message
+               FROM input i
+               WHERE s.step_uuid = i.step_uuid AND s.attempts = i.attempt AND s.status = 'in_progress'
+               RETURNING s.task_uuid
+             )
+             UPDATE tasker_tasks t SET status = 'error', finished_at = now()
+             WHERE t.task_uuid IN (SELECT task_uuid FROM failed) AND t.status NOT IN ('complete', 'error')
+             RETURNING t.task_uuid",
+        )
+        .bind(&fail_steps)
+        .bind(&fail_attempts)
+        .bind(&fail_messages)
+        .fetch_all(&mut **tx)
+        .await?;
+        let errored: Vec<Uuid> = rows.iter().map(|r| r.get("task_uuid")).collect();
+        // An errored task runs nothing more: its queued steps leave the hot table.
+        sqlx::query(
+            "DELETE FROM tasker_ready_steps WHERE task_uuid = ANY($1) OR step_uuid = ANY($2)",
+        )
+        .bind(&errored)
+        .bind(&fail_steps)
+        .execute(&mut **tx)
+        .await?;
+        finished.extend(errored);
+    }
+    Ok((finished, readiness))
+}
+
+/// Successor edges of the completions in one batch, column by column.
+#[derive(Default)]
+struct Edges {
+    src: Vec<Uuid>,
+    /// The attempt of the completion the edge comes from: only the step's current attempt counts.
+    src_attempt: Vec<i32>,
+    task: Vec<Uuid>,
+    index: Vec<i32>,
+    timeout: Vec<i32>,
+    namespace: Vec<String>,
+}
+
+async fn notify_finished(
+    tx: &mut Transaction<'static, Postgres>,
+    finished: &[Uuid],
+) -> Result<(), sqlx::Error> {
+    // A NOTIFY payload holds < 8000 bytes: 200 uuids (37 bytes each with the comma) per message.
+    for chunk in finished.chunks(200) {
+        let payload = chunk
+            .iter()
+            .map(Uuid::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(TASKS_FINISHED)
+            .bind(payload)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
+
+/// The pool's and the listener's connection options: the URL's, plus the session settings and
+/// an `application_name` naming the worker (visible in `pg_stat_activity`).
+fn connect_options(url: &str, worker_id: &str) -> Result<PgConnectOptions, sqlx::Error> {
+    let mut options = PgConnectOptions::from_str(url)?.options(SESSION_SETTINGS.iter().copied());
+    if options.get_application_name().is_none() {
+        options = options.application_name(&format!("tasker {worker_id}"));
+    }
+    Ok(options)
+}
+
+/// Bring the schema up to this build's migrations. Migrations applied by a newer build are
+/// left alone (they are additive) unless that build declared the schema closed to older ones.
+async fn migrate(pool: &PgPool, masked: &str) -> EngineResult<()> {
+    let migrator = migrator();
+    // sqlx serialises concurrent migrators with an advisory lock: simultaneous bootstraps are safe.
+    migrator.run(pool).await.map_err(|e| {
+        EngineError::Bootstrap(format!("migrating the schema at {masked} failed: {e}"))
+    })?;
+    let known = migrator.iter().map(|m| m.version).max().unwrap_or(0);
+    let required: i64 =
+        sqlx::query_scalar("SELECT min_migration FROM tasker_schema_compat WHERE id")
+            .fetch_one(pool)
+            .await
+            .map_err(|e| {
+                EngineError::Bootstrap(format!(
+                    "reading the schema's compatibility at {masked} failed: {e}"
+                ))
+            })?;
+    if known < required {
+        return Err(EngineError::Bootstrap(format!(
+            "the database schema at {masked} needs a build that knows migration {required} or later (this build \
+             knows up to {known}): a newer release changed the schema in a way older builds cannot use; run \
+             this worker's newer release"
+        )));
+    }
+    let newer: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE version > $1 AND success")
+            .bind(known)
+            .fetch_one(pool)
+            .await
+            .unwrap_or(0);
+    if newer > 0 {
+        info!(
+            newer_migrations = newer,
+            "the schema has additive migrations newer than this build; running against it"
+        );
+    }
+    Ok(())
+}
+
+/// LISTEN on a connection of its own (never one of the pool's, so that a pool of one still
+/// has a connection for work), forwarding notifications to the engine. A connection that has
+/// been quiet for `LISTENER_HEARTBEAT` is asked `SELECT 1`; one that does not answer within
+/// `LISTENER_HEARTBEAT_TIMEOUT` died silently (a NAT or firewall dropped it without a FIN) and
+/// is replaced. After a replacement the engine hears `Reconnected`: it claims and checks its
+/// waiters, since notifications may have been missed.
+async fn listen(options: PgConnectOptions, inbox: UnboundedSender<EngineMessage>) {
+    let mut first = true;
+    loop {
+        let mut listener = match connect_listener(&options).await {
+            Ok(listener) => listener,
+            Err(e) => {
+                warn!(error = %e, "the LISTEN connection cannot connect; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        if !first
+            && inbox
+                .send(EngineMessage::Notify(Notification::Reconnected))
+                .is_err()
+        {
+            return;
+        }
+        first = false;
+        loop {
+            let message = match tokio::time::timeout(LISTENER_HEARTBEAT, listener.try_recv()).await
+            {
+                Ok(Ok(Some(n))) if n.channel() == STEPS_READY => Notification::StepsReady,
+                Ok(Ok(Some(n))) => Notification::TasksFinished(
+                    n.payload()
+                        .split(',')
+                        .filter_map(|s| Uuid::parse_str(s).ok())
+                        .collect(),
+                ),
+                Ok(Ok(None)) => {
+                    warn!("the LISTEN connection closed; reconnecting");
+                    break;
+                }
+                Ok(Err(e)) => {
+                    warn!(error = %e, "the LISTEN connection failed; reconnecting");
+                    break;
+                }
+                Err(_quiet) => {
+                    let check = sqlx::query("SELECT 1").execute(&mut listener);
+                    match tokio::time::timeout(LISTENER_HEARTBEAT_TIMEOUT, check).await {
+                        Ok(Ok(_)) => continue,
+                        Ok(Err(e)) => warn!(error = %e, "the LISTEN connection failed a heartbeat; reconnecting"),
+                        Err(_) => warn!(
+                            "the LISTEN connection did not answer a heartbeat within {}s; reconnecting",
+                            LISTENER_HEARTBEAT_TIMEOUT.as_secs()
+                        ),
+                    }
+                    break;
+                }
+            };
+            if inbox.send(EngineMessage::Notify(message)).is_err() {
+                return;
+            }
+        }
+        drop(listener);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn connect_listener(options: &PgConnectOptions) -> Result<PgListener, sqlx::Error> {
+    let connect = async {
+        // A pool of one: the listener's own connection, re-established on demand.
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(3))
+            .max_lifetime(None)
+            .idle_timeout(None)
+            .connect_with(options.clone())
+            .await?;
+        let mut listener = PgListener::connect_with(&pool).await?;
+        listener.listen_all([STEPS_READY, TASKS_FINISHED]).await?;
+        Ok(listener)
+    };
+    tokio::time::timeout(Duration::from_secs(10), connect)
+        .await
+        .unwrap_or_else(|_| {
+            Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connecting took longer than 10s",
+            )))
+        })
+}
+
+/// Record successful attempts ($1 steps, $2 attempts, $3 results) and their effects: each edge
+/// ($4 completed step, $9 its attempt → $5 task, $6 successor index, $7 its timeout, $8
+/// namespace) of a current completion counts toward that successor, once. Returns ("done",
+/// step) per current completion, ("ready", step) per successor made ready, ("finished", task)
+/// per task now complete.
+const COMPLETE_SQL: &str = "WITH input AS (
+       SELECT * FROM unnest($1::uuid[], $2::int4[], $3::jsonb[]) AS i(step_uuid, attempt, result)
+     ), done AS (
+       UPDATE tasker_steps s SET status = 'complete', result = i.result, error_message = NULL
+       FROM input i
+       WHERE s.step_uuid = i.step_uuid AND s.attempts = i.attempt AND s.status = 'in_progress'
+       RETURNING s.step_uuid, s.task_uuid, s.attempts
+     ), gone AS (
+       DELETE FROM tasker_ready_steps r USING done d WHERE r.step_uuid = d.step_uuid
+     ), dec AS (
+       SELECT e.task_uuid, e.step_index, count(*)::int4 AS n, min(e.timeout_ms) AS timeout_ms,
+              min(e.namespace) AS namespace
+       FROM unnest($4::uuid[], $5::uuid[], $6::int4[], $7::int4[], $8::text[], $9::int4[])
+              AS e(src, task_uuid, step_index, timeout_ms, namespace, src_attempt)
+       JOIN done d ON d.step_uuid = e.src AND d.attempts = e.src_attempt
+       GROUP BY e.task_uuid, e.step_index
+     ), upd AS (
+       UPDATE tasker_steps s
+       SET waiting_on = s.waiting_on - d.n,
+           status = CASE WHEN s.waiting_on - d.n = 0 AND t.status <> 'error' THEN 'enqueued' ELSE s.status END,
+           ready_at = CASE WHEN s.waiting_on - d.n = 0 THEN now() ELSE s.ready_at END
+       FROM dec d JOIN tasker_tasks t ON t.task_uuid = d.task_uuid
+       WHERE s.task_uuid = d.task_uuid AND s.step_index = d.step_index
+       RETURNING s.step_uuid, s.task_uuid, s.waiting_on, d.timeout_ms, d.namespace, t.status AS task_status
+     ), ready AS (
+       INSERT INTO tasker_ready_steps (step_uuid, task_uuid, namespace, timeout_ms)
+       SELECT step_uuid, task_uuid, namespace, timeout_ms FROM upd
+       WHERE waiting_on = 0 AND task_status <> 'error'
+       ON CONFLICT (step_uuid) DO NOTHING
+       RETURNING step_uuid
+     ), fin AS (
+       UPDATE tasker_tasks t
+       SET incomplete_steps = t.incomplete_steps - f.n,
+           status = CASE WHEN t.incomplete_steps - f.n = 0 THEN 'complete'
+                         WHEN t.status = 'pending' THEN 'in_progress' ELSE t.status END,
+           finished_at = CASE WHEN t.incomplete_steps - f.n = 0 THEN now() ELSE t.finished_at END
+       FROM (SELECT task_uuid, count(*)::int4 AS n FROM done GROUP BY task_uuid) f
+       WHERE t.task_uuid = f.task_uuid
+       RETURNING t.task_uuid, t.incomplete_steps
+     )
+     SELECT 'done' AS kind, step_uuid AS id FROM done
+     UNION ALL SELECT 'ready', step_uuid FROM ready
+     UNION ALL SELECT 'finished', task_uuid FROM fin WHERE incomplete_steps = 0";
+
+/// Claim up to $2 ready steps of namespaces $1 for worker $3: visibility pushed forward by each
+/// step's timeout, attempt counted, task marked in progress. Returns what events are built from.
+const CLAIM_SQL: &str = "WITH claimable AS (
+               SELECT c.step_uuid FROM unnest($1::text[]) AS ns(namespace)
+               CROSS JOIN LATERAL (
+                 SELECT r.step_uuid, r.visible_at FROM tasker_ready_steps r
+                 WHERE r.namespace = ns.namespace AND r.visible_at <= now()
+                 ORDER BY r.visible_at LIMIT $2
+                 FOR UPDATE SKIP LOCKED
+               ) c
+               ORDER BY c.visible_at LIMIT $2
+             ), claimed AS (
+               UPDATE tasker_ready_steps r
+               SET visible_at = now() + make_interval(secs => r.timeout_ms / 1000.0), claimed_by = $3
+               FROM claimable c WHERE r.step_uuid = c.step_uuid
+               RETURNING r.step_uuid, r.timeout_ms
+             ), bumped AS (
+               UPDATE tasker_steps s SET attempts = s.attempts + 1, status = 'in_progress'
+               FROM claimed c WHERE s.step_uuid = c.step_uuid
+               RETURNING s.step_uuid, s.task_uuid, s.step_index, s.attempts,
+                         (extract(epoch FROM coalesce(s.ready_at, now())) * 1e9)::int8 AS ready_at_ns, c.timeout_ms
+             ), started AS (
+               UPDATE tasker_tasks t SET status = 'in_progress'
+               WHERE t.task_uuid IN (SELECT task_uuid FROM bumped) AND t.status = 'pending'
+             )
+             SELECT b.*, t.namespace, t.name, t.version, t.context
+             FROM bumped b JOIN tasker_tasks t ON t.task_uuid = b.task_uuid";
+
+async fn claim_rows<'e, E>(
+    executor: E,
+    scope: &ClaimScope,
+    max: usize,
+) -> Result<Vec<PgRow>, sqlx::Error>
+where
+    E: sqlx::Executor<'e, Database = Postgres>,
+{
+    sqlx::query(CLAIM_SQL)
+        .bind(&scope.namespaces)
+        .bind(max as i64)
+        .bind(&scope.worker_id)
+        .fetch_all(executor)
+        .await
+}
+
+fn db(e: sqlx::Error) -> EngineError {
+    EngineError::Internal(format!("postgres: {e}"))
+}
+
+fn task_status(s: &str) -> TaskStatus {
+    match s {
+        "in_progress" => TaskStatus::InProgress,
+        "complete" => TaskStatus::Complete,
+        "error" => TaskStatus::Error,
+        _ => TaskStatus::Pending,
+    }
+}
+
+fn step_status(s: &str) -> StepStatus {
+    match s {
+        "enqueued" => StepStatus::Enqueued,
+        "in_progress" => StepStatus::InProgress,
+        "complete" => StepStatus::Complete,
+        "error" => StepStatus::Error,
+        "waiting_for_retry" => StepStatus::WaitingForRetry,
+        _ => StepStatus::Pending,
+    }
+}
+
+/// The URL with every password replaced by `****`, for messages and logs: the userinfo's (even
+/// one holding a raw `@`, `/` or `?`) and any `password`-like query parameter.
+pub fn mask_url(url: &str) -> String {
+    let (scheme, rest) = match url.find("://") {
+        Some(i) => url.split_at(i + 3),
+        None => ("", url),
+    };
+    // The userinfo ends at the last `@` before the query: a raw `@` in a password comes earlier.
+    let query_at = |s: &str| s.find('?').unwrap_or(s.len());
+    let at = rest[..query_at(rest)]
+        .rfind('@')
+        .or_else(|| rest.rfind('@').filter(|&i| !rest[i..].contains('=')));
+    let (userinfo, after) = match at {
+        Some(i) => rest.split_at(i),
+        None => ("", rest),
+    };
+    let userinfo = match userinfo.find(':') {
+        Some(colon) => format!("{}:****", &userinfo[..colon]),
+        None => userinfo.to_string(),
+    };
+    let (location, query) = after.split_at(query_at(after));
+    let query = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _)) if key.to_ascii_lowercase().contains("password") => {
+                format!("{key}=****")
+            }
+            _ => pair.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("&");
+    format!("{scheme}{userinfo}{location}{query}")
+}
+
+fn ms(d: Duration) -> i32 {
+    d.as_millis().min(i32::MAX as u128) as i32
+}
+
+/// What a batch of outcomes made claimable.
+#[derive(Default)]
+struct Readiness {
+    /// Successors became ready now.
+    readied: bool,
+    /// Steps will be ready again after their backoff.
+    retried: bool,
+}
+
 #[cfg(test)]
 mod tests {
-    use super::mask_url;
+    use super::*;
 
     #[test]
-    fn masks_passwords() {
+    fn masks_passwords_in_every_form() {
+        for (url, masked) in [
+            (
+                "postgres://app:s3cret@db:5432/x",
+                "postgres://app:****@db:5432/x",
+            ),
+            ("postgres://app@db/x", "postgres://app@db/x"),
+            ("postgres://db/x", "postgres://db/x"),
+            ("postgres://app:p@ss@db/x", "postgres://app:****@db/x"),
+            ("postgres://app:a/b?c@db/x", "postgres://app:****@db/x"),
+            (
+                "postgres://db/x?password=s3cret",
+                "postgres://db/x?password=****",
+            ),
+            (
+                "postgres://app@db/x?sslmode=require&Password=s3cret&application_name=a@b",
+                "postgres://app@db/x?sslmode=require&Password=****&application_name=a@b",
+            ),
+            (
+                "postgresql://app:s3cret@db/x?sslpassword=k3y",
+                "postgresql://app:****@db/x?sslpassword=****",
+            ),
+        ] {
+            assert_eq!(mask_url(url), masked, "{url}");
+        }
+    }
+
+    #[test]
+    fn finds_nul_characters_in_results() {
+        let value = serde_json::json!({"a": [1, "ok", {"b": "x\u{0}y"}]});
+        assert_eq!(nul_in(&value).as_deref(), Some("$.a[2].b"));
+        assert_eq!(nul_in(&serde_json::json!({"a": "fine"})), None);
         assert_eq!(
-            mask_url("postgres://app:s3cret@db:5432/x"),
-            "postgres://app:****@db:5432/x"
+            nul_in(&serde_json::json!({"k\u{0}": 1})).as_deref(),
+            Some("$.k\\u0000")
         );
-        assert_eq!(mask_url("postgres://app@db/x"), "postgres://app@db/x");
-        assert_eq!(mask_url("postgres://db/x"), "postgres://db/x");
+    }
+
+    #[test]
+    fn template_content_ignores_formatting_and_comments() {
+        let a = "# a comment\nname: x\nversion: '1'\nsteps: [{name: a}]\n";
+        let b = "version: \"1\"\nsteps:\n  - name: a\nname: x\n";
+        let c = "name: x\nversion: '1'\nsteps: [{name: b}]\n";
+        assert_eq!(template_content(a), template_content(b));
+        assert_ne!(template_content(a), template_content(c));
+    }
+
+    #[test]
+    fn only_what_retrying_can_cure_is_transient() {
+        let io = sqlx::Error::Io(std::io::Error::other("reset"));
+        assert!(is_transient(&io));
+        assert!(is_transient(&sqlx::Error::PoolTimedOut));
+        assert!(!is_transient(&sqlx::Error::RowNotFound));
     }
 }

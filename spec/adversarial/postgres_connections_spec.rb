@@ -1,0 +1,71 @@
+# frozen_string_literal: true
+
+# Issue F2, defects 4, 6 and 11: connections that die silently, the smallest pool, and URLs in
+# messages and logs.
+RSpec.describe "PostgreSQL backend (adversarial): connections" do
+  include_context "postgres database"
+
+  describe "a LISTEN connection that dies silently (no FIN, no RST: a NAT or firewall dropped it)" do
+    let(:proxy) { SilenceableTcpProxy.new(PostgresHelpers::PG_HOST, PostgresHelpers::PG_PORT) }
+
+    after { proxy.close }
+
+    it "is noticed by its heartbeat and replaced: an EventDriven worker still hears of new tasks (defect 4)" do
+      proxied = "postgres://#{PostgresHelpers::PG_USER}@127.0.0.1:#{proxy.port}/#{db}"
+      worker = start_pg_worker(db, database_url: proxied, deployment_mode: "EventDriven")
+      start_client(db, deployment_mode: "EventDriven")
+      expect(TaskerCore.wait_for_task(create_pg_task("single"), timeout: 10)&.fetch(:status)).to eq("complete")
+
+      proxy.silence!
+      started = pg_monotonic
+      uuid = create_pg_task("single")
+      result = TaskerCore.wait_for_task(uuid, timeout: 30)
+
+      expect(result && result[:status]).to eq("complete")
+      expect(pg_monotonic - started).to be < 25
+      expect(proxy.live_connections).to be >= 1 # it came back through new connections
+      expect(worker.status[:running]).to be(true)
+    end
+  end
+
+  describe "database_pool_size: 1 (defect 6)" do
+    %w[Hybrid EventDriven Polling].each do |mode|
+      it "runs tasks in #{mode} mode: the LISTEN connection is not taken from the pool" do
+        start_pg_worker(db, database_pool_size: 1, deployment_mode: mode, poll_interval: 0.1)
+        start_client(db, database_pool_size: 1, deployment_mode: mode)
+        uuids = Array.new(10) { create_pg_task("diamond") }
+        statuses = uuids.map { |uuid| TaskerCore.wait_for_task(uuid, timeout: 15)&.fetch(:status) }
+        expect(statuses).to eq(["complete"] * 10)
+      end
+    end
+  end
+
+  describe "passwords in database_url (defect 11)" do
+    {
+      "userinfo" => "postgres://app:s3cretpw@127.0.0.1:1/x",
+      "userinfo with a raw @" => "postgres://app:s3cr@tpw@127.0.0.1:1/x",
+      "userinfo with a raw / and ?" => "postgres://app:s3/cr?tpw@127.0.0.1:1/x",
+      "query parameter" => "postgres://app@127.0.0.1:1/x?sslmode=disable&password=s3cretpw"
+    }.each do |form, url|
+      it "are masked in the bootstrap error (#{form})" do
+        expect do
+          TaskerCore::FFI.bootstrap_worker(backend: "postgres", database_url: url,
+                                           templates: PostgresHelpers::PG_TEMPLATES)
+        end.to raise_error(TaskerCore::WorkerBootstrapError) { |error|
+          expect(error.message).to include("****")
+          %w[s3cretpw s3cr tpw cr?tpw].each { |part| expect(error.message).not_to include(part) }
+        }
+      end
+    end
+
+    it "never reach the log, and the URL is not logged at info on every boot" do
+      url = "postgres://#{PostgresHelpers::PG_USER}:t0psecret@#{PostgresHelpers::PG_HOST}:" \
+            "#{PostgresHelpers::PG_PORT}/#{db}?application_name=f2spec"
+      worker = start_pg_worker(db, database_url: url, log_level: "info")
+      worker.stop
+      expect(worker.stderr).to include("postgres backend ready")
+      expect(worker.stderr).not_to include("t0psecret")
+      expect(worker.stderr).not_to include("#{PostgresHelpers::PG_PORT}/#{db}")
+    end
+  end
+end
