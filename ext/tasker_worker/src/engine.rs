@@ -8,8 +8,7 @@ use crate::events::{
     fmt_secs, AttemptOutcome, InFlight, InterruptReason, Phase, StepExecutionEvent, StepInterrupt,
 };
 use crate::status::{Shared, WorkerState};
-use crate::template::OnTimeout;
-use crate::template::{TaskTemplate, TemplateKey};
+use crate::template::{OnTimeout, TaskTemplate, TemplateKey};
 use crossbeam_channel::{Receiver, Sender};
 use serde_json::Value;
 use std::sync::atomic::Ordering;
