@@ -16,7 +16,6 @@ use crossbeam_channel::{Receiver, Sender};
 use magnus::{Error, Ruby};
 use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
 
 struct Call<F, R> {
     work: Option<F>,
@@ -37,18 +36,56 @@ where
     std::ptr::null_mut()
 }
 
-/// What the unblocking function is given: the call's cancel sender, fired by the relay thread.
+/// What the unblocking function is given: a cancel channel owned by one Ruby thread, fired by the
+/// relay thread.
+///
+/// Slots are never freed. Ruby's signal handler reads a thread's unblocking function and its
+/// argument without a lock, and may call it a moment after the blocking region has ended: memory
+/// handed to Ruby as that argument must outlive the call, or a late signal would write into freed
+/// memory. So each Ruby thread takes a slot for good (`THREAD_SLOT`); a thread that exits gives
+/// it back to `FREE_SLOTS` for the next new thread. A late signal then only fires the channel of
+/// a later call on a thread, which takes it as a wait cut short (a wake that raises nothing).
 pub(crate) struct CancelSlot {
     sender: Sender<()>,
+    receiver: Receiver<()>,
+}
+
+impl CancelSlot {
+    /// This thread's slot, cleared of cancels left from earlier calls.
+    fn for_this_thread() -> &'static CancelSlot {
+        let slot = THREAD_SLOT.with(|held| held.0);
+        while slot.receiver.try_recv().is_ok() {}
+        slot
+    }
+}
+
+/// Slots of threads that have exited, for reuse (a lock-free queue: never waits).
+static FREE_SLOTS: std::sync::LazyLock<(
+    Sender<&'static CancelSlot>,
+    Receiver<&'static CancelSlot>,
+)> = std::sync::LazyLock::new(crossbeam_channel::unbounded);
+
+struct HeldSlot(&'static CancelSlot);
+
+impl Drop for HeldSlot {
+    fn drop(&mut self) {
+        let _ = FREE_SLOTS.0.send(self.0);
+    }
+}
+
+thread_local! {
+    static THREAD_SLOT: HeldSlot = HeldSlot(FREE_SLOTS.1.try_recv().unwrap_or_else(|_| {
+        let (sender, receiver) = crossbeam_channel::bounded(1);
+        Box::leak(Box::new(CancelSlot { sender, receiver }))
+    }));
 }
 
 /// The relay between the async-signal-safe unblocking function and the cancel channels: a pipe
-/// carrying `Arc<CancelSlot>` pointers, and a thread (one per process) that fires them.
+/// carrying `&'static CancelSlot` pointers, and a thread (one per process) that fires them.
 mod relay {
     use super::CancelSlot;
     use std::ffi::c_void;
     use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-    use std::sync::Arc;
 
     const WORD: usize = std::mem::size_of::<usize>();
 
@@ -121,9 +158,8 @@ mod relay {
             // SAFETY: reads into a buffer of exactly WORD bytes.
             let n = unsafe { libc::read(read_fd, word.as_mut_ptr() as *mut c_void, WORD) };
             if n == WORD as isize {
-                // SAFETY: `signal` leaked one strong count of this Arc into the pipe for us.
-                let slot =
-                    unsafe { Arc::from_raw(usize::from_ne_bytes(word) as *const CancelSlot) };
+                // SAFETY: `signal` wrote the address of a slot, and slots are never freed.
+                let slot = unsafe { &*(usize::from_ne_bytes(word) as *const CancelSlot) };
                 let _ = slot.sender.try_send(());
             } else if n < 0
                 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
@@ -136,24 +172,19 @@ mod relay {
         }
     }
 
-    /// Async-signal-safe: an atomic increment, an atomic load and one `write(2)`; errno is kept.
+    /// Async-signal-safe: an atomic load and one `write(2)`; errno is kept.
     ///
     /// # Safety
-    /// `slot` must come from `Arc::as_ptr` of an Arc the caller keeps alive during this call.
+    /// `slot` must point to a `CancelSlot` (they live for the whole process).
     pub unsafe fn signal(slot: *const CancelSlot) {
         // SAFETY: errno is thread-local; we put back what the interrupted code had.
         let errno = unsafe { *libc::__errno_location() };
-        // SAFETY: the caller keeps a strong count, so the Arc is live.
-        unsafe { Arc::increment_strong_count(slot) };
         let fd = WRITE_FD.load(Ordering::Acquire);
         let word = (slot as usize).to_ne_bytes();
-        // SAFETY: writes WORD bytes from a live buffer.
-        let written = fd >= 0
-            && unsafe { libc::write(fd, word.as_ptr() as *const c_void, WORD) } == WORD as isize;
-        if !written {
-            // Never the last count (the caller holds one), so this frees nothing.
-            // SAFETY: undoes the increment above.
-            unsafe { Arc::decrement_strong_count(slot) };
+        if fd >= 0 {
+            // A full pipe drops the wake: the relay is behind, and has this slot's cancel queued.
+            // SAFETY: writes WORD bytes from a live buffer.
+            unsafe { libc::write(fd, word.as_ptr() as *const c_void, WORD) };
         }
         // SAFETY: as above.
         unsafe { *libc::__errno_location() = errno };
@@ -166,7 +197,7 @@ pub fn init(ruby: &Ruby) -> Result<(), Error> {
 }
 
 unsafe extern "C" fn unblock(data: *mut c_void) {
-    // SAFETY: `data` is the `CancelSlot` that `without_gvl` keeps alive during the call.
+    // SAFETY: `data` is a `CancelSlot`, which is never freed.
     unsafe { relay::signal(data as *const CancelSlot) };
 }
 
@@ -179,22 +210,22 @@ where
     F: FnOnce(&Receiver<()>) -> R,
 {
     relay::ensure_started().map_err(|e| crate::errors::ffi(ruby, e))?;
-    let (cancel_tx, cancel_rx) = crossbeam_channel::bounded::<()>(1);
-    let slot = Arc::new(CancelSlot { sender: cancel_tx });
+    let slot = CancelSlot::for_this_thread();
     let mut call = Call {
         work: Some(work),
-        cancel: cancel_rx,
+        cancel: slot.receiver.clone(),
         outcome: None,
     };
     let flags = (rb_sys::RB_NOGVL_INTR_FAIL | rb_sys::RB_NOGVL_UBF_ASYNC_SAFE) as libc::c_int;
-    // SAFETY: both pointers stay valid until the call returns; the ubf only touches the slot,
-    // through the async-signal-safe `relay::signal`.
+    // SAFETY: `call` stays valid until the call returns; the slot lives for the whole process
+    // (Ruby may call the ubf a moment after the call), and the ubf only writes its address to
+    // the relay's pipe (`relay::signal`, async-signal-safe).
     unsafe {
         rb_sys::rb_nogvl(
             Some(trampoline::<F, R>),
             &mut call as *mut Call<F, R> as *mut c_void,
             Some(unblock),
-            Arc::as_ptr(&slot) as *mut c_void,
+            slot as *const CancelSlot as *mut c_void,
             flags,
         );
     }
