@@ -96,6 +96,33 @@ RSpec.describe "The GVL release on a lone main thread" do
     expect(out).to eq("complete\n")
   end
 
+  it "survives a flood of signals while it releases the GVL (the unblocking function's argument outlives the call)" do
+    # Ruby's signal handler calls the lone main thread's unblocking function without a lock, and
+    # can do so just after the GVL-released call has returned: memory passed to it must not be
+    # freed by then (it was: a use after free, `malloc(): unaligned tcache chunk`, 1 run in 5).
+    out = child(<<~RUBY, timeout: 90)
+      require "tasker_core"
+      trap("USR2") {}
+      flooder = spawn("sh", "-c", "while kill -USR2 \#{Process.pid} 2>/dev/null; do :; done")
+      calls = 0
+      cycles = 0
+      deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + 4
+      while Process.clock_gettime(Process::CLOCK_MONOTONIC) < deadline
+        200.times { TaskerCore::FFI.log_debug("flood") }
+        calls += 200
+        TaskerCore::FFI.bootstrap_worker(#{config})
+        TaskerCore::FFI.stop_worker
+        cycles += 1
+        GC.start if (cycles % 10).zero?
+      end
+      Process.kill("KILL", flooder)
+      Process.wait(flooder)
+      puts "calls=\#{calls} cycles=\#{cycles}"
+    RUBY
+    expect(out).to match(/calls=\d+ cycles=\d+/)
+    expect(out[/cycles=(\d+)/, 1].to_i).to be > 5
+  end
+
   it "makes log_info cheap (well under 20 µs a call on average over 2000 calls)" do
     out = child(<<~RUBY, env: { "TASKER_LOG_LEVEL" => "info" })
       require "tasker_core"
