@@ -15,7 +15,8 @@ RSpec.describe "Step interrupts racing the handler's return" do
     finals = uuids.map { |u| TaskerCore.wait_for_task(u, timeout: 30) }
 
     expect(finals.map { |f| f[:status] }.uniq - %w[complete error]).to eq([])
-    expect(finals.count { |f| f[:status] == "complete" }).to be > 10
+    # Interrupts did land (how many completed depends on the machine's load: not asserted).
+    expect(WorkflowRecorder.executions.map(&:outcome)).to include(:raised)
     finals.each do |f|
       expect(f[:steps].map { |s| s[:status] } & %w[pending enqueued in_progress waiting_for_retry]).to eq([])
     end
