@@ -121,6 +121,9 @@ struct Entry {
     /// The task's template (successors of a completed step); `None` when `effect` needs none.
     template: Option<Arc<TaskTemplate>>,
     effect: Effect,
+    /// The completion's metadata, stored with the step (`None`: no completion reported any,
+    /// as when the attempt timed out).
+    metadata: Option<Value>,
 }
 
 #[derive(Clone)]
@@ -326,7 +329,10 @@ impl PostgresBackend {
     async fn snapshot(&mut self, task_uuid: Uuid) -> EngineResult<Option<TaskSnapshot>> {
         let pool = self.pool()?.clone();
         let Some(task) = sqlx::query(
-            "SELECT namespace, name, version, status FROM tasker_tasks WHERE task_uuid = $1",
+            "SELECT namespace, name, version, status,
+                    (extract(epoch FROM created_at) * 1e9)::int8 AS created_at_ns,
+                    (extract(epoch FROM finished_at) * 1e9)::int8 AS completed_at_ns
+             FROM tasker_tasks WHERE task_uuid = $1",
         )
         .bind(task_uuid)
         .fetch_optional(&pool)
@@ -336,8 +342,10 @@ impl PostgresBackend {
             return Ok(None);
         };
         let steps = sqlx::query(
-            "SELECT step_uuid, name, status, attempts, result, error_message FROM tasker_steps
-             WHERE task_uuid = $1 ORDER BY step_index",
+            "SELECT step_uuid, name, status, attempts, result, metadata, error_message,
+                    (extract(epoch FROM started_at) * 1e9)::int8 AS started_at_ns,
+                    (extract(epoch FROM completed_at) * 1e9)::int8 AS completed_at_ns
+             FROM tasker_steps WHERE task_uuid = $1 ORDER BY step_index",
         )
         .bind(task_uuid)
         .fetch_all(&pool)
@@ -349,8 +357,8 @@ impl PostgresBackend {
             name: task.get("name"),
             version: task.get("version"),
             status: task_status(task.get("status")),
-            created_at_ns: None,
-            completed_at_ns: None,
+            created_at_ns: unix_ns(&task, "created_at_ns"),
+            completed_at_ns: unix_ns(&task, "completed_at_ns"),
             steps_retained: true,
             steps: steps
                 .into_iter()
@@ -360,10 +368,10 @@ impl PostgresBackend {
                     status: step_status(row.get("status")),
                     attempts: row.get::<i32, _>("attempts") as u32,
                     result: row.get::<Option<Value>, _>("result").map(Arc::new),
-                    metadata: None,
+                    metadata: row.get::<Option<Value>, _>("metadata").map(Arc::new),
                     error_message: row.get("error_message"),
-                    started_at_ns: None,
-                    completed_at_ns: None,
+                    started_at_ns: unix_ns(&row, "started_at_ns"),
+                    completed_at_ns: unix_ns(&row, "completed_at_ns"),
                 })
                 .collect(),
         }))
@@ -532,6 +540,7 @@ impl PostgresBackend {
                         "the task's template {key} has no step #{index}: the stored template was changed \
                          under the same version"
                     )),
+                    metadata: None,
                 });
                 continue;
             };
@@ -616,7 +625,7 @@ impl PostgresBackend {
         let result = sqlx::query(
             "WITH input AS (SELECT * FROM unnest($1::uuid[], $2::int4[]) AS i(step_uuid, attempt)),
              back AS (
-               UPDATE tasker_steps s SET attempts = s.attempts - 1, status = 'enqueued'
+               UPDATE tasker_steps s SET attempts = s.attempts - 1, status = 'enqueued', started_at = NULL
                FROM input i WHERE s.step_uuid = i.step_uuid AND s.attempts = i.attempt AND s.status = 'in_progress'
                RETURNING s.step_uuid
              ), visible AS (
@@ -1255,27 +1264,41 @@ fn entry_for(flight: InFlight, outcome: AttemptOutcome, template: Arc<TaskTempla
             flight,
             template: None,
             effect: Effect::Fail(message),
+            metadata: None,
         };
     };
-    let (retryable, retry_after, message) = match outcome {
+    let (retryable, retry_after, message, metadata) = match outcome {
         AttemptOutcome::Completed(c) if c.success => {
-            let effect = match nul_in(&c.result) {
-                None => Effect::Complete(c.result),
-                Some(path) => Effect::Fail(format!(
-                    "the step's result cannot be stored in PostgreSQL: it contains a NUL character (\\u0000) at \
-                     {path}, which jsonb does not accept"
-                )),
+            let unstorable = nul_in(&c.result)
+                .map(|path| ("result", path))
+                .or_else(|| nul_in(&c.metadata).map(|path| ("metadata", path)));
+            let (effect, metadata) = match unstorable {
+                None => (Effect::Complete(c.result), Some(c.metadata)),
+                Some((part, path)) => (Effect::Fail(unstorable_message(part, &path)), None),
             };
             return Entry {
                 flight,
                 template: Some(template),
                 effect,
+                metadata,
             };
         }
-        AttemptOutcome::Completed(c) => (c.retryable, c.retry_after, c.failure_message()),
-        AttemptOutcome::TimedOut => (true, None, flight.timeout_message()),
+        AttemptOutcome::Completed(c) => {
+            let mut message = c.failure_message();
+            let metadata = match nul_in(&c.metadata) {
+                None => Some(c.metadata),
+                Some(path) => {
+                    // The failure itself is what matters: it is recorded, and says why its
+                    // metadata is missing.
+                    message = format!("{message} ({})", unstorable_message("metadata", &path));
+                    None
+                }
+            };
+            (c.retryable, c.retry_after, message, metadata)
+        }
+        AttemptOutcome::TimedOut => (true, None, flight.timeout_message(), None),
         // TODO(issue E): cancel on PostgreSQL; until then no attempt is cancelled here.
-        AttemptOutcome::Cancelled(_) => (false, None, "cancelled while running".to_string()),
+        AttemptOutcome::Cancelled(_) => (false, None, "cancelled while running".to_string(), None),
     };
     let message = storable_text(message);
     let effect = if retryable && policy.retryable && flight.attempt < policy.max_attempts {
@@ -1295,7 +1318,16 @@ fn entry_for(flight: InFlight, outcome: AttemptOutcome, template: Arc<TaskTempla
         flight,
         template: Some(template),
         effect,
+        metadata,
     }
+}
+
+/// Why a step's `part` (its result or metadata) cannot be stored: the NUL at `path`.
+fn unstorable_message(part: &str, path: &str) -> String {
+    format!(
+        "the step's {part} cannot be stored in PostgreSQL: it contains a NUL character (\\u0000) at {path}, \
+         which jsonb does not accept"
+    )
 }
 
 /// Whether a failed write may succeed unchanged later: the connection or the server is in
@@ -1429,6 +1461,8 @@ async fn isolate(
                 entry.effect = Effect::Fail(storable_text(format!(
                     "the step's outcome cannot be stored in PostgreSQL: {e}"
                 )));
+                // It may be what the database refused.
+                entry.metadata = None;
                 match write_transaction(pool, scope, entries, &chunk, Claim::NONE, Locking::Wait)
                     .await
                 {
@@ -1593,14 +1627,17 @@ async fn write_entries(
     let mut ok_steps = Vec::new();
     let mut ok_attempts = Vec::new();
     let mut ok_results = Vec::new();
+    let mut ok_metadata = Vec::new();
     let mut edges = Edges::default();
     let mut retry_steps = Vec::new();
     let mut retry_attempts = Vec::new();
     let mut retry_delays = Vec::new();
     let mut retry_messages = Vec::new();
+    let mut retry_metadata = Vec::new();
     let mut fail_steps = Vec::new();
     let mut fail_attempts = Vec::new();
     let mut fail_messages = Vec::new();
+    let mut fail_metadata = Vec::new();
 
     for entry in ordered {
         let flight = &entry.flight;
@@ -1609,6 +1646,7 @@ async fn write_entries(
                 ok_steps.push(flight.step_uuid);
                 ok_attempts.push(flight.attempt as i32);
                 ok_results.push(result);
+                ok_metadata.push(entry.metadata.as_ref());
                 // The successors this completion counts toward (applied only if this very
                 // attempt is the step's current one).
                 if let Some(template) = &entry.template {
@@ -1627,11 +1665,13 @@ async fn write_entries(
                 retry_attempts.push(flight.attempt as i32);
                 retry_delays.push(*delay_ms);
                 retry_messages.push(message.as_str());
+                retry_metadata.push(entry.metadata.as_ref());
             }
             Effect::Fail(message) => {
                 fail_steps.push(flight.step_uuid);
                 fail_attempts.push(flight.attempt as i32);
                 fail_messages.push(message.as_str());
+                fail_metadata.push(entry.metadata.as_ref());
             }
         }
     }
@@ -1653,6 +1693,7 @@ async fn write_entries(
             .bind(&edges.timeout)
             .bind(&edges.namespace)
             .bind(&edges.src_attempt)
+            .bind(&ok_metadata)
             .fetch_all(&mut **tx)
             .await?;
         let mut done = 0;
@@ -1674,11 +1715,12 @@ async fn write_entries(
     if !retry_steps.is_empty() {
         sqlx::query(
             "WITH input AS (
-               SELECT * FROM unnest($1::uuid[], $2::int4[], $3::int4[], $4::text[]) AS i(step_uuid, attempt, delay_ms, message)
+               SELECT * FROM unnest($1::uuid[], $2::int4[], $3::int4[], $4::text[], $5::jsonb[])
+                 AS i(step_uuid, attempt, delay_ms, message, metadata)
              ), upd AS (
                UPDATE tasker_steps s
-               SET status = 'waiting_for_retry', error_message = i.message,
-                   ready_at = now() + make_interval(secs => i.delay_ms / 1000.0)
+               SET status = 'waiting_for_retry', error_message = i.message, metadata = i.metadata,
+                   completed_at = now(), ready_at = now() + make_interval(secs => i.delay_ms / 1000.0)
                FROM input i
                WHERE s.step_uuid = i.step_uuid AND s.attempts = i.attempt AND s.status = 'in_progress'
                RETURNING s.step_uuid, i.delay_ms
@@ -1691,6 +1733,7 @@ async fn write_entries(
         .bind(&retry_attempts)
         .bind(&retry_delays)
         .bind(&retry_messages)
+        .bind(&retry_metadata)
         .execute(&mut **tx)
         .await?;
         readiness.retried = true;
@@ -1699,9 +1742,11 @@ async fn write_entries(
     if !fail_steps.is_empty() {
         let rows = sqlx::query(
             "WITH input AS (
-               SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[]) AS i(step_uuid, attempt, message)
+               SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::jsonb[])
+                 AS i(step_uuid, attempt, message, metadata)
              ), failed AS (
-               UPDATE tasker_steps s SET status = 'error', error_message = i.message
+               UPDATE tasker_steps s
+               SET status = 'error', error_message = i.message, metadata = i.metadata, completed_at = now()
                FROM input i
                WHERE s.step_uuid = i.step_uuid AND s.attempts = i.attempt AND s.status = 'in_progress'
                RETURNING s.task_uuid
@@ -1713,6 +1758,7 @@ async fn write_entries(
         .bind(&fail_steps)
         .bind(&fail_attempts)
         .bind(&fail_messages)
+        .bind(&fail_metadata)
         .fetch_all(&mut **tx)
         .await?;
         let errored: Vec<Uuid> = rows.iter().map(|r| r.get("task_uuid")).collect();
@@ -1900,15 +1946,16 @@ async fn connect_listener(options: &PgConnectOptions) -> Result<PgListener, sqlx
         })
 }
 
-/// Record successful attempts ($1 steps, $2 attempts, $3 results) and their effects: each edge
+/// Record successful attempts ($1 steps, $2 attempts, $3 results, $10 metadata) and their effects: each edge
 /// ($4 completed step, $9 its attempt → $5 task, $6 successor index, $7 its timeout, $8
 /// namespace) of a current completion counts toward that successor, once. Returns ("done",
 /// step) per current completion, ("ready", step) per successor made ready, ("finished", task)
 /// per task now complete.
 const COMPLETE_SQL: &str = "WITH input AS (
-       SELECT * FROM unnest($1::uuid[], $2::int4[], $3::jsonb[]) AS i(step_uuid, attempt, result)
+       SELECT * FROM unnest($1::uuid[], $2::int4[], $3::jsonb[], $10::jsonb[]) AS i(step_uuid, attempt, result, metadata)
      ), done AS (
-       UPDATE tasker_steps s SET status = 'complete', result = i.result, error_message = NULL
+       UPDATE tasker_steps s
+       SET status = 'complete', result = i.result, metadata = i.metadata, error_message = NULL, completed_at = now()
        FROM input i
        WHERE s.step_uuid = i.step_uuid AND s.attempts = i.attempt AND s.status = 'in_progress'
        RETURNING s.step_uuid, s.task_uuid, s.attempts
@@ -1966,7 +2013,8 @@ const CLAIM_SQL: &str = "WITH claimable AS (
                FROM claimable c WHERE r.step_uuid = c.step_uuid
                RETURNING r.step_uuid, r.timeout_ms
              ), bumped AS (
-               UPDATE tasker_steps s SET attempts = s.attempts + 1, status = 'in_progress'
+               UPDATE tasker_steps s
+               SET attempts = s.attempts + 1, status = 'in_progress', started_at = now(), completed_at = NULL
                FROM claimed c WHERE s.step_uuid = c.step_uuid
                RETURNING s.step_uuid, s.task_uuid, s.step_index, s.attempts,
                          (extract(epoch FROM coalesce(s.ready_at, now())) * 1e9)::int8 AS ready_at_ns, c.timeout_ms
@@ -1991,6 +2039,12 @@ where
         .bind(&scope.worker_id)
         .fetch_all(executor)
         .await
+}
+
+/// A timestamp column read as nanoseconds since the Unix epoch (the snapshot's unit).
+fn unix_ns(row: &PgRow, column: &str) -> Option<u64> {
+    row.get::<Option<i64>, _>(column)
+        .and_then(|ns| u64::try_from(ns).ok())
 }
 
 fn db(e: sqlx::Error) -> EngineError {
@@ -2093,6 +2147,77 @@ mod tests {
             ),
         ] {
             assert_eq!(mask_url(url), masked, "{url}");
+        }
+    }
+
+    fn completion(success: bool, result: Value, metadata: Value) -> AttemptOutcome {
+        AttemptOutcome::Completed(Box::new(crate::events::StepExecutionCompletionEvent {
+            event_id: Uuid::new_v4(),
+            task_uuid: Uuid::new_v4(),
+            step_uuid: Uuid::new_v4(),
+            success,
+            result,
+            metadata,
+            error_message: (!success).then(|| "boom".to_string()),
+            error_class: (!success).then(|| "RuntimeError".to_string()),
+            retryable: true,
+            retry_after: None,
+            completed_at: None,
+        }))
+    }
+
+    fn entry(outcome: AttemptOutcome) -> Entry {
+        let template = TaskTemplate::from_yaml(
+            "namespace: ns\nname: t\nversion: 1.0.0\nsteps:\n  - name: only\n    handler: { callable: H }\n    \
+             retry: { max_attempts: 2 }\n",
+            std::path::Path::new("t.yml"),
+        )
+        .expect("template");
+        let flight = InFlight::new(
+            Uuid::new_v4(),
+            Uuid::new_v4(),
+            0,
+            &template.steps[0],
+            1,
+            Instant::now(),
+        );
+        entry_for(flight, outcome, Arc::new(template))
+    }
+
+    #[test]
+    fn keeps_metadata_of_successes_and_failures_but_not_a_nul() {
+        let meta = serde_json::json!({"region": "eu"});
+        let ok = entry(completion(true, serde_json::json!(1), meta.clone()));
+        assert!(matches!(ok.effect, Effect::Complete(_)));
+        assert_eq!(ok.metadata.as_ref(), Some(&meta));
+
+        let failed = entry(completion(false, Value::Null, meta.clone()));
+        assert!(matches!(failed.effect, Effect::Retry { .. }));
+        assert_eq!(failed.metadata.as_ref(), Some(&meta));
+
+        assert_eq!(entry(AttemptOutcome::TimedOut).metadata, None);
+
+        // A success whose metadata cannot be stored fails, saying where the NUL is.
+        let nul = serde_json::json!({"note": ["x\u{0}"]});
+        let bad_success = entry(completion(true, serde_json::json!(1), nul.clone()));
+        assert_eq!(bad_success.metadata, None);
+        match bad_success.effect {
+            Effect::Fail(message) => {
+                assert!(message.contains("metadata") && message.contains("$.note[0]"))
+            }
+            _ => panic!("a success with a NUL in its metadata must fail"),
+        }
+        // A failure is still recorded as itself (retried here), without the metadata, and says so.
+        let bad_failure = entry(completion(false, Value::Null, nul));
+        assert_eq!(bad_failure.metadata, None);
+        match bad_failure.effect {
+            Effect::Retry { message, .. } => {
+                assert!(
+                    message.starts_with("RuntimeError: boom (the step's metadata cannot be stored")
+                );
+                assert!(message.contains("$.note[0]"));
+            }
+            _ => panic!("a retryable failure stays retryable"),
         }
     }
 
