@@ -150,7 +150,8 @@ module Soak
         stdin.puts("BEGIN;", "SELECT count(*) FROM (SELECT 1 FROM tasker_tasks WHERE status NOT IN " \
                              "('complete', 'error', 'cancelled') LIMIT 20 FOR UPDATE) locked;")
         stdin.flush
-        line = stdout.gets || raise("psql could not lock: #{stderr.read}")
+        # psql echoes BEGIN first; the count follows once the rows are locked.
+        line = stdout.gets || raise("psql could not lock: #{stderr.read}") until line&.match?(/\A\d+\Z/)
         sleep seconds
         stdin.puts("ROLLBACK;")
         stdin.close
