@@ -177,6 +177,7 @@ impl WorkerBootstrap {
 pub struct WaitTicket {
     task_uuid: Uuid,
     reply: crossbeam_channel::Sender<EngineResult<TaskSnapshot>>,
+    abandoned: Arc<AtomicBool>,
     pub answer: Receiver<EngineResult<TaskSnapshot>>,
 }
 
@@ -479,19 +480,23 @@ impl WorkerSystemHandle {
     /// interrupt) must hand the ticket to [`Self::abandon_wait`], or the engine keeps its reply.
     pub fn request_wait_for_task(&self, task_uuid: Uuid) -> EngineResult<WaitTicket> {
         let (reply, answer) = crossbeam_channel::bounded(1);
+        let abandoned = Arc::new(AtomicBool::new(false));
         self.send(EngineMessage::WaitForTask {
             task_uuid,
             reply: reply.clone(),
+            abandoned: Arc::clone(&abandoned),
         })?;
         Ok(WaitTicket {
             task_uuid,
             reply,
+            abandoned,
             answer,
         })
     }
 
     /// The waiter gave up: the engine forgets it.
     pub fn abandon_wait(&self, ticket: WaitTicket) {
+        ticket.abandoned.store(true, Ordering::Release);
         let _ = self.send(EngineMessage::ForgetWaiter {
             task_uuid: ticket.task_uuid,
             reply: ticket.reply,

@@ -11,7 +11,7 @@ use crate::status::{Shared, WorkerState};
 use crate::template::{OnTimeout, TaskTemplate, TemplateKey};
 use crossbeam_channel::{Receiver, Sender};
 use serde_json::Value;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
@@ -40,6 +40,8 @@ pub enum EngineMessage {
     WaitForTask {
         task_uuid: Uuid,
         reply: SnapshotReply,
+        /// Set when the caller gave up before the engine got here: nothing to look up then.
+        abandoned: Arc<AtomicBool>,
     },
     /// The caller of a `WaitForTask` stopped waiting.
     ForgetWaiter {
@@ -268,8 +270,16 @@ impl<B: Backend> Engine<B> {
             EngineMessage::TaskStatus { task_uuid, reply } => {
                 let _ = reply.try_send(self.backend.task_status(task_uuid).await);
             }
-            EngineMessage::WaitForTask { task_uuid, reply } => {
-                self.backend.wait_for_task(task_uuid, reply).await
+            EngineMessage::WaitForTask {
+                task_uuid,
+                reply,
+                abandoned,
+            } => {
+                // A caller that timed out at once (`wait_for_task(uuid, 0)` in a loop) must not
+                // cost a lookup (a query on postgres) per call.
+                if !abandoned.load(Ordering::Acquire) {
+                    self.backend.wait_for_task(task_uuid, reply).await
+                }
             }
             EngineMessage::ForgetWaiter { task_uuid, reply } => {
                 self.backend.forget_waiter(task_uuid, &reply)

@@ -129,7 +129,7 @@ struct Entry {
 #[derive(Clone)]
 enum Effect {
     Complete(Value),
-    Retry { delay_ms: i32, message: String },
+    Retry { delay_ms: i64, message: String },
     Fail(String),
 }
 
@@ -1303,7 +1303,7 @@ fn entry_for(flight: InFlight, outcome: AttemptOutcome, template: Arc<TaskTempla
     let message = storable_text(message);
     let effect = if retryable && policy.retryable && flight.attempt < policy.max_attempts {
         Effect::Retry {
-            delay_ms: ms(retry_after.unwrap_or_else(|| policy.delay_after(flight.attempt))),
+            delay_ms: delay_ms(retry_after.unwrap_or_else(|| policy.delay_after(flight.attempt))),
             message,
         }
     } else if !retryable || !policy.retryable {
@@ -1715,7 +1715,7 @@ async fn write_entries(
     if !retry_steps.is_empty() {
         sqlx::query(
             "WITH input AS (
-               SELECT * FROM unnest($1::uuid[], $2::int4[], $3::int4[], $4::text[], $5::jsonb[])
+               SELECT * FROM unnest($1::uuid[], $2::int4[], $3::int8[], $4::text[], $5::jsonb[])
                  AS i(step_uuid, attempt, delay_ms, message, metadata)
              ), upd AS (
                UPDATE tasker_steps s
@@ -2107,6 +2107,11 @@ pub fn mask_url(url: &str) -> String {
 
 fn ms(d: Duration) -> i32 {
     d.as_millis().min(i32::MAX as u128) as i32
+}
+
+/// A retry delay in ms: up to `MAX_RETRY_AFTER` (a year), more than an `int4` of ms holds.
+fn delay_ms(d: Duration) -> i64 {
+    d.min(crate::bootstrap::MAX_RETRY_AFTER).as_millis() as i64
 }
 
 /// What a batch of outcomes made claimable.
