@@ -105,7 +105,7 @@ RSpec.describe "PostgreSQL backend (adversarial): interrupt races, huge duration
       end
     end
 
-    it "waits the retry_after a handler asks for up to the documented cap of a year (200 days here; an int4 of ms held only 24.8)" do
+    it "waits the retry_after a handler asks for, up to the cap of a year (200 days here; int4 ms held 24.8)" do
       TaskerCore::Worker::Bootstrap.start!(pg_adversarial_config(concurrency: 2))
       AdversarialHelpers::RetryAfterHandler.retry_after = 200 * 86_400
       uuid = create_adversarial_task("retry_after")
