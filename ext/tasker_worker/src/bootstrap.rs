@@ -18,7 +18,7 @@ use serde_json::Value;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 use tracing::warn;
 use uuid::Uuid;
@@ -335,6 +335,12 @@ impl WorkerSystemHandle {
                     "completion for event {event_id} names task {} / step {}, but the event belongs to task {} / step {}",
                     completion.task_uuid, completion.step_uuid, flight.task_uuid, flight.step_uuid
                 ));
+            }
+            // A handler that returns after its deadline has timed out, whether or not the engine's
+            // sweep got there first (a busy engine thread, a slow database call): its success
+            // must not count.
+            if Instant::now() >= flight.deadline {
+                flight.phase.advance(Phase::Running, Phase::TimedOut);
             }
             // Exactly one of completion, timeout sweep, cancel and recall moves the phase on.
             Ok((

@@ -138,6 +138,7 @@ module TaskerCore
         begin
           stop_engine
           @pool&.stop(Process.clock_gettime(Process::CLOCK_MONOTONIC) + timeout)
+          interrupter.stop
         ensure
           @pool = nil
           unsubscribe

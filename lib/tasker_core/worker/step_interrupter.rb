@@ -73,6 +73,15 @@ module TaskerCore
         self
       end
 
+      # Waits for the thread to leave (it does once the engine has stopped: the wait for notices
+      # then answers nil). Never raises.
+      def stop(timeout = 2)
+        @thread&.join(timeout)
+        @thread = nil
+      rescue Exception # rubocop:disable Lint/RescueException
+        @thread = nil
+      end
+
       # Handler threads currently inside `#guard` (for status and specs).
       def running
         @lock.synchronize { @running.dup }
