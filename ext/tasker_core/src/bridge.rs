@@ -100,22 +100,7 @@ pub fn init(ruby: &Ruby, module: RModule) -> Result<(), Error> {
 
 fn bootstrap_worker(ruby: &Ruby, args: &[Value]) -> Result<RHash, Error> {
     errors::guard(ruby, || {
-        let config = match args {
-            [] => ruby.qnil().as_value(),
-            [config] => *config,
-            _ => {
-                return Err(errors::argument(
-                    ruby,
-                    format!(
-                        "wrong number of arguments (given {}, expected 0..1)",
-                        args.len()
-                    ),
-                ))
-            }
-        };
-        let map = convert::config_map(ruby, config)?;
-        let config = WorkerConfig::from_map(&map, |key| std::env::var(key).ok())
-            .map_err(|e| errors::engine(ruby, e))?;
+        let config = convert::config_from_args(ruby, args)?;
         if let Some(previous) = current() {
             // An engine that already ended (it failed, or stopped without stop_worker) is
             // cleared away, not reported as running.

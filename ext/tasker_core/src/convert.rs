@@ -767,3 +767,24 @@ pub fn stopped_status(ruby: &Ruby) -> Result<RHash, Error> {
     hash.aset(*STATE, ruby.str_new("stopped"))?;
     Ok(hash)
 }
+
+/// The optional config Hash of `bootstrap_worker` / `template_handlers`, parsed and validated
+/// (unknown keys and bad values raise `ConfigurationError` naming the key).
+pub fn config_from_args(ruby: &Ruby, args: &[Value]) -> Result<tasker_worker::WorkerConfig, Error> {
+    let config = match args {
+        [] => ruby.qnil().as_value(),
+        [config] => *config,
+        _ => {
+            return Err(errors::argument(
+                ruby,
+                format!(
+                    "wrong number of arguments (given {}, expected 0..1)",
+                    args.len()
+                ),
+            ))
+        }
+    };
+    let map = config_map(ruby, config)?;
+    tasker_worker::WorkerConfig::from_map(&map, |key| std::env::var(key).ok())
+        .map_err(|e| errors::engine(ruby, e))
+}

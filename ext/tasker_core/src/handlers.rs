@@ -7,7 +7,7 @@ use crate::convert;
 use crate::errors;
 use crate::gvl::without_gvl_retrying;
 use magnus::{function, prelude::*, Error, RArray, RModule, Ruby, Value};
-use tasker_worker::{WorkerBootstrap, WorkerConfig};
+use tasker_worker::WorkerBootstrap;
 
 pub fn init(module: RModule) -> Result<(), Error> {
     let ffi = module.define_module("FFI")?;
@@ -18,22 +18,7 @@ pub fn init(module: RModule) -> Result<(), Error> {
 /// order namespace, template name, version, then the step's place in its template.
 fn template_handlers(ruby: &Ruby, args: &[Value]) -> Result<RArray, Error> {
     errors::guard(ruby, || {
-        let config = match args {
-            [] => ruby.qnil().as_value(),
-            [config] => *config,
-            _ => {
-                return Err(errors::argument(
-                    ruby,
-                    format!(
-                        "wrong number of arguments (given {}, expected 0..1)",
-                        args.len()
-                    ),
-                ))
-            }
-        };
-        let map = convert::config_map(ruby, config)?;
-        let config = WorkerConfig::from_map(&map, |key| std::env::var(key).ok())
-            .map_err(|e| errors::engine(ruby, e))?;
+        let config = convert::config_from_args(ruby, args)?;
         // Reading template files is I/O: done without the GVL, as bootstrap_worker does.
         let references =
             without_gvl_retrying(ruby, |_| Some(WorkerBootstrap::handler_references(&config)))?
