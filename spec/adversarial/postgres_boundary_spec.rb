@@ -149,8 +149,9 @@ RSpec.describe "PostgreSQL backend (adversarial): interrupt races, huge duration
     expect(TaskerCore.task_status(uuid)[:status]).to eq("pending")
     expect(monotonic - started).to be < 1
     GC.start
-    # A reply kept per abandoned wait costs ~1.5 KB: 30,000 of them ~45 MB.
-    expect(rss_kb - rss_before).to be < 10_000
+    # A reply kept per abandoned wait costs ~1.5 KB: 30,000 of them ~45 MB. Allocator noise on a
+    # loaded machine has reached ~11 MB, so the bound sits well between the two.
+    expect(rss_kb - rss_before).to be < 20_000
     rate_after = commit_rate(3)
     expect(rate_after).to be < rate_before + 5
     expect(TaskerCore::FFI.worker_status[:state]).to eq("running")
