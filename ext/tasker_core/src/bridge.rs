@@ -291,17 +291,7 @@ const FAST_STREAK_LIMIT: u32 = 16;
 /// is returned to the caller or back in the queue, never lost on the way.
 fn next_step_event(ruby: &Ruby, args: &[Value]) -> Result<Value, Error> {
     errors::guard(ruby, || {
-        let timeout = match args {
-            [] => None,
-            [t] if t.is_nil() => None,
-            [t] => Some(seconds(ruby, *t, "timeout")?),
-            _ => {
-                return Err(errors::argument(
-                    ruby,
-                    "wrong number of arguments (expected 0..1)",
-                ))
-            }
-        };
+        let timeout = optional_timeout(ruby, args)?;
         let Some(system) = current() else {
             return Ok(ruby.qnil().as_value());
         };
@@ -380,6 +370,22 @@ pub const MAX_WAIT: Duration = Duration::from_secs(365 * 24 * 3600);
 /// `ArgumentError`), at most [`MAX_WAIT`].
 fn seconds(ruby: &Ruby, value: Value, what: &str) -> Result<Duration, Error> {
     convert::seconds_at_most(ruby, value, what, MAX_WAIT)
+}
+
+/// The optional `timeout` argument of the blocking calls: absent or nil waits without a limit.
+fn optional_timeout(ruby: &Ruby, args: &[Value]) -> Result<Option<Duration>, Error> {
+    match args {
+        [] => Ok(None),
+        [t] if t.is_nil() => Ok(None),
+        [t] => seconds(ruby, *t, "timeout").map(Some),
+        _ => Err(errors::argument(
+            ruby,
+            format!(
+                "wrong number of arguments (given {}, expected 0..1)",
+                args.len()
+            ),
+        )),
+    }
 }
 
 /// Wait for an engine reply with the GVL released; interrupts raise (or resume the wait).
@@ -581,17 +587,7 @@ fn retry_task(ruby: &Ruby, task_uuid: Value) -> Result<bool, Error> {
 /// cut short; `nil` once the worker has stopped. `Worker::Bootstrap` runs one thread on this.
 fn next_step_interrupt(ruby: &Ruby, args: &[Value]) -> Result<Value, Error> {
     errors::guard(ruby, || {
-        let timeout = match args {
-            [] => None,
-            [t] if t.is_nil() => None,
-            [t] => Some(seconds(ruby, *t, "timeout")?),
-            _ => {
-                return Err(errors::argument(
-                    ruby,
-                    "wrong number of arguments (expected 0..1)",
-                ))
-            }
-        };
+        let timeout = optional_timeout(ruby, args)?;
         let Some(system) = current() else {
             return Ok(ruby.qnil().as_value());
         };
