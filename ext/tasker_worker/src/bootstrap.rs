@@ -57,6 +57,7 @@ impl WorkerBootstrap {
                     mode: config.deployment_mode,
                     poll_interval: config.poll_interval,
                     finished_task_ttl: config.finished_task_ttl,
+                    claim_lease: config.claim_lease,
                     max_in_flight: config.concurrency * 2,
                 };
                 let backend = PostgresBackend::new(settings, Arc::clone(&templates));
