@@ -19,7 +19,7 @@ module TaskerCore
   #   TaskerCore::Testing.inline! { ... } # for the block only
   #
   # In test mode `TaskerCore.create_task`, `create_tasks`, `task_status`, `wait_for_task`,
-  # `cancel_task` and `retry_task` answer from test mode's own tasks, with the Hashes and errors
+  # `wait_for_tasks`, `cancel_task` and `retry_task` answer from test mode's own tasks, with the Hashes and errors
   # a worker gives.
   module Testing
     MODES = %i[disabled inline fake].freeze
@@ -210,6 +210,13 @@ module TaskerCore
 
       def wait_for_task(task_uuid, timeout: 30)
         Testing.enabled? ? Testing.wait_for_task(task_uuid, timeout: timeout) : super
+      end
+
+      # In test mode a task has finished (inline!) or will not finish by waiting (fake!).
+      def wait_for_tasks(task_uuids, timeout: 30)
+        return super unless Testing.enabled?
+
+        Array(task_uuids).map { |uuid| Testing.wait_for_task(uuid, timeout: timeout) }
       end
 
       def cancel_task(task_uuid)

@@ -189,6 +189,7 @@ RSpec.describe "TaskerCore::Testing.inline!" do
 
     results = uuids.map { |u| step_status(TaskerCore.task_status(u), "third")[:result] }
     expect(results).to eq([{ "value" => 4 }, { "value" => 8 }])
+    expect(TaskerCore.wait_for_tasks(uuids, timeout: 1).map { |s| s[:task_uuid] }).to eq(uuids)
   end
 
   it "retries a failed task from its failed step, attempts going on counting" do
