@@ -144,7 +144,7 @@ RSpec.describe "TaskerCore::Testing.inline!" do
     expect(step[:error_message]).to start_with("ArgumentError: result: a Object is not JSON-able")
   end
 
-  it "fails a step whose handler class does not exist, without retrying" do
+  it "refuses, as a worker's start! does, templates naming a handler class that does not exist" do
     dir = template_dir("missing.yml" => <<~YAML)
       namespace: testmode
       name: missing
@@ -152,7 +152,27 @@ RSpec.describe "TaskerCore::Testing.inline!" do
       steps:
         - { name: only, handler: { callable: TestModeHandlers::NoSuchHandler } }
     YAML
+    engine_error = begin
+      TaskerCore::Worker::Bootstrap.start!(templates: dir)
+    rescue TaskerCore::ConfigurationError => e
+      e
+    end
     testing.config = { templates: dir }
+
+    expect(engine_error.message).to include("TestModeHandlers::NoSuchHandler")
+    expect { TaskerCore.create_task(namespace: "testmode", name: "missing") }
+      .to raise_error(TaskerCore::ConfigurationError, engine_error.message)
+  end
+
+  it "fails a step whose handler class does not exist, without retrying (validate_handlers: false)" do
+    dir = template_dir("missing.yml" => <<~YAML)
+      namespace: testmode
+      name: missing
+      version: 1.0.0
+      steps:
+        - { name: only, handler: { callable: TestModeHandlers::NoSuchHandler } }
+    YAML
+    testing.config = { templates: dir, validate_handlers: false }
 
     status = TaskerCore.wait_for_task(TaskerCore.create_task(namespace: "testmode", name: "missing"))
 

@@ -139,7 +139,7 @@ RSpec.describe "test mode and the engine agree" do
       on_engine = outcomes
       TaskerCore::Worker::Bootstrap.instance.shutdown!
 
-      TaskerCore::Testing.config = { templates: dir }
+      TaskerCore::Testing.config = { templates: dir, validate_handlers: false }
       inline = TaskerCore::Testing.inline! { outcomes }
 
       expect(inline).to eq(on_engine)

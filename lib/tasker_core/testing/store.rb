@@ -151,9 +151,17 @@ module TaskerCore
         end
       end
 
-      # The templates as the engine loads them (FFI.testing_templates), loaded once per config.
+      # The templates as the engine loads them (FFI.testing_templates), loaded once per config; and,
+      # as Worker::Bootstrap.start! does unless `validate_handlers: false`, every handler class they
+      # name checked first (a worker that would refuse to start fails test mode the same way).
       def catalog
-        @lock.synchronize { @catalog ||= TaskerCore::FFI.testing_templates(@config) }
+        @lock.synchronize do
+          @catalog ||= begin
+            catalog = TaskerCore::FFI.testing_templates(@config)
+            Worker::HandlerValidation.validate!(@config)
+            catalog
+          end
+        end
       end
 
       def template_for(namespace, name, version)
