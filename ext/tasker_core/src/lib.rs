@@ -10,6 +10,7 @@ mod handlers;
 mod logging;
 #[cfg(feature = "test-hooks")]
 mod test_hooks;
+mod testing;
 
 use magnus::{Error, Ruby};
 
@@ -19,5 +20,6 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     errors::define(ruby, module)?;
     errors::install_panic_hook();
     bridge::init(ruby, module)?;
-    handlers::init(module)
+    handlers::init(module)?;
+    testing::init(module)
 }

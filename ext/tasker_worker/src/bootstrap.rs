@@ -75,6 +75,14 @@ impl WorkerBootstrap {
         Ok(templates.handlers_in(&namespaces))
     }
 
+    /// The templates and namespaces a worker started with `config` would run, loaded and
+    /// validated as [`Self::start`] does, starting nothing (test mode runs tasks from them).
+    pub fn templates(config: &WorkerConfig) -> EngineResult<(TemplateRegistry, Vec<String>)> {
+        let templates = TemplateRegistry::load(&config.templates)?;
+        let namespaces = Self::namespaces(config, &templates)?;
+        Ok((templates, namespaces))
+    }
+
     /// The namespaces the worker runs: the configured ones (on the memory backend each must have a
     /// template; on postgres other processes may hold them), or every loaded template's.
     fn namespaces(
