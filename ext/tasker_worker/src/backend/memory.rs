@@ -672,6 +672,8 @@ impl Backend for MemoryBackend {
                 step.status = StepStatus::Pending;
             }
         }
+        // A cancelled task whose every step completed anyway has nothing left to run.
+        self.settle(task_uuid);
         Ok(())
     }
 

@@ -55,7 +55,9 @@ pub trait Backend: Send + 'static {
     /// A step that fails for good stops its task from starting more steps: the steps that have
     /// not started become `skipped`, and the task ends `error` once no attempt of it is out.
     /// Returns the tasks that stopped starting steps in this call, so that the engine withdraws
-    /// their attempts still queued for Ruby (see [`Backend::release`]).
+    /// their attempts still queued for Ruby (see [`Backend::release`]). A backend that writes off
+    /// the engine loop (postgres) returns those its writes halted since the last call, and sends
+    /// [`Notification::TasksHalted`] for those learned in between.
     async fn record(
         &mut self,
         outcomes: Vec<(InFlight, AttemptOutcome)>,

@@ -1246,18 +1246,29 @@ impl Backend for PostgresBackend {
         .execute(&mut *tx)
         .await
         .map_err(db)?;
+        // A cancelled task whose every step completed anyway (successes that came after the
+        // cancel) has nothing left to run: it is complete at once.
+        let nothing_left = again.is_empty();
         sqlx::query(
-            "UPDATE tasker_tasks SET status = 'in_progress', ending = NULL, finished_at = NULL WHERE task_uuid = $1",
+            "UPDATE tasker_tasks
+             SET status = CASE WHEN $2 THEN 'complete' ELSE 'in_progress' END, ending = NULL,
+                 finished_at = CASE WHEN $2 THEN now() END
+             WHERE task_uuid = $1",
         )
         .bind(task_uuid)
+        .bind(nothing_left)
         .execute(&mut *tx)
         .await
         .map_err(db)?;
-        sqlx::query("SELECT pg_notify($1, '')")
-            .bind(STEPS_READY)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
+        if nothing_left {
+            notify_finished(&mut tx, &[task_uuid]).await.map_err(db)?;
+        } else {
+            sqlx::query("SELECT pg_notify($1, '')")
+                .bind(STEPS_READY)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
         tx.commit().await.map_err(db)?;
         self.maybe_ready = true;
         Ok(())
