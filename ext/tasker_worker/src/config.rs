@@ -90,6 +90,7 @@ pub const CONFIG_KEYS: &[&str] = &[
     "database_pool_size",
     "finished_task_ttl",
     "validate_handlers",
+    "install_signal_handlers",
 ];
 
 #[derive(Debug, Clone)]
@@ -256,6 +257,10 @@ impl WorkerConfig {
             Some(v) => boolean("validate_handlers", v)?,
             None => true,
         };
+        // Read by `Worker::Bootstrap` (Ruby traps); only its type is checked here.
+        if let Some(v) = get("install_signal_handlers") {
+            boolean("install_signal_handlers", v)?;
+        }
 
         if backend == BackendKind::Memory {
             if get("database_url").is_some() {
