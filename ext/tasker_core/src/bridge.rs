@@ -451,6 +451,16 @@ fn seconds(ruby: &Ruby, value: Value, what: &str) -> Result<Duration, Error> {
     convert::seconds_at_most(ruby, value, what, MAX_WAIT)
 }
 
+/// How often a wait on the main thread looks for a signal Ruby flagged (see `await_reply`).
+const SIGNAL_CHECK: Duration = Duration::from_millis(100);
+
+fn is_main_thread(ruby: &Ruby) -> bool {
+    ruby.thread_current()
+        .as_value()
+        .eql(ruby.thread_main().as_value())
+        .unwrap_or(false)
+}
+
 /// Wait for an engine reply with the GVL released; interrupts raise (or resume the wait).
 fn await_reply<T: Send>(
     ruby: &Ruby,
@@ -461,10 +471,22 @@ fn await_reply<T: Send>(
         let now = Instant::now();
         now.checked_add(t).unwrap_or(now + MAX_WAIT)
     });
+    // Ruby 3.1 wakes a main thread blocked in a custom unblocking function for a signal only
+    // if no other thread runs; with handler threads in `sleep` a Ctrl-C reached it only when
+    // they woke. Ruby does flag the trap on the main thread at once: the main thread's waits
+    // look at that flag every SIGNAL_CHECK (replies still wake them at once).
+    let slice = is_main_thread(ruby).then_some(SIGNAL_CHECK);
     loop {
         let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        match without_gvl(ruby, |cancel| wait_reply(&reply, cancel, remaining))? {
+        let wait = match (remaining, slice) {
+            (Some(r), Some(s)) => Some(r.min(s)),
+            (r, s) => r.or(s),
+        };
+        match without_gvl(ruby, |cancel| wait_reply(&reply, cancel, wait))? {
             Some(Reply::Value(value)) => return Ok(Some(value)),
+            Some(Reply::TimedOut) if remaining.is_none_or(|r| r > wait.unwrap_or(r)) => {
+                check_interrupts(ruby)?
+            }
             Some(Reply::TimedOut) => return Ok(None),
             Some(Reply::EngineGone) => {
                 // A Ctrl-C that stopped the worker is what the caller must see, not the stop.

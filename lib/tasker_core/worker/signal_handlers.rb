@@ -74,7 +74,11 @@ module TaskerCore
         when "EXIT"
           exit
         when nil, "DEFAULT", "SYSTEM_DEFAULT"
-          raise(signal == "INT" ? Interrupt.new("") : SignalException.new(signal))
+          # As Ruby's own handler would: raised where the main thread was, without our frames.
+          where = caller.drop_while { |line| line.start_with?(__FILE__) }
+          error = signal == "INT" ? Interrupt.new("") : SignalException.new(signal)
+          error.set_backtrace(where)
+          raise error
         else
           previous.call(signo) if previous.respond_to?(:call)
         end
