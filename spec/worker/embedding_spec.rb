@@ -78,7 +78,7 @@ RSpec.describe "embedding the worker" do
     RUBY
     expect(status).to be_success, err
     # Still the app's INT trap and Ruby's own TERM handler.
-    expect(out.lines.map(&:chomp)).to eq(%w[true "DEFAULT"])
+    expect(out.lines.map(&:chomp)).to eq(["true", '"DEFAULT"'])
   end
 
   [true, false].each do |install|

@@ -68,20 +68,19 @@ module TaskerCore
 
       def chain(signal, signo)
         previous = @previous[signal]
-        case previous
-        when Proc, Method
-          previous.arity.zero? ? previous.call : previous.call(signo)
-        when "EXIT"
-          exit
-        when nil, "DEFAULT", "SYSTEM_DEFAULT"
-          # As Ruby's own handler would: raised where the main thread was, without our frames.
-          where = caller.drop_while { |line| line.start_with?(__FILE__) }
-          error = signal == "INT" ? Interrupt.new("") : SignalException.new(signal)
-          error.set_backtrace(where)
-          raise error
-        else
-          previous.call(signo) if previous.respond_to?(:call)
-        end
+        return raise_default(signal) if previous.nil? || %w[DEFAULT SYSTEM_DEFAULT].include?(previous)
+        return exit if previous == "EXIT"
+        return unless previous.respond_to?(:call)
+
+        previous.arity.zero? ? previous.call : previous.call(signo)
+      end
+
+      # As Ruby's own handler would: raised where the main thread was, without our frames.
+      def raise_default(signal)
+        where = caller.drop_while { |line| line.start_with?(__FILE__) }
+        error = signal == "INT" ? Interrupt.new("") : SignalException.new(signal)
+        error.set_backtrace(where)
+        raise error
       end
 
       def start_thread
