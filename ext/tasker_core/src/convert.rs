@@ -65,6 +65,7 @@ keys! {
     READY_AT_NS = "ready_at_ns", CONTEXTS = "contexts", ON_TIMEOUT = "on_timeout",
     STARTED_AT = "started_at", DURATION_MS = "duration_ms", CREATED_AT = "created_at",
     STEPS_RETAINED = "steps_retained", REASON = "reason", STEP_NAME = "step_name", ATTEMPT = "attempt",
+    QUIET = "quiet",
 }
 
 const MAX_DEPTH: usize = 128;
@@ -738,9 +739,10 @@ pub fn interrupt_to_ruby(ruby: &Ruby, interrupt: &StepInterrupt) -> Result<RHash
 }
 
 pub fn status_to_ruby(ruby: &Ruby, status: &WorkerSystemStatus) -> Result<RHash, Error> {
-    let hash = ruby.hash_new_capa_(16);
+    let hash = ruby.hash_new_capa_(17);
     hash.aset(*RUNNING, status.running)?;
     hash.aset(*STATE, ruby.str_new(status.state.as_str()))?;
+    hash.aset(*QUIET, status.quiet)?;
     hash.aset(*WORKER_ID, ruby.str_new(&status.worker_id))?;
     hash.aset(*ENVIRONMENT, ruby.str_new(&status.environment))?;
     hash.aset(*BACKEND, ruby.str_new(status.backend))?;

@@ -279,6 +279,21 @@ impl WorkerSystemHandle {
         self.send(EngineMessage::GracefulShutdown)
     }
 
+    /// Start no step until [`Self::resume`]; running steps finish, queued ones go back to the
+    /// backend (on PostgreSQL other workers may take them). [`Self::is_quiet`] says when it is done.
+    pub fn quiet(&self) -> EngineResult<()> {
+        self.send(EngineMessage::Quiet)
+    }
+
+    /// Start steps again after [`Self::quiet`].
+    pub fn resume(&self) -> EngineResult<()> {
+        self.send(EngineMessage::Resume)
+    }
+
+    pub fn is_quiet(&self) -> bool {
+        self.shared.is_quiet()
+    }
+
     /// Ask the engine to drain and stop; wait on [`Self::stopped`], then call [`Self::join`].
     pub fn request_stop(&self) {
         self.draining.store(true, Ordering::Release);
@@ -312,9 +327,20 @@ impl WorkerSystemHandle {
     /// Give back an event taken from the dispatch channel that will not run: the attempt does
     /// not count, and the step stays ready (the engine's recall, for an event already taken).
     pub fn release_untaken(&self, event_id: Uuid) {
-        if let Some(flight) = self.registry.take(event_id) {
-            flight.phase.finish();
-            let _ = self.send(EngineMessage::Release(flight));
+        self.hand_back(event_id);
+    }
+
+    /// Give back an attempt whose handler is being stopped (a shutdown past its deadline): the
+    /// attempt does not count and the step is ready again (on PostgreSQL, for other workers).
+    /// A completion arriving later for it is refused. False if the attempt had already ended.
+    pub fn hand_back(&self, event_id: Uuid) -> bool {
+        match self.registry.take(event_id) {
+            Some(flight) => {
+                flight.phase.finish();
+                let _ = self.send(EngineMessage::Release(flight));
+                true
+            }
+            None => false,
         }
     }
 

@@ -91,6 +91,7 @@ pub const CONFIG_KEYS: &[&str] = &[
     "finished_task_ttl",
     "claim_lease",
     "validate_handlers",
+    "install_signal_handlers",
 ];
 
 #[derive(Debug, Clone)]
@@ -266,6 +267,10 @@ impl WorkerConfig {
             Some(v) => boolean("validate_handlers", v)?,
             None => true,
         };
+        // Read by `Worker::Bootstrap` (Ruby traps); only its type is checked here.
+        if let Some(v) = get("install_signal_handlers") {
+            boolean("install_signal_handlers", v)?;
+        }
 
         if backend == BackendKind::Memory {
             if get("database_url").is_some() {

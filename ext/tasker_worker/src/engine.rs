@@ -57,6 +57,11 @@ pub enum EngineMessage {
         reply: Sender<EngineResult<()>>,
     },
     GracefulShutdown,
+    /// Stop starting steps until `Resume` ("quiet", Sidekiq's TSTP): steps queued for Ruby go back
+    /// to the backend, running ones finish; tasks can still be created.
+    Quiet,
+    /// Start steps again after `Quiet`.
+    Resume,
     /// An event taken by a handler thread after the shutdown began, handed back unrun.
     Release(InFlight),
     Stop,
@@ -141,6 +146,8 @@ pub(crate) struct Engine<B: Backend> {
 
 struct LoopState {
     accepting: bool,
+    /// Quiet: nothing is claimed, but the worker is not stopping.
+    quiet: bool,
     stop_by: Option<Instant>,
     next_sweep: Option<Instant>,
     outcomes: Vec<(InFlight, AttemptOutcome)>,
@@ -169,6 +176,7 @@ impl<B: Backend> Engine<B> {
 
         let mut st = LoopState {
             accepting: true,
+            quiet: false,
             stop_by: None,
             next_sweep: None,
             outcomes: Vec::new(),
@@ -208,7 +216,7 @@ impl<B: Backend> Engine<B> {
             self.shared.set_pool_stats(self.backend.pool_stats());
             self.sweep_timeouts(&mut st);
             self.flush(&mut st).await;
-            if st.accepting {
+            if st.accepting && !st.quiet {
                 self.fill(&mut st).await;
             }
             for (reply, result) in st.created.drain(..) {
@@ -306,6 +314,26 @@ impl<B: Backend> Engine<B> {
                 let _ = reply.try_send(result);
             }
             EngineMessage::GracefulShutdown => self.begin_shutdown(st).await,
+            EngineMessage::Quiet => {
+                if st.accepting && !st.quiet {
+                    st.quiet = true;
+                    self.recall_queued().await;
+                    self.backend.stop_claiming().await;
+                    self.shared.set_quiet(true);
+                    info!(
+                        in_flight = self.shared.in_flight.load(Ordering::Acquire),
+                        "quiet: no new steps start until resumed, in-flight steps finish"
+                    );
+                }
+            }
+            EngineMessage::Resume => {
+                if st.accepting && st.quiet {
+                    st.quiet = false;
+                    self.backend.resume_claiming().await;
+                    self.shared.set_quiet(false);
+                    info!("resumed: steps start again");
+                }
+            }
             EngineMessage::Release(flight) => {
                 self.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
                 self.backend.release(vec![flight]).await;
@@ -451,12 +479,8 @@ impl<B: Backend> Engine<B> {
         }
     }
 
-    /// Stop taking new work; attempts still queued for Ruby go back to the backend.
-    async fn begin_shutdown(&mut self, st: &mut LoopState) {
-        if !st.accepting {
-            return;
-        }
-        st.accepting = false;
+    /// Attempts still queued for Ruby (no handler thread took them) go back to the backend.
+    async fn recall_queued(&mut self) {
         let mut unstarted = Vec::new();
         while let Ok(event) = self.recall.try_recv() {
             if let Some(flight) = self.registry.take(event.event_id) {
@@ -469,6 +493,15 @@ impl<B: Backend> Engine<B> {
                 .fetch_sub(unstarted.len() as u64, Ordering::AcqRel);
             self.backend.release(unstarted).await;
         }
+    }
+
+    /// Stop taking new work; attempts still queued for Ruby go back to the backend.
+    async fn begin_shutdown(&mut self, st: &mut LoopState) {
+        if !st.accepting {
+            return;
+        }
+        st.accepting = false;
+        self.recall_queued().await;
         self.backend.stop_claiming().await;
         // Only now: `transition_to_graceful_shutdown` returns once this reads shutting_down, and
         // by then no queued step is left to start.

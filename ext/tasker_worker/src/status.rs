@@ -1,7 +1,7 @@
 //! Worker state and counters, shared lock-free between the engine thread and status readers.
 
 use crate::config::{BackendKind, DeploymentMode};
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::time::Instant;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +45,8 @@ pub struct Shared {
     pub namespaces: Vec<String>,
     pub started_at: Instant,
     state: AtomicU8,
+    /// Quiet (see `EngineMessage::Quiet`): running, but starting no step.
+    quiet: AtomicBool,
     /// Attempts that ended (completed, failed or timed out) and were recorded.
     pub steps_processed: AtomicU64,
     /// Of those, the ones that did not succeed (including attempts that were retried).
@@ -73,6 +75,7 @@ impl Shared {
             namespaces,
             started_at: Instant::now(),
             state: AtomicU8::new(WorkerState::Starting as u8),
+            quiet: AtomicBool::new(false),
             steps_processed: AtomicU64::new(0),
             steps_failed: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
@@ -89,6 +92,14 @@ impl Shared {
         self.state.store(state as u8, Ordering::Release);
     }
 
+    pub fn is_quiet(&self) -> bool {
+        self.quiet.load(Ordering::Acquire)
+    }
+
+    pub fn set_quiet(&self, quiet: bool) {
+        self.quiet.store(quiet, Ordering::Release);
+    }
+
     pub fn set_pool_stats(&self, (size, idle): (u32, u32)) {
         self.pool_size.store(size, Ordering::Relaxed);
         self.pool_idle.store(idle, Ordering::Relaxed);
@@ -99,6 +110,7 @@ impl Shared {
         WorkerSystemStatus {
             running: matches!(state, WorkerState::Running | WorkerState::ShuttingDown),
             state,
+            quiet: self.is_quiet(),
             worker_id: self.worker_id.clone(),
             environment: self.environment.clone(),
             backend: self.backend.as_str(),
@@ -121,6 +133,8 @@ impl Shared {
 pub struct WorkerSystemStatus {
     pub running: bool,
     pub state: WorkerState,
+    /// Starting no step until resumed (TSTP in the worker command).
+    pub quiet: bool,
     pub worker_id: String,
     pub environment: String,
     pub backend: &'static str,

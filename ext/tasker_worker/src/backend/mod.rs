@@ -81,6 +81,9 @@ pub trait Backend: Send + 'static {
     /// engine (postgres claims in its record transactions) releases what it still holds.
     async fn stop_claiming(&mut self) {}
 
+    /// Claim again after `stop_claiming` (the worker was quiet, not stopping).
+    async fn resume_claiming(&mut self) {}
+
     /// When `claim` may find new work without any message arriving (a retry falls due, a poll).
     fn next_wakeup(&self) -> Option<Instant>;
 

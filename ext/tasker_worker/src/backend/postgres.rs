@@ -1383,6 +1383,12 @@ impl Backend for PostgresBackend {
         self.release_attempts(tasks, steps, attempts).await;
     }
 
+    async fn resume_claiming(&mut self) {
+        self.stopping = false;
+        // Steps may have become ready while nothing was claimed: look at once.
+        self.maybe_ready = true;
+    }
+
     fn next_wakeup(&self) -> Option<Instant> {
         let poll = if self.polls() { self.next_poll } else { None };
         let waiters = self.checks_waiters().then_some(self.next_housekeeping);
