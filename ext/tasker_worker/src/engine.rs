@@ -1,7 +1,7 @@
 //! The engine loop: one task on the engine thread's tokio runtime. It owns the backend,
 //! feeds the dispatch channel, records completions and timeouts, and drives shutdown.
 
-use crate::backend::{Backend, Notification, SnapshotReply};
+use crate::backend::{Backend, BackendGauges, Notification, SnapshotReply};
 use crate::dispatch::InFlightRegistry;
 use crate::error::{EngineError, EngineResult};
 use crate::events::{
@@ -56,6 +56,8 @@ pub enum EngineMessage {
         task_uuid: Uuid,
         reply: Sender<EngineResult<()>>,
     },
+    /// Counts for the metrics endpoint (see [`Backend::gauges`]).
+    Gauges(tokio::sync::oneshot::Sender<Option<BackendGauges>>),
     GracefulShutdown,
     /// An event taken by a handler thread after the shutdown began, handed back unrun.
     Release(InFlight),
@@ -299,6 +301,9 @@ impl<B: Backend> Engine<B> {
                 }
                 let _ = reply.try_send(result);
             }
+            EngineMessage::Gauges(reply) => {
+                let _ = reply.send(self.backend.gauges());
+            }
             EngineMessage::GracefulShutdown => self.begin_shutdown(st).await,
             EngineMessage::Release(flight) => {
                 self.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
@@ -318,6 +323,9 @@ impl<B: Backend> Engine<B> {
             return;
         }
         let outcomes = std::mem::take(&mut st.outcomes);
+        for (flight, outcome) in &outcomes {
+            observe_outcome(flight, outcome);
+        }
         let ended = outcomes.len() as u64;
         let failed = outcomes
             .iter()
@@ -423,7 +431,8 @@ impl<B: Backend> Engine<B> {
         if room == 0 {
             return;
         }
-        let claimed = match self.backend.claim(room, Instant::now()).await {
+        let claim_began = Instant::now();
+        let claimed = match self.backend.claim(room, claim_began).await {
             Ok(claimed) => claimed,
             Err(e) => {
                 // Recoverable (e.g. the database restarting): the next pass claims again.
@@ -431,7 +440,10 @@ impl<B: Backend> Engine<B> {
                 return;
             }
         };
-        for (event, flight) in claimed {
+        self.shared.metrics.observe_claim(claim_began.elapsed());
+        for (event, mut flight) in claimed {
+            flight.metrics = Some(self.shared.metrics.step(&event));
+            flight.ready_at_ns = event.ready_at_ns;
             st.next_sweep = Some(
                 st.next_sweep
                     .map_or(flight.deadline, |at| at.min(flight.deadline)),
@@ -471,6 +483,21 @@ impl<B: Backend> Engine<B> {
             in_flight = self.shared.in_flight.load(Ordering::Acquire),
             "graceful shutdown: no new steps start, in-flight steps finish"
         );
+    }
+}
+
+/// Count an ended attempt in its step's metrics.
+fn observe_outcome(flight: &InFlight, outcome: &AttemptOutcome) {
+    let Some(metrics) = &flight.metrics else {
+        return;
+    };
+    let ran_for = flight.phase.running_for();
+    match outcome {
+        AttemptOutcome::Completed(c) => metrics.ended(c.success, false, ran_for),
+        AttemptOutcome::TimedOut => metrics.ended(false, true, ran_for),
+        AttemptOutcome::Cancelled(Some(c)) => metrics.ended(c.success, false, ran_for),
+        // Never ran: nothing to count.
+        AttemptOutcome::Cancelled(None) => {}
     }
 }
 

@@ -5,7 +5,7 @@
 //! more, so `wait_for_task` on a task created long ago still answers with how it ended. Memory is
 //! bounded by both numbers, whatever the number of tasks run.
 
-use super::{Backend, SnapshotReply};
+use super::{Backend, BackendGauges, SnapshotReply};
 use crate::bootstrap::MAX_RETRY_AFTER;
 use crate::engine::EngineMessage;
 use crate::error::{EngineError, EngineResult};
@@ -521,6 +521,33 @@ impl Backend for MemoryBackend {
         if let Some(task) = self.tasks.get_mut(&task_uuid) {
             task.waiters.retain(|w| !w.same_channel(reply));
         }
+    }
+
+    fn gauges(&self) -> Option<BackendGauges> {
+        let mut tasks: HashMap<(&str, &'static str), u64> = HashMap::new();
+        let mut steps: HashMap<&str, (u64, u64)> = HashMap::new();
+        for task in self.tasks.values() {
+            let namespace = &*task.info.namespace;
+            *tasks.entry((namespace, task.status.as_str())).or_default() += 1;
+            let counts = steps.entry(namespace).or_default();
+            for step in &task.steps {
+                match step.status {
+                    StepStatus::Enqueued => counts.0 += 1,
+                    StepStatus::WaitingForRetry => counts.1 += 1,
+                    _ => {}
+                }
+            }
+        }
+        Some(BackendGauges {
+            tasks: tasks
+                .into_iter()
+                .map(|((namespace, status), n)| (namespace.to_string(), status, n))
+                .collect(),
+            steps: steps
+                .into_iter()
+                .map(|(namespace, (ready, waiting))| (namespace.to_string(), ready, waiting))
+                .collect(),
+        })
     }
 
     async fn claim(
