@@ -335,8 +335,7 @@ mod tests {
         let text = metrics.encode();
         for needle in [
             "# TYPE tasker_steps_in_flight gauge",
-            "# TYPE tasker_step_duration_seconds histogram",
-            "# UNIT tasker_step_duration_seconds seconds",
+            "# UNIT tasker_backend_claim_duration_seconds seconds",
             "# TYPE tasker_backend_claim_duration_seconds histogram",
             "tasker_steps_ready{namespace=\"n\"} 0",
         ] {
