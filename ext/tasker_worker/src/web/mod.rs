@@ -91,27 +91,29 @@ impl WebServer {
         let database = database_url
             .map(|url| {
                 PgConnectOptions::from_str(url)
-                    .map(|options| {
-                        // Its own connections (two at most, opened on first use): the engine's pool
-                        // is owned by the engine's runtime, and a scrape must not wait behind claims.
-                        PgPoolOptions::new()
-                            .max_connections(2)
-                            .min_connections(0)
-                            .acquire_timeout(Duration::from_secs(2))
-                            .idle_timeout(Duration::from_secs(60))
-                            .connect_lazy_with(options.application_name("tasker-web"))
-                    })
+                    .map(|options| options.application_name("tasker-web"))
                     .map_err(|e| EngineError::config(format!("database_url: {e}")))
             })
             .transpose()?;
-        let state = Arc::new(WebState {
+        let token = bound.config.token.clone();
+        // Built on the web thread: a pool belongs to the runtime it is created in.
+        let state = move || WebState {
             shared,
             registry,
             inbox,
-            database,
-            token: bound.config.token.clone(),
+            // Its own connections (two at most, opened on first use): the engine's pool belongs
+            // to the engine's runtime, and a probe must not wait behind claims and commits.
+            database: database.map(|options| {
+                PgPoolOptions::new()
+                    .max_connections(2)
+                    .min_connections(0)
+                    .acquire_timeout(Duration::from_secs(2))
+                    .idle_timeout(Duration::from_secs(60))
+                    .connect_lazy_with(options)
+            }),
+            token,
             scrape: tokio::sync::Mutex::new(()),
-        });
+        };
         let (stop, stopped) = watch::channel(false);
         let listener = bound.listener;
         let thread = std::thread::Builder::new()
@@ -148,7 +150,7 @@ impl Drop for WebServer {
     }
 }
 
-fn serve(listener: TcpListener, state: Arc<WebState>, stopped: watch::Receiver<bool>) {
+fn serve(listener: TcpListener, state: impl FnOnce() -> WebState, stopped: watch::Receiver<bool>) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -161,6 +163,7 @@ fn serve(listener: TcpListener, state: Arc<WebState>, stopped: watch::Receiver<b
     };
     let run = std::panic::AssertUnwindSafe(|| {
         runtime.block_on(async move {
+            let state = Arc::new(state());
             let listener = match tokio::net::TcpListener::from_std(listener) {
                 Ok(listener) => listener,
                 Err(e) => {
