@@ -3,6 +3,7 @@
 require "spec_helper"
 require "json"
 require "net/http"
+require "securerandom"
 
 RSpec.describe "PostgreSQL backend: the web API reports the whole system" do
   include_context "postgres database"
@@ -42,6 +43,41 @@ RSpec.describe "PostgreSQL backend: the web API reports the whole system" do
     expect(OpenMetricsParser.value(metrics, "tasker_steps_ready", pg)).to be_nil
     # This process ran none of the 20 steps: its own step counters have no series.
     expect(metrics.fetch("tasker_steps_started", nil)&.samples.to_a).to be_empty
+  end
+
+  it "lists tasks newest first from the database, in pages, each served by an index" do
+    start_client(db, enable_web_api: true, web_api_bind: "127.0.0.1:0")
+    address = TaskerCore::FFI.worker_status.fetch(:web_api_bind)
+    psql("DELETE FROM tasker_tasks", db: db)
+    uuids = Array.new(7) { create_pg_task("single") }
+
+    cursor = nil
+    listed = []
+    loop do
+      page = TaskerCore.tasks(namespace: "pg", limit: 3, cursor: cursor)
+      listed.concat(page[:tasks].map { |t| t[:task_uuid] })
+      cursor = page[:next_cursor] or break
+    end
+    expect(listed).to eq(uuids.reverse)
+    expect(TaskerCore.tasks(status: "pending")[:tasks].size).to eq(7)
+    expect(TaskerCore.tasks(status: "complete")[:tasks]).to be_empty
+
+    body = JSON.parse(http_get(address, "/api/tasks?namespace=pg&name=single&limit=2").body)
+    expect(body["tasks"].map { |t| t["task_uuid"] }).to eq(uuids.reverse.first(2))
+    status = JSON.parse(http_get(address, "/api/tasks/#{uuids.first}").body)
+    expect(status).to include("task_uuid" => uuids.first, "status" => "pending", "namespace" => "pg")
+    expect(http_get(address, "/api/tasks/#{SecureRandom.uuid}").code).to eq("404")
+
+    # With the planner told to avoid sequential scans where it can, each list shape has an index.
+    psql("ANALYZE tasker_tasks", db: db)
+    { "status = 'error'" => "tasker_tasks_status_created",
+      "namespace = 'pg' AND name = 'single'" => "tasker_tasks_namespace_name_created",
+      "true" => "tasker_tasks_created" }.each do |filter, index|
+      plan = psql("SET enable_seqscan = off; EXPLAIN SELECT task_uuid FROM tasker_tasks WHERE #{filter} " \
+                  "ORDER BY created_at DESC, task_uuid DESC LIMIT 51", db: db)
+      expect(plan).to include(index), plan
+      expect(plan).not_to include("Sort"), plan
+    end
   end
 
   it "says not ready when the database is gone" do

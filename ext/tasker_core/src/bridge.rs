@@ -62,7 +62,7 @@ fn current() -> Option<Arc<WorkerSystemHandle>> {
     slot.as_ref().map(|bridge| Arc::clone(&bridge.system))
 }
 
-fn require_worker(ruby: &Ruby) -> Result<Arc<WorkerSystemHandle>, Error> {
+pub(crate) fn require_worker(ruby: &Ruby) -> Result<Arc<WorkerSystemHandle>, Error> {
     current().ok_or_else(|| errors::engine(ruby, EngineError::NotInitialized))
 }
 
@@ -383,7 +383,7 @@ fn seconds(ruby: &Ruby, value: Value, what: &str) -> Result<Duration, Error> {
 }
 
 /// Wait for an engine reply with the GVL released; interrupts raise (or resume the wait).
-fn await_reply<T: Send>(
+pub(crate) fn await_reply<T: Send>(
     ruby: &Ruby,
     reply: crossbeam_channel::Receiver<T>,
     timeout: Option<Duration>,

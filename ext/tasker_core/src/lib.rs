@@ -8,6 +8,7 @@ mod errors;
 mod gvl;
 mod handlers;
 mod logging;
+mod task_list;
 #[cfg(feature = "test-hooks")]
 mod test_hooks;
 
@@ -19,5 +20,6 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     errors::define(ruby, module)?;
     errors::install_panic_hook();
     bridge::init(ruby, module)?;
+    task_list::init(module)?;
     handlers::init(module)
 }

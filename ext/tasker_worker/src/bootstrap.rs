@@ -12,6 +12,7 @@ use crate::engine::{Engine, EngineMessage};
 use crate::error::{EngineError, EngineResult};
 use crate::events::{AttemptOutcome, Phase, StepExecutionCompletionEvent, TaskSnapshot};
 use crate::status::{Shared, WorkerState, WorkerSystemStatus};
+use crate::task_list::{TaskPage, TaskQuery};
 use crate::template::{HandlerReference, TemplateKey, TemplateRegistry};
 use crate::web::{BoundListener, WebServer};
 use crossbeam_channel::Receiver;
@@ -510,6 +511,16 @@ impl WorkerSystemHandle {
             contexts,
             reply,
         })?;
+        Ok(answer)
+    }
+
+    /// One page of tasks, newest first (see [`TaskQuery`]).
+    pub fn request_list_tasks(
+        &self,
+        query: TaskQuery,
+    ) -> EngineResult<Receiver<EngineResult<TaskPage>>> {
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        self.send(EngineMessage::ListTasks { query, reply })?;
         Ok(answer)
     }
 

@@ -8,6 +8,7 @@ use crate::events::{
     fmt_secs, AttemptOutcome, InFlight, InterruptReason, Phase, StepExecutionEvent, StepInterrupt,
 };
 use crate::status::{Shared, WorkerState};
+use crate::task_list::{TaskPage, TaskQuery};
 use crate::template::{OnTimeout, TaskTemplate, TemplateKey};
 use crossbeam_channel::{Receiver, Sender};
 use serde_json::Value;
@@ -55,6 +56,10 @@ pub enum EngineMessage {
     RetryTask {
         task_uuid: Uuid,
         reply: Sender<EngineResult<()>>,
+    },
+    ListTasks {
+        query: TaskQuery,
+        reply: Sender<EngineResult<TaskPage>>,
     },
     /// Counts for the metrics endpoint (see [`Backend::gauges`]).
     Gauges(tokio::sync::oneshot::Sender<Option<BackendGauges>>),
@@ -300,6 +305,9 @@ impl<B: Backend> Engine<B> {
                     info!(%task_uuid, "task retried from its unfinished steps");
                 }
                 let _ = reply.try_send(result);
+            }
+            EngineMessage::ListTasks { query, reply } => {
+                let _ = reply.try_send(self.backend.list_tasks(query).await);
             }
             EngineMessage::Gauges(reply) => {
                 let _ = reply.send(self.backend.gauges());

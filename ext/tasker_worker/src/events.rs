@@ -278,6 +278,17 @@ pub enum TaskStatus {
 }
 
 impl TaskStatus {
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "pending" => Self::Pending,
+            "in_progress" => Self::InProgress,
+            "complete" => Self::Complete,
+            "error" => Self::Error,
+            "cancelled" => Self::Cancelled,
+            _ => return None,
+        })
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Pending => "pending",

@@ -14,6 +14,7 @@ pub mod events;
 pub mod logging;
 pub mod metrics;
 pub mod status;
+pub mod task_list;
 pub mod template;
 pub mod web;
 

@@ -13,6 +13,7 @@ use crate::events::{
     unix_ns, AttemptOutcome, InFlight, StepExecutionCompletionEvent, StepExecutionEvent,
     StepSnapshot, StepStatus, TaskInfo, TaskSnapshot, TaskStatus,
 };
+use crate::task_list::{TaskPage, TaskQuery, TaskSummary};
 use crate::template::{TaskTemplate, TemplateKey};
 use serde_json::Value;
 use std::cmp::Reverse;
@@ -521,6 +522,20 @@ impl Backend for MemoryBackend {
         if let Some(task) = self.tasks.get_mut(&task_uuid) {
             task.waiters.retain(|w| !w.same_channel(reply));
         }
+    }
+
+    async fn list_tasks(&mut self, query: TaskQuery) -> EngineResult<TaskPage> {
+        // The tasks held whole; those shrunk to a final status (see `FinalStatusIndex`) have no
+        // creation time to order them by.
+        Ok(query.page_of(self.tasks.values().map(|task| TaskSummary {
+            task_uuid: task.info.task_uuid,
+            namespace: task.info.namespace.to_string(),
+            name: task.info.name.to_string(),
+            version: task.info.version.to_string(),
+            status: task.status,
+            created_at_ns: task.created_at_ns,
+            completed_at_ns: task.completed_at_ns,
+        })))
     }
 
     fn gauges(&self) -> Option<BackendGauges> {

@@ -4,9 +4,10 @@ pub mod memory;
 pub mod postgres;
 
 use crate::engine::EngineMessage;
-use crate::error::EngineResult;
+use crate::error::{EngineError, EngineResult};
 use crate::events::{AttemptOutcome, InFlight, StepExecutionEvent, TaskSnapshot};
 use crate::metrics::Metrics;
+use crate::task_list::{TaskPage, TaskQuery};
 use crate::template::{TaskTemplate, TemplateKey};
 use crossbeam_channel::Sender;
 use serde_json::Value;
@@ -100,6 +101,13 @@ pub trait Backend: Send + 'static {
     /// the database itself, so that any one process reports the whole system.
     fn gauges(&self) -> Option<BackendGauges> {
         None
+    }
+
+    /// One page of tasks, newest first (see [`TaskQuery`]).
+    async fn list_tasks(&mut self, _query: TaskQuery) -> EngineResult<TaskPage> {
+        Err(EngineError::Internal(
+            "this backend cannot list tasks".into(),
+        ))
     }
 
     /// Where the backend reports what only it can time (database transactions).

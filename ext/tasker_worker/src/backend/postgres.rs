@@ -36,6 +36,7 @@ use crate::events::{
     TaskStatus,
 };
 use crate::metrics::Metrics;
+use crate::task_list::{TaskPage, TaskQuery};
 use crate::template::{TaskTemplate, TemplateKey, TemplateRegistry};
 use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow};
@@ -1139,6 +1140,10 @@ impl Backend for PostgresBackend {
             // Taken on the next tick.
             Notification::BackendWorkDone => {}
         }
+    }
+
+    async fn list_tasks(&mut self, query: TaskQuery) -> EngineResult<TaskPage> {
+        crate::task_list::postgres_page(self.pool()?, &query).await
     }
 
     fn set_metrics(&mut self, metrics: Arc<Metrics>) {

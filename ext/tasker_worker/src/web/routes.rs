@@ -3,20 +3,24 @@
 use super::WebState;
 use crate::backend::BackendGauges;
 use crate::engine::EngineMessage;
+use crate::error::{EngineError, EngineResult};
 use crate::events::Phase;
 use crate::metrics::{NamespaceLabels, StateLabels, TaskLabels};
 use crate::status::{WorkerState, WorkerSystemStatus};
-use axum::extract::{Request, State};
+use crate::task_list::{postgres_page, snapshot_json, TaskQuery};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::debug;
+use uuid::Uuid;
 
 /// How long a probe or a scrape waits for the database or the engine before answering without it.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -29,6 +33,8 @@ pub(super) fn router(state: Arc<WebState>) -> Router {
         .route("/ready", get(ready))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
+        .route("/api/tasks", get(list_tasks))
+        .route("/api/tasks/{uuid}", get(task_status))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(
@@ -46,7 +52,8 @@ async fn not_found(method: Method, uri: Uri) -> Response {
     error(
         StatusCode::NOT_FOUND,
         format!(
-            "no route for {method} {} (routes: GET /health, /ready, /status, /metrics)",
+            "no route for {method} {} (routes: GET /health, /ready, /status, /metrics, /api/tasks, \
+             /api/tasks/<uuid>)",
             uri.path()
         ),
     )
@@ -174,6 +181,92 @@ pub(crate) fn status_json(status: &WorkerSystemStatus) -> Value {
         "database_pool_size": status.database_pool_size,
         "database_pool_idle": status.database_pool_idle,
     })
+}
+
+/// The HTTP answer for an engine error: a bad parameter is the client's fault (400, naming it),
+/// an unknown task is 404, a worker stopping is 503.
+fn engine_error(e: EngineError) -> Response {
+    let status = match &e {
+        EngineError::InvalidArgument(_) | EngineError::Configuration(_) => StatusCode::BAD_REQUEST,
+        EngineError::UnknownTask(_) => StatusCode::NOT_FOUND,
+        EngineError::NotInitialized | EngineError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        EngineError::Bootstrap(_) | EngineError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(status, e.to_string())
+}
+
+/// Ask the engine thread (it owns the in-process backend) and wait for its answer off this
+/// runtime's thread, for at most `LOOKUP_TIMEOUT`.
+async fn ask_engine<T: Send + 'static>(
+    state: &WebState,
+    message: impl FnOnce(crossbeam_channel::Sender<EngineResult<T>>) -> EngineMessage,
+) -> EngineResult<T> {
+    let (reply, answer) = crossbeam_channel::bounded(1);
+    state
+        .inbox
+        .send(message(reply))
+        .map_err(|_| EngineError::NotInitialized)?;
+    tokio::task::spawn_blocking(move || answer.recv_timeout(LOOKUP_TIMEOUT))
+        .await
+        .map_err(|e| EngineError::Internal(format!("waiting for the engine failed: {e}")))?
+        .map_err(|_| {
+            EngineError::Internal(format!(
+                "the engine did not answer within {}s",
+                LOOKUP_TIMEOUT.as_secs()
+            ))
+        })?
+}
+
+/// `GET /api/tasks?status=&namespace=&name=&created_after=&limit=&cursor=`: one page, newest
+/// first (`TaskerCore.tasks`). On PostgreSQL read from the database directly (the whole system,
+/// without going through the engine thread).
+async fn list_tasks(
+    State(state): State<Arc<WebState>>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Response {
+    let params = params
+        .into_iter()
+        .map(|(k, v)| (k, Value::String(v)))
+        .collect();
+    let query = match TaskQuery::from_params(&params) {
+        Ok(query) => query,
+        Err(e) => return engine_error(e),
+    };
+    let page = match &state.database {
+        Some(pool) => {
+            match tokio::time::timeout(LOOKUP_TIMEOUT, postgres_page(pool, &query)).await {
+                Ok(page) => page,
+                Err(_) => Err(EngineError::Internal(format!(
+                    "the database did not answer within {}s",
+                    LOOKUP_TIMEOUT.as_secs()
+                ))),
+            }
+        }
+        None => ask_engine(&state, |reply| EngineMessage::ListTasks { query, reply }).await,
+    };
+    match page {
+        Ok(page) => Json(page.to_json()).into_response(),
+        Err(e) => engine_error(e),
+    }
+}
+
+/// `GET /api/tasks/<uuid>`: `task_status` as JSON; 404 for a task nobody knows.
+async fn task_status(State(state): State<Arc<WebState>>, Path(uuid): Path<String>) -> Response {
+    let Ok(task_uuid) = Uuid::try_parse(&uuid) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("unknown task {uuid:?}: not a UUID"),
+        );
+    };
+    match ask_engine(&state, |reply| EngineMessage::TaskStatus {
+        task_uuid,
+        reply,
+    })
+    .await
+    {
+        Ok(snapshot) => Json(snapshot_json(&snapshot)).into_response(),
+        Err(e) => engine_error(e),
+    }
 }
 
 async fn metrics(State(state): State<Arc<WebState>>) -> Response {
