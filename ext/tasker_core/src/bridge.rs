@@ -66,7 +66,7 @@ fn current() -> Option<Arc<WorkerSystemHandle>> {
     slot.as_ref().map(|bridge| Arc::clone(&bridge.system))
 }
 
-fn require_worker(ruby: &Ruby) -> Result<Arc<WorkerSystemHandle>, Error> {
+pub(crate) fn require_worker(ruby: &Ruby) -> Result<Arc<WorkerSystemHandle>, Error> {
     current().ok_or_else(|| errors::engine(ruby, EngineError::NotInitialized))
 }
 
@@ -468,7 +468,7 @@ fn is_main_thread(ruby: &Ruby) -> bool {
 }
 
 /// Wait for an engine reply with the GVL released; interrupts raise (or resume the wait).
-fn await_reply<T: Send>(
+pub(crate) fn await_reply<T: Send>(
     ruby: &Ruby,
     reply: crossbeam_channel::Receiver<T>,
     timeout: Option<Duration>,

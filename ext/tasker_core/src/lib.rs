@@ -8,6 +8,7 @@ mod errors;
 mod gvl;
 mod handlers;
 mod logging;
+mod task_list;
 #[cfg(feature = "test-hooks")]
 mod test_hooks;
 mod testing;
@@ -21,5 +22,6 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     errors::install_panic_hook();
     bridge::init(ruby, module)?;
     handlers::init(module)?;
+    task_list::init(module)?;
     testing::init(module)
 }

@@ -12,7 +12,9 @@ use crate::engine::{Engine, EngineMessage};
 use crate::error::{EngineError, EngineResult};
 use crate::events::{AttemptOutcome, Phase, StepExecutionCompletionEvent, TaskSnapshot};
 use crate::status::{Shared, WorkerState, WorkerSystemStatus};
+use crate::task_list::{TaskPage, TaskQuery};
 use crate::template::{HandlerReference, TemplateKey, TemplateRegistry};
+use crate::web::{BoundListener, WebServer};
 use crossbeam_channel::Receiver;
 use serde_json::Value;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,15 +36,24 @@ impl WorkerBootstrap {
         if let Some(level) = config.log_level {
             crate::logging::set_level(level);
         }
-        let shared = Arc::new(Shared::new(
+        // Bound before anything starts, so that a port in use fails the bootstrap at once.
+        let web = config
+            .web_api
+            .clone()
+            .map(BoundListener::bind)
+            .transpose()?;
+        let mut shared = Shared::new(
             config.worker_id.clone(),
             config.environment.clone(),
             config.backend,
             config.deployment_mode,
             config.concurrency,
             namespaces,
-        ));
-        match config.backend {
+        );
+        shared.web_api_bind = web.as_ref().map(BoundListener::local_addr);
+        let shared = Arc::new(shared);
+        let database_url = config.database_url.clone();
+        let handle = match config.backend {
             BackendKind::Memory => {
                 let backend =
                     MemoryBackend::new(config.task_retention, config.task_index_retention);
@@ -63,7 +74,18 @@ impl WorkerBootstrap {
                 let backend = PostgresBackend::new(settings, Arc::clone(&templates));
                 Self::spawn(backend, config, templates, shared)
             }
+        }?;
+        if let Some(bound) = web {
+            let server = WebServer::start(
+                bound,
+                Arc::clone(&handle.shared),
+                Arc::clone(&handle.registry),
+                handle.inbox.clone(),
+                database_url.as_deref(),
+            )?;
+            *handle.web.lock().unwrap_or_else(|e| e.into_inner()) = Some(server);
         }
+        Ok(handle)
     }
 
     /// The handler classes a worker started with `config` would call: every step of the local
@@ -105,7 +127,7 @@ impl WorkerBootstrap {
     }
 
     fn spawn<B: Backend>(
-        backend: B,
+        mut backend: B,
         config: WorkerConfig,
         templates: Arc<TemplateRegistry>,
         shared: Arc<Shared>,
@@ -118,6 +140,7 @@ impl WorkerBootstrap {
             BackendKind::Memory => config.concurrency * 2,
             BackendKind::Postgres => (config.concurrency * 4).max(32),
         };
+        backend.set_metrics(Arc::clone(&shared.metrics));
         let (dispatch_tx, dispatch_rx) = dispatch::channel(capacity);
         let (closed_tx, closed_rx) = crossbeam_channel::bounded::<()>(0);
         let (started_tx, started_rx) = crossbeam_channel::bounded(1);
@@ -178,6 +201,7 @@ impl WorkerBootstrap {
             thread: Mutex::new(Some(thread)),
             pid: std::process::id(),
             draining: AtomicBool::new(false),
+            web: Mutex::new(None),
         })
     }
 }
@@ -219,6 +243,8 @@ pub struct WorkerSystemHandle {
     /// Set (synchronously, before the engine hears of it) once a graceful shutdown or a stop is
     /// requested: from then on no new step is handed to a handler thread (see [`Self::is_draining`]).
     draining: AtomicBool,
+    /// The HTTP endpoint, if enabled: stopped (its socket closed) by [`Self::join`].
+    web: Mutex<Option<WebServer>>,
 }
 
 impl WorkerSystemHandle {
@@ -319,7 +345,17 @@ impl WorkerSystemHandle {
     pub fn begin_running(&self, event_id: Uuid) -> bool {
         self.registry
             .with(event_id, |flight| {
-                flight.phase.advance(Phase::Queued, Phase::Running)
+                let began = flight.phase.advance(Phase::Queued, Phase::Running);
+                if began {
+                    flight.phase.mark_started();
+                    if let Some(metrics) =
+                        flight.metrics.as_ref().filter(|_| flight.ready_at_ns > 0)
+                    {
+                        let waited = crate::events::unix_ns().saturating_sub(flight.ready_at_ns);
+                        metrics.started(flight.attempt, Duration::from_nanos(waited));
+                    }
+                }
+                began
             })
             .unwrap_or(false)
     }
@@ -351,6 +387,11 @@ impl WorkerSystemHandle {
             if thread.join().is_err() {
                 warn!("engine thread ended by panic");
             }
+        }
+        // The server stops with the worker: once this returns, nothing listens any more.
+        let web = self.web.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(mut web) = web {
+            web.stop();
         }
     }
 
@@ -505,6 +546,16 @@ impl WorkerSystemHandle {
             contexts,
             reply,
         })?;
+        Ok(answer)
+    }
+
+    /// One page of tasks, newest first (see [`TaskQuery`]).
+    pub fn request_list_tasks(
+        &self,
+        query: TaskQuery,
+    ) -> EngineResult<Receiver<EngineResult<TaskPage>>> {
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        self.send(EngineMessage::ListTasks { query, reply })?;
         Ok(answer)
     }
 

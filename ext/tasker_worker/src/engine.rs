@@ -1,13 +1,14 @@
 //! The engine loop: one task on the engine thread's tokio runtime. It owns the backend,
 //! feeds the dispatch channel, records completions and timeouts, and drives shutdown.
 
-use crate::backend::{Backend, Notification, SnapshotReply};
+use crate::backend::{Backend, BackendGauges, Notification, SnapshotReply};
 use crate::dispatch::InFlightRegistry;
 use crate::error::{EngineError, EngineResult};
 use crate::events::{
     fmt_secs, AttemptOutcome, InFlight, InterruptReason, Phase, StepExecutionEvent, StepInterrupt,
 };
 use crate::status::{Shared, WorkerState};
+use crate::task_list::{TaskPage, TaskQuery};
 use crate::template::{OnTimeout, TaskTemplate, TemplateKey};
 use crossbeam_channel::{Receiver, Sender};
 use serde_json::Value;
@@ -56,6 +57,12 @@ pub enum EngineMessage {
         task_uuid: Uuid,
         reply: Sender<EngineResult<()>>,
     },
+    ListTasks {
+        query: TaskQuery,
+        reply: Sender<EngineResult<TaskPage>>,
+    },
+    /// Counts for the metrics endpoint (see [`Backend::gauges`]).
+    Gauges(tokio::sync::oneshot::Sender<Option<BackendGauges>>),
     GracefulShutdown,
     /// Stop starting steps until `Resume` ("quiet", Sidekiq's TSTP): steps queued for Ruby go back
     /// to the backend, running ones finish; tasks can still be created.
@@ -313,6 +320,12 @@ impl<B: Backend> Engine<B> {
                 }
                 let _ = reply.try_send(result);
             }
+            EngineMessage::ListTasks { query, reply } => {
+                let _ = reply.try_send(self.backend.list_tasks(query).await);
+            }
+            EngineMessage::Gauges(reply) => {
+                let _ = reply.send(self.backend.gauges());
+            }
             EngineMessage::GracefulShutdown => self.begin_shutdown(st).await,
             EngineMessage::Quiet => {
                 if st.accepting && !st.quiet {
@@ -352,6 +365,9 @@ impl<B: Backend> Engine<B> {
             return;
         }
         let outcomes = std::mem::take(&mut st.outcomes);
+        for (flight, outcome) in &outcomes {
+            observe_outcome(flight, outcome);
+        }
         let ended = outcomes.len() as u64;
         let failed = outcomes
             .iter()
@@ -457,7 +473,8 @@ impl<B: Backend> Engine<B> {
         if room == 0 {
             return;
         }
-        let claimed = match self.backend.claim(room, Instant::now()).await {
+        let claim_began = Instant::now();
+        let claimed = match self.backend.claim(room, claim_began).await {
             Ok(claimed) => claimed,
             Err(e) => {
                 // Recoverable (e.g. the database restarting): the next pass claims again.
@@ -465,7 +482,10 @@ impl<B: Backend> Engine<B> {
                 return;
             }
         };
-        for (event, flight) in claimed {
+        self.shared.metrics.observe_claim(claim_began.elapsed());
+        for (event, mut flight) in claimed {
+            flight.metrics = Some(self.shared.metrics.step(&event));
+            flight.ready_at_ns = event.ready_at_ns;
             st.next_sweep = Some(
                 st.next_sweep
                     .map_or(flight.deadline, |at| at.min(flight.deadline)),
@@ -510,6 +530,21 @@ impl<B: Backend> Engine<B> {
             in_flight = self.shared.in_flight.load(Ordering::Acquire),
             "graceful shutdown: no new steps start, in-flight steps finish"
         );
+    }
+}
+
+/// Count an ended attempt in its step's metrics.
+fn observe_outcome(flight: &InFlight, outcome: &AttemptOutcome) {
+    let Some(metrics) = &flight.metrics else {
+        return;
+    };
+    let ran_for = flight.phase.running_for();
+    match outcome {
+        AttemptOutcome::Completed(c) => metrics.ended(c.success, false, ran_for),
+        AttemptOutcome::TimedOut => metrics.ended(false, true, ran_for),
+        AttemptOutcome::Cancelled(Some(c)) => metrics.ended(c.success, false, ran_for),
+        // Never ran: nothing to count.
+        AttemptOutcome::Cancelled(None) => {}
     }
 }
 

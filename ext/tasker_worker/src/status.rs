@@ -1,7 +1,9 @@
 //! Worker state and counters, shared lock-free between the engine thread and status readers.
 
 use crate::config::{BackendKind, DeploymentMode};
+use crate::metrics::Metrics;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +57,9 @@ pub struct Shared {
     pub in_flight: AtomicU64,
     pool_size: AtomicU32,
     pool_idle: AtomicU32,
+    /// Where the web API listens, if it was enabled.
+    pub web_api_bind: Option<std::net::SocketAddr>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Shared {
@@ -81,6 +86,8 @@ impl Shared {
             in_flight: AtomicU64::new(0),
             pool_size: AtomicU32::new(0),
             pool_idle: AtomicU32::new(0),
+            web_api_bind: None,
+            metrics: Arc::new(Metrics::new()),
         }
     }
 
@@ -98,6 +105,13 @@ impl Shared {
 
     pub fn set_quiet(&self, quiet: bool) {
         self.quiet.store(quiet, Ordering::Release);
+    }
+
+    pub fn pool_stats(&self) -> (u32, u32) {
+        (
+            self.pool_size.load(Ordering::Relaxed),
+            self.pool_idle.load(Ordering::Relaxed),
+        )
     }
 
     pub fn set_pool_stats(&self, (size, idle): (u32, u32)) {
@@ -121,7 +135,8 @@ impl Shared {
             steps_failed: self.steps_failed.load(Ordering::Acquire),
             steps_in_flight: self.in_flight.load(Ordering::Acquire),
             supported_namespaces: self.namespaces.clone(),
-            web_api_enabled: false,
+            web_api_enabled: self.web_api_bind.is_some(),
+            web_api_bind: self.web_api_bind,
             database_pool_size: self.pool_size.load(Ordering::Relaxed),
             database_pool_idle: self.pool_idle.load(Ordering::Relaxed),
         }
@@ -146,6 +161,8 @@ pub struct WorkerSystemStatus {
     pub steps_in_flight: u64,
     pub supported_namespaces: Vec<String>,
     pub web_api_enabled: bool,
+    /// Where the web API listens (the real port if `web_api_bind` asked for port 0).
+    pub web_api_bind: Option<std::net::SocketAddr>,
     pub database_pool_size: u32,
     pub database_pool_idle: u32,
 }

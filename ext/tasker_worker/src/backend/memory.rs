@@ -5,7 +5,7 @@
 //! more, so `wait_for_task` on a task created long ago still answers with how it ended. Memory is
 //! bounded by both numbers, whatever the number of tasks run.
 
-use super::{Backend, SnapshotReply};
+use super::{Backend, BackendGauges, SnapshotReply};
 use crate::bootstrap::MAX_RETRY_AFTER;
 use crate::engine::EngineMessage;
 use crate::error::{EngineError, EngineResult};
@@ -13,6 +13,7 @@ use crate::events::{
     unix_ns, AttemptOutcome, InFlight, StepExecutionCompletionEvent, StepExecutionEvent,
     StepSnapshot, StepStatus, TaskInfo, TaskSnapshot, TaskStatus,
 };
+use crate::task_list::{TaskPage, TaskQuery, TaskSummary};
 use crate::template::{TaskTemplate, TemplateKey};
 use serde_json::Value;
 use std::cmp::Reverse;
@@ -521,6 +522,47 @@ impl Backend for MemoryBackend {
         if let Some(task) = self.tasks.get_mut(&task_uuid) {
             task.waiters.retain(|w| !w.same_channel(reply));
         }
+    }
+
+    async fn list_tasks(&mut self, query: TaskQuery) -> EngineResult<TaskPage> {
+        // The tasks held whole; those shrunk to a final status (see `FinalStatusIndex`) have no
+        // creation time to order them by.
+        Ok(query.page_of(self.tasks.values().map(|task| TaskSummary {
+            task_uuid: task.info.task_uuid,
+            namespace: task.info.namespace.to_string(),
+            name: task.info.name.to_string(),
+            version: task.info.version.to_string(),
+            status: task.status,
+            created_at_ns: task.created_at_ns,
+            completed_at_ns: task.completed_at_ns,
+        })))
+    }
+
+    fn gauges(&self) -> Option<BackendGauges> {
+        let mut tasks: HashMap<(&str, &'static str), u64> = HashMap::new();
+        let mut steps: HashMap<&str, (u64, u64)> = HashMap::new();
+        for task in self.tasks.values() {
+            let namespace = &*task.info.namespace;
+            *tasks.entry((namespace, task.status.as_str())).or_default() += 1;
+            let counts = steps.entry(namespace).or_default();
+            for step in &task.steps {
+                match step.status {
+                    StepStatus::Enqueued => counts.0 += 1,
+                    StepStatus::WaitingForRetry => counts.1 += 1,
+                    _ => {}
+                }
+            }
+        }
+        Some(BackendGauges {
+            tasks: tasks
+                .into_iter()
+                .map(|((namespace, status), n)| (namespace.to_string(), status, n))
+                .collect(),
+            steps: steps
+                .into_iter()
+                .map(|(namespace, (ready, waiting))| (namespace.to_string(), ready, waiting))
+                .collect(),
+        })
     }
 
     async fn claim(

@@ -4,8 +4,10 @@ pub mod memory;
 pub mod postgres;
 
 use crate::engine::EngineMessage;
-use crate::error::EngineResult;
+use crate::error::{EngineError, EngineResult};
 use crate::events::{AttemptOutcome, InFlight, StepExecutionEvent, TaskSnapshot};
+use crate::metrics::Metrics;
+use crate::task_list::{TaskPage, TaskQuery};
 use crate::template::{TaskTemplate, TemplateKey};
 use crossbeam_channel::Sender;
 use serde_json::Value;
@@ -99,10 +101,36 @@ pub trait Backend: Send + 'static {
         false
     }
 
+    /// Queue depth and tasks by status for the metrics endpoint, when this process holds them
+    /// (in-process backends). A database backend returns `None`: the web server reads them from
+    /// the database itself, so that any one process reports the whole system.
+    fn gauges(&self) -> Option<BackendGauges> {
+        None
+    }
+
+    /// One page of tasks, newest first (see [`TaskQuery`]).
+    async fn list_tasks(&mut self, _query: TaskQuery) -> EngineResult<TaskPage> {
+        Err(EngineError::Internal(
+            "this backend cannot list tasks".into(),
+        ))
+    }
+
+    /// Where the backend reports what only it can time (database transactions).
+    fn set_metrics(&mut self, _metrics: Arc<Metrics>) {}
+
     /// Connection pool (size, idle); (0, 0) without a database.
     fn pool_stats(&self) -> (u32, u32) {
         (0, 0)
     }
+}
+
+/// Counts by namespace, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct BackendGauges {
+    /// (namespace, task status, count).
+    pub tasks: Vec<(String, &'static str, u64)>,
+    /// (namespace, steps ready to be claimed, steps waiting for a retry's backoff).
+    pub steps: Vec<(String, u64, u64)>,
 }
 
 /// Wake-ups from outside the engine thread.

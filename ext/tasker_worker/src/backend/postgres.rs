@@ -43,6 +43,8 @@ use crate::events::{
     AttemptOutcome, InFlight, StepExecutionEvent, StepSnapshot, StepStatus, TaskInfo, TaskSnapshot,
     TaskStatus,
 };
+use crate::metrics::Metrics;
+use crate::task_list::{TaskPage, TaskQuery};
 use crate::template::{TaskTemplate, TemplateKey, TemplateRegistry};
 use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow};
@@ -229,6 +231,8 @@ pub struct PostgresBackend {
     /// claim of a worker that died expires), and shortly after a claim that failed. Not a poll:
     /// a wake-up at a time the table (or the failure) names.
     wake_claim_at: Option<Instant>,
+    /// Where write transactions' durations go (`tasker_backend_commit_duration_seconds`).
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl PostgresBackend {
@@ -273,6 +277,7 @@ impl PostgresBackend {
             next_renewal: now + first_renewal,
             renewal: None,
             wake_claim_at: Some(now),
+            metrics: None,
         }
     }
 
@@ -837,8 +842,13 @@ impl PostgresBackend {
         };
         let scope = Arc::clone(&self.scope);
         let results = self.write_results_sender.clone();
+        let metrics = self.metrics.clone();
         tokio::spawn(async move {
+            let began = Instant::now();
             let done = write_outcomes(pool, scope, entries, claim, locking).await;
+            if let Some(metrics) = metrics {
+                metrics.observe_commit(began.elapsed());
+            }
             if results.send(done).is_ok() {
                 let _ = wake.send(EngineMessage::Notify(Notification::BackendWorkDone));
             }
@@ -1425,6 +1435,14 @@ impl Backend for PostgresBackend {
             // Taken on the next tick.
             Notification::BackendWorkDone => {}
         }
+    }
+
+    async fn list_tasks(&mut self, query: TaskQuery) -> EngineResult<TaskPage> {
+        crate::task_list::postgres_page(self.pool()?, &query).await
+    }
+
+    fn set_metrics(&mut self, metrics: Arc<Metrics>) {
+        self.metrics = Some(metrics);
     }
 
     fn pool_stats(&self) -> (u32, u32) {
