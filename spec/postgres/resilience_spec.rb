@@ -40,8 +40,9 @@ RSpec.describe "PostgreSQL backend: resilience" do
 
   describe "PostgreSQL restarting mid-run" do
     def restart_postgres
-      cluster = Dir.children("/etc/postgresql").min
-      out, status = Open3.capture2e("pg_ctlcluster", "--skip-systemctl-redirect", cluster, "main", "restart")
+      version = Dir.children("/etc/postgresql").min
+      out, status = Open3.capture2e("pg_ctlcluster", "--skip-systemctl-redirect", version,
+                                    PostgresHelpers::PG_CLUSTER, "restart")
       raise "restarting PostgreSQL failed: #{out}" unless status.success?
 
       eventually(timeout: 30, interval: 0.1) do

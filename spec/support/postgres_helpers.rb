@@ -12,6 +12,8 @@ module PostgresHelpers
   PG_HOST = ENV.fetch("TASKER_SPEC_PGHOST", "127.0.0.1")
   PG_PORT = ENV.fetch("TASKER_SPEC_PGPORT", "5432")
   PG_USER = ENV.fetch("TASKER_SPEC_PGUSER", "postgres")
+  # The cluster (of Debian's pg_ctlcluster) serving PG_PORT: the restart specs restart it.
+  PG_CLUSTER = ENV.fetch("TASKER_SPEC_PGCLUSTER", "main")
   PG_FIXTURES = File.join(FIXTURES, "postgres")
   PG_TEMPLATES = File.join(PG_FIXTURES, "templates")
   PG_WORKER = File.join(PG_FIXTURES, "worker.rb")
