@@ -42,8 +42,9 @@ module TaskListBench
              CASE WHEN i % 50 = 1 THEN 1 ELSE 0 END,
              now() - make_interval(secs => i), CASE WHEN i % 50 = 1 THEN NULL ELSE now() - make_interval(secs => i - 1) END
       FROM generate_series(1, #{TASKS}) AS i;
-      ANALYZE tasker_tasks;
     SQL
+    # As autovacuum leaves a settled table: statistics, and a visibility map for index-only scans.
+    psql("VACUUM ANALYZE tasker_tasks", db: db)
   end
 
   def time_ms(count = REQUESTS)
@@ -103,7 +104,7 @@ module TaskListBench
       "GET /api/tasks?status=pending" => -> { http.get("/api/tasks?status=pending").body },
       "GET /api/tasks?cursor=(page 21)" => -> { http.get("/api/tasks?cursor=#{cursor}").body },
       "GET /api/tasks/:uuid" => -> { http.get("/api/tasks/#{some_uuid}").body },
-      "GET /metrics (counts the whole table)" => -> { http.get("/metrics").body } }
+      "GET /metrics (first one counts every task)" => -> { http.get("/metrics").body } }
   end
 end
 
