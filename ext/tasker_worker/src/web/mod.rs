@@ -70,7 +70,11 @@ pub(crate) struct WebState {
     pub token: Option<String>,
     /// One scrape at a time fills and encodes the gauges.
     pub scrape: tokio::sync::Mutex<()>,
+    /// The last count of finished tasks by (namespace, status), and when it was taken.
+    pub finished_tasks: std::sync::Mutex<Option<FinishedCounts>>,
 }
+
+pub(crate) type FinishedCounts = (std::time::Instant, Vec<(String, String, u64)>);
 
 /// The running server; stopping it (or dropping it) closes the listener.
 pub struct WebServer {
@@ -113,6 +117,7 @@ impl WebServer {
             }),
             token,
             scrape: tokio::sync::Mutex::new(()),
+            finished_tasks: std::sync::Mutex::new(None),
         };
         let (stop, stopped) = watch::channel(false);
         let listener = bound.listener;
