@@ -79,7 +79,7 @@ RSpec.describe "tasker_core/rspec" do
       expect { expect(status).to complete_with({}) }
         .to raise_error(not_met, /but it is error:\n  only: error \(attempts 1\) error: NameError: handler class/)
     ensure
-      testing.config = {}
+      testing.config = nil
     end
   end
 end
