@@ -22,7 +22,8 @@ module TaskerCore
 
     config.tasker_core = ActiveSupport::OrderedOptions.new
 
-    initializer "tasker_core.configure" do |app|
+    # After the app's initializers, so that config.tasker_core set there counts too.
+    config.after_initialize do |app|
       TaskerCore.configuration.worker_config = Railtie.worker_config(app)
       if app.config.tasker_core.fetch(:wrap_handlers, true)
         chain = TaskerCore.configuration.handler_middleware

@@ -20,7 +20,7 @@ module RailsApp
         # RELOAD=1: development's code reloading (edited handlers are loaded again).
         config.cache_classes = ENV["RELOAD"] != "1"
         config.tasker_core.concurrency = 2
-        config.tasker_core.log_level = "error"
+        config.tasker_core.log_level = "warn"
         config.tasker_core.wrap_handlers = false if ENV["WRAP"] == "0"
       end
     end
@@ -103,7 +103,9 @@ module RailsApp
       "Rakefile" => "require_relative \"config/application\"\nRails.application.load_tasks\n",
       "bin/rails" => BIN_RAILS,
       "script/run_tasks.rb" => RUN_TASKS,
-      "log/.keep" => ""
+      "log/.keep" => "",
+      # Set in an initializer, as apps often do: the Railtie reads config.tasker_core after them.
+      "config/initializers/tasker_core.rb" => "Rails.application.config.tasker_core.log_level = \"error\"\n"
     }
     files.each do |path, text|
       FileUtils.mkdir_p(File.dirname(File.join(dir, path)))

@@ -24,6 +24,8 @@ RSpec.describe "tasker_core/rspec" do
   it "leaves the engine in charge of untagged examples, with no task recorded from before" do
     expect(testing.mode).to eq(:disabled)
     expect(testing.tasks).to be_empty
+    expect { expect { nil }.to have_created_task(namespace: "test", name: "linear") }
+      .to raise_error(not_met, /no task was created \(test mode is off: tag the example :tasker_fake/)
   end
 
   describe "have_created_task", :tasker_fake do
