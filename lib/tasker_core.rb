@@ -26,6 +26,8 @@ require_relative "tasker_core/worker/launcher"
 require_relative "tasker_core/worker/signal_handlers"
 require_relative "tasker_core/worker/bootstrap"
 require_relative "tasker_core/client"
+# Only inside a Rails app (Rails loaded first, as Bundler.require does).
+require_relative "tasker_core/railtie" if defined?(Rails::Railtie)
 
 # Workflow steps run by a Rust engine inside this process. Requiring the gem starts nothing:
 # see TaskerCore::Worker::Bootstrap.start! and TaskerCore.create_task.

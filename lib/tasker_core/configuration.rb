@@ -11,8 +11,18 @@ module TaskerCore
     # @return [Middleware::Chain] run around every handler call (see Middleware::Chain)
     attr_reader :handler_middleware
 
+    # The application's worker config (the Hash Worker::Bootstrap.start! takes), for what starts a
+    # worker on the application's behalf (the Railtie's `tasker:worker`) and for test mode's
+    # templates. Set by the Railtie from config.tasker_core; `{}` otherwise.
+    attr_reader :worker_config
+
     def initialize
       @handler_middleware = Middleware::Chain.new
+      @worker_config = {}.freeze
+    end
+
+    def worker_config=(config)
+      @worker_config = config.to_h.dup.freeze
     end
   end
 

@@ -67,7 +67,10 @@ module TaskerCore
 
       def failure_message
         created = @candidates.map { |t| "  #{t.namespace}/#{t.name}@#{t.version} context=#{t.context.inspect}" }
-        "expected to #{description}, but #{created.empty? ? "no task was created" : "created:\n#{created.join("\n")}"}"
+        found = created.empty? ? "no task was created" : "created:\n#{created.join("\n")}"
+        # Tasks go to the engine then, and only test mode records them.
+        hint = " (test mode is off: tag the example :tasker_fake or :tasker_inline)" unless Testing.enabled?
+        "expected to #{description}, but #{found}#{hint}"
       end
 
       def failure_message_when_negated

@@ -62,9 +62,11 @@ module TaskerCore
       end
 
       # The worker config the templates are taken from, as you would pass it to
-      # `Worker::Bootstrap.start!` and validated the same way (`templates` and `namespaces` matter
-      # here; `concurrency` is how many ready steps start together, default 4). Default `{}`: the
-      # templates under ENV["TASKER_TEMPLATE_PATH"].
+      # `Worker::Bootstrap.start!` and validated the same way (`templates`, `namespaces` and
+      # `validate_handlers` matter here; `concurrency` is how many ready steps start together,
+      # default 4). Default (or after `config = nil`): TaskerCore.configuration.worker_config, which
+      # in a Rails app is config.tasker_core (templates in config/tasker), and `{}` elsewhere (the
+      # templates under ENV["TASKER_TEMPLATE_PATH"]).
       def config=(config)
         @store.config = config
       end

@@ -12,7 +12,7 @@ RSpec.describe "TaskerCore::Testing.fake!" do
     testing.config = { templates: [File.join(FIXTURES, "templates"), WorkflowSpecHelpers::TEMPLATES_B] }
     testing.fake! { example.run }
   ensure
-    testing.config = {}
+    testing.config = nil
   end
 
   it "records the task without running it; its status is the engine's for a task not yet started" do

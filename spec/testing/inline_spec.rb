@@ -12,7 +12,7 @@ RSpec.describe "TaskerCore::Testing.inline!" do
     testing.config = { templates: [File.join(FIXTURES, "templates"), WorkflowSpecHelpers::TEMPLATES_B] }
     testing.inline! { example.run }
   ensure
-    testing.config = {}
+    testing.config = nil
   end
 
   it "runs the whole task in the calling thread before create_task returns, with no worker" do

@@ -79,7 +79,7 @@ RSpec.describe "test mode and the engine agree" do
     end
     expect(on_engine.map { |o| o.is_a?(String) ? o : o.first }.uniq).to contain_exactly("complete", "error")
   ensure
-    TaskerCore::Testing.config = {}
+    TaskerCore::Testing.config = nil
   end
 
   describe "errors" do
@@ -145,7 +145,7 @@ RSpec.describe "test mode and the engine agree" do
       expect(inline).to eq(on_engine)
       expect(on_engine.last(2).map { |steps| steps.map { |s| s[:status] } }).to eq([%w[error], %w[error]])
     ensure
-      TaskerCore::Testing.config = {}
+      TaskerCore::Testing.config = nil
     end
   end
 end

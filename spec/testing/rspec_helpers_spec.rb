@@ -24,6 +24,8 @@ RSpec.describe "tasker_core/rspec" do
   it "leaves the engine in charge of untagged examples, with no task recorded from before" do
     expect(testing.mode).to eq(:disabled)
     expect(testing.tasks).to be_empty
+    expect { expect { nil }.to have_created_task(namespace: "test", name: "linear") }
+      .to raise_error(not_met, /no task was created \(test mode is off: tag the example :tasker_fake/)
   end
 
   describe "have_created_task", :tasker_fake do
@@ -79,7 +81,7 @@ RSpec.describe "tasker_core/rspec" do
       expect { expect(status).to complete_with({}) }
         .to raise_error(not_met, /but it is error:\n  only: error \(attempts 1\) error: NameError: handler class/)
     ensure
-      testing.config = {}
+      testing.config = nil
     end
   end
 end

@@ -76,7 +76,7 @@ RSpec.describe "handler middleware" do
   after do
     chain.clear
     TaskerCore::Testing.disable!
-    TaskerCore::Testing.config = {}
+    TaskerCore::Testing.config = nil
   end
 
   def entries
@@ -151,6 +151,69 @@ RSpec.describe "handler middleware" do
     before { TaskerCore::Worker::Bootstrap.start!(templates: templates, concurrency: 2) }
 
     include_examples "the handler call"
+
+    it "is not interrupted by the step's timeout: that lands in the handler alone" do
+      stub_const("SlowMiddleware", Class.new do
+        def call(_step_event)
+          started = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+          sleep 0.4
+          slept = Process.clock_gettime(Process::CLOCK_MONOTONIC) - started
+          MiddlewareSpec::LOG << "middleware slept #{slept.round(1)}"
+          yield
+        end
+      end)
+      dir = template_dir("slow.yml" => <<~YAML)
+        namespace: middleware
+        name: slow
+        version: 1.0.0
+        steps:
+          - { name: only, handler: { callable: MiddlewareSpec::Work }, timeout_seconds: 0.1, retry: { max_attempts: 1 } }
+      YAML
+      TaskerCore::Worker::Bootstrap.instance.shutdown!
+      TaskerCore::Worker::Bootstrap.start!(templates: dir)
+      chain.add(SlowMiddleware)
+
+      status = TaskerCore.wait_for_task(TaskerCore.create_task(namespace: "middleware", name: "slow"), timeout: 10)
+
+      expect(status[:steps].first).to include(status: "error", attempts: 1)
+      expect(status[:steps].first[:error_message]).to start_with("TaskerCore::StepTimeoutError: attempt 1 of step only")
+      # The middleware ran to its end; the handler, whose attempt was over, never started.
+      expect(entries).to eq(["middleware slept 0.4"])
+    end
+  end
+
+  # Threads inherit their creator's interrupt mask, and handler threads defer interrupts outside
+  # the handler: a thread a middleware starts (as Rails' executor may start Active Record's pool
+  # reaper) must still be killable, or Ruby waits for it at exit forever.
+  it "lets the process exit when a middleware started a thread that never ends" do
+    dir = template_dir("one.yml" => <<~YAML)
+      namespace: middleware
+      name: one
+      version: 1.0.0
+      steps:
+        - { name: only, handler: { callable: Work } }
+    YAML
+
+    code = <<~RUBY
+      require "tasker_core"
+      class Spawner
+        def call(_event)
+          Thread.new { sleep }
+          yield
+        end
+      end
+      class Work < TaskerCore::StepHandler::Base
+        def call(*) = { "ok" => true }
+      end
+      TaskerCore.configure { |c| c.handler_middleware.add(Spawner) }
+      TaskerCore::Worker::Bootstrap.start!(templates: #{dir.inspect})
+      uuid = TaskerCore.create_task(namespace: "middleware", name: "one")
+      puts TaskerCore.wait_for_task(uuid, timeout: 10)[:status]
+    RUBY
+
+    out, err, status = run_ruby(code, env: { "TASKER_LOG_LEVEL" => "error" }, timeout: 20)
+
+    expect([out, status.exitstatus]).to eq(["complete\n", 0]), err
   end
 
   context "in test mode (inline!)" do

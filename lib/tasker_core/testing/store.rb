@@ -12,18 +12,21 @@ module TaskerCore
         @lock = Monitor.new
         @tasks = []
         @by_uuid = {}
-        @config = {}
+        @config = nil
         @catalog = nil
         @clock = Clock.new
       end
 
+      # The config given, else the application's (TaskerCore.configuration.worker_config: the
+      # Railtie's, or {}).
       def config
-        @lock.synchronize { @config }
+        @lock.synchronize { @config || TaskerCore.configuration.worker_config }
       end
 
+      # nil: back to the application's config.
       def config=(config)
         @lock.synchronize do
-          @config = config.to_h.dup.freeze
+          @config = config&.to_h&.dup&.freeze
           @catalog = nil
         end
       end
@@ -156,9 +159,13 @@ module TaskerCore
       # name checked first (a worker that would refuse to start fails test mode the same way).
       def catalog
         @lock.synchronize do
+          config = @config || TaskerCore.configuration.worker_config
+          # Loaded again when the application's config was replaced since (config Hashes are frozen).
+          @catalog = nil unless @catalog_config.equal?(config)
           @catalog ||= begin
-            catalog = TaskerCore::FFI.testing_templates(@config)
-            Worker::HandlerValidation.validate!(@config)
+            catalog = TaskerCore::FFI.testing_templates(config)
+            Worker::HandlerValidation.validate!(config)
+            @catalog_config = config
             catalog
           end
         end

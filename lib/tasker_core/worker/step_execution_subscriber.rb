@@ -32,7 +32,15 @@ module TaskerCore
       def execute(data)
         chain = @middleware || TaskerCore.configuration.handler_middleware
         # The class is resolved inside the middleware, so one that reloads code runs the new class.
-        chain.invoke(data) { run_handler(data) }
+        return run_handler(data) if chain.empty?
+
+        # Middleware runs like handler code, interruptible (pool threads defer everything), except
+        # that a timeout or a cancel lands in the handler alone (see StepInterrupter#guard). A thread
+        # inherits its creator's interrupt mask: one started here (Active Record's pool reaper, by
+        # Rails' executor) must not defer Thread#kill, or the process could never exit.
+        Thread.handle_interrupt(Object => :immediate) do
+          Thread.handle_interrupt(StepInterruption => :never) { chain.invoke(data) { run_handler(data) } }
+        end
       rescue StandardError => e
         # RetryableError (with its retry_after) and any other StandardError retry; PermanentError does not.
         retry_after = e.retry_after if e.is_a?(TaskerCore::RetryableError)

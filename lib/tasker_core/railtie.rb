@@ -1,0 +1,76 @@
+# frozen_string_literal: true
+
+require "rails/railtie"
+require_relative "middleware/rails_executor"
+
+module TaskerCore
+  # Loaded by `require "tasker_core"` when Rails is (written for Rails 6.1, the Rails Debian ships,
+  # and later). In config/application.rb or an environment file:
+  #
+  #   config.tasker_core.concurrency = 8             # any key of Worker::Bootstrap.start!'s config
+  #   config.tasker_core.templates = "config/tasker" # the default (a directory, read recursively)
+  #   config.tasker_core.wrap_handlers = true        # the default: each step inside the reloader
+  #
+  # - TaskerCore.configuration.worker_config is then that config, with templates defaulting to
+  #   config/tasker and environment to Rails.env; `bin/rails tasker:worker` starts a worker with
+  #   it, TaskerCore::Railtie.start_worker! starts one in the current process, and test mode
+  #   (TaskerCore::Testing) takes its templates from it.
+  # - Each handler call runs inside `Rails.application.reloader.wrap` (Middleware::RailsExecutor).
+  class Railtie < ::Rails::Railtie
+    # Keys of config.tasker_core that are the Railtie's, not the worker's.
+    RAILTIE_KEYS = %i[wrap_handlers].freeze
+
+    config.tasker_core = ActiveSupport::OrderedOptions.new
+
+    # After the app's initializers, so that config.tasker_core set there counts too.
+    config.after_initialize do |app|
+      TaskerCore.configuration.worker_config = Railtie.worker_config(app)
+      if app.config.tasker_core.fetch(:wrap_handlers, true)
+        chain = TaskerCore.configuration.handler_middleware
+        chain.remove(Middleware::RailsExecutor)
+        chain.prepend(Middleware::RailsExecutor, app)
+      end
+    end
+
+    rake_tasks do
+      load File.expand_path("tasks/tasker.rake", __dir__)
+    end
+
+    class << self
+      # The worker config from config.tasker_core, with Rails' defaults filled in.
+      def worker_config(app = ::Rails.application)
+        settings = app.config.tasker_core.to_h.transform_keys(&:to_sym).except(*RAILTIE_KEYS)
+        defaults = { environment: ::Rails.env.to_s }
+        default_templates = app.root.join("config", "tasker")
+        defaults[:templates] = default_templates.to_s if default_templates.directory?
+        config = defaults.merge(settings)
+        config[:templates] = resolve_templates(app, config[:templates]) if config.key?(:templates)
+        config
+      end
+
+      # Start a worker in this process with the app's config (`overrides` win).
+      def start_worker!(overrides = {})
+        Worker::Bootstrap.start!(TaskerCore.configuration.worker_config.merge(overrides))
+      end
+
+      # `bin/rails tasker:worker`: start a worker and keep the process for it until INT or TERM
+      # (which shut it down gracefully and exit).
+      def run_worker(overrides = {}, out: $stdout)
+        bootstrap = start_worker!(overrides)
+        status = bootstrap.status
+        out.puts "tasker_core worker #{status[:worker_id]} running (#{Rails.env}, backend #{status[:backend]}, " \
+                 "namespaces #{status[:supported_namespaces].join(", ")}); INT or TERM to stop"
+        out.flush
+        sleep 0.5 while bootstrap.running?
+      end
+
+      private
+
+      # Relative paths are the app's (config/tasker means Rails.root/config/tasker).
+      def resolve_templates(app, templates)
+        paths = Array(templates).map { |path| app.root.join(path.to_s).to_s }
+        templates.is_a?(Array) ? paths : paths.first
+      end
+    end
+  end
+end
