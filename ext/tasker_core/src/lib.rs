@@ -8,6 +8,7 @@ mod errors;
 mod gvl;
 mod handlers;
 mod logging;
+mod tasks;
 #[cfg(feature = "test-hooks")]
 mod test_hooks;
 

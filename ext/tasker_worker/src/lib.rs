@@ -15,8 +15,10 @@ pub mod logging;
 pub mod status;
 pub mod template;
 
+pub use backend::memory::{LocalTasks, NewTask, TaskTable};
 pub use bootstrap::{
-    CompletionVerdict, WaitTicket, WorkerBootstrap, WorkerSystemHandle, MAX_RETRY_AFTER,
+    CompletionVerdict, TaskEndTake, WaitTicket, WorkerBootstrap, WorkerSystemHandle,
+    MAX_RETRY_AFTER,
 };
 pub use config::{BackendKind, DeploymentMode, LogLevel, WorkerConfig};
 pub use dispatch::{DispatchPort, InterruptPort, InterruptTake, Reply, Take};

@@ -56,6 +56,7 @@ module TaskerCore
           end
           @pool.start
           interrupter.start
+          start_task_end_relay
           install_hooks
           @status = :running
           logger.info("worker started", worker_id: result[:worker_id], concurrency: @pool.concurrency)
@@ -109,6 +110,13 @@ module TaskerCore
         @interrupter ||= StepInterrupter.new(logger: logger, on_runaway: method(:retire_thread))
       end
 
+      # Task events (task.completed ...) reach EventBridge subscribers through this thread; the
+      # engine announces task ends only while something subscribes to them.
+      def start_task_end_relay
+        @task_end_relay = TaskEndRelay.new(logger: logger).start
+        EventBridge.instance.announce_task_ends
+      end
+
       # A runaway handler keeps its thread until it returns; a new thread keeps `concurrency`
       # handlers available meanwhile, and the runaway's thread leaves once its step is done.
       def retire_thread(thread)
@@ -139,6 +147,7 @@ module TaskerCore
           stop_engine
           @pool&.stop(Process.clock_gettime(Process::CLOCK_MONOTONIC) + timeout)
           interrupter.stop
+          @task_end_relay&.stop
         ensure
           @pool = nil
           unsubscribe
