@@ -13,9 +13,10 @@ use crate::errors;
 use crate::gvl::{check_interrupts, without_gvl, without_gvl_retrying};
 use magnus::{function, prelude::*, Error, RArray, RHash, RModule, RString, Ruby, Value};
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tasker_worker::{
-    EngineResult, LocalTasks, TaskEndTake, TaskSnapshot, TaskTable, WorkerSystemHandle,
+    GroupWait, LocalTasks, TaskEndTake, TaskSnapshot, TaskTable, WorkerSystemHandle,
 };
 use uuid::Uuid;
 
@@ -262,74 +263,91 @@ fn wait_for_tasks(ruby: &Ruby, task_uuids: Value, timeout: Value) -> Result<Opti
 const WAIT_CHUNK: usize = 64;
 
 /// Memory backend: the final statuses of `uuids`, in order, or `None` past `timeout`. Finished
-/// tasks answer from the table at once; each unfinished one is told to answer a channel when it
-/// finishes (no engine round trip), and that channel is awaited with the GVL released.
+/// tasks answer from the table at once; the unfinished ones are told to answer one [`GroupWait`]
+/// when they finish (no engine round trip), which wakes this thread once, when the last answers.
 fn wait_local(
     ruby: &Ruby,
     local: &LocalTasks,
     uuids: &[Uuid],
     timeout: Option<Duration>,
 ) -> Result<Option<Vec<TaskSnapshot>>, Error> {
-    let (reply, answers) = crossbeam_channel::unbounded();
     let mut found: Vec<Option<TaskSnapshot>> = vec![None; uuids.len()];
-    // Where each awaited task's answer goes (a uuid may be listed more than once).
-    let mut awaited: HashMap<Uuid, Vec<usize>> = HashMap::new();
-    let mut registered: Vec<Uuid> = Vec::new();
-    let forget = |registered: &[Uuid], reply: &crossbeam_channel::Sender<_>| {
-        for chunk in registered.chunks(WAIT_CHUNK) {
-            let chunk = chunk.to_vec();
-            let reply = reply.clone();
-            with_table(ruby, local, move |table| {
-                for uuid in chunk {
-                    table.forget_waiter(uuid, &reply);
-                }
-            })?;
-        }
-        Ok::<(), Error>(())
-    };
+    // Made at the first unfinished task: a wait on finished tasks allocates nothing for it.
+    let mut group: Option<Arc<GroupWait>> = None;
+    let mut awaited: Vec<usize> = Vec::new();
     for (chunk_index, chunk) in uuids.chunks(WAIT_CHUNK).enumerate() {
-        let ids = chunk.to_vec();
-        let waiter = reply.clone();
-        let now: Vec<Option<EngineResult<TaskSnapshot>>> = with_table(ruby, local, move |table| {
-            ids.iter().map(|&uuid| table.wait(uuid, &waiter)).collect()
+        let answers = with_table(ruby, local, |table| {
+            chunk
+                .iter()
+                .map(|&uuid| match table.snapshot_if_finished(uuid) {
+                    Some(answer) => Some(answer),
+                    None => {
+                        let group = group.get_or_insert_with(GroupWait::new);
+                        table.wait_in_group(uuid, group)
+                    }
+                })
+                .collect::<Vec<_>>()
         })?;
-        for (offset, answer) in now.into_iter().enumerate() {
+        for (offset, answer) in answers.into_iter().enumerate() {
             let index = chunk_index * WAIT_CHUNK + offset;
             match answer {
                 Some(Ok(snapshot)) => found[index] = Some(snapshot),
                 Some(Err(e)) => {
-                    forget(&registered, &reply)?;
+                    forget_group(ruby, local, uuids, &awaited, group.as_ref())?;
                     return Err(errors::engine(ruby, e));
                 }
-                None => {
-                    registered.push(uuids[index]);
-                    awaited.entry(uuids[index]).or_default().push(index);
-                }
+                None => awaited.push(index),
             }
         }
     }
-    let deadline = deadline_after(timeout);
-    let mut left = registered.len();
-    while left > 0 {
-        let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        let answer = match await_reply(ruby, answers.clone(), remaining) {
-            Ok(Some(answer)) => answer,
-            Ok(None) => {
-                forget(&registered, &reply)?;
-                return Ok(None);
-            }
-            Err(interrupt) => {
-                forget(&registered, &reply)?;
-                return Err(interrupt);
-            }
-        };
-        let snapshot = answer.map_err(|e| errors::engine(ruby, e))?;
-        if let Some(index) = awaited.get_mut(&snapshot.task_uuid).and_then(Vec::pop) {
-            found[index] = Some(snapshot);
-            left -= 1;
+    let Some(group) = group else {
+        return Ok(Some(found.into_iter().flatten().collect()));
+    };
+    group.registered();
+    match await_reply(ruby, group.done().clone(), timeout) {
+        Ok(Some(())) => {}
+        Ok(None) => {
+            forget_group(ruby, local, uuids, &awaited, Some(&group))?;
+            return Ok(None);
         }
+        Err(interrupt) => {
+            forget_group(ruby, local, uuids, &awaited, Some(&group))?;
+            return Err(interrupt);
+        }
+    }
+    // Each awaited position takes its task's answer (a uuid listed twice answered twice).
+    let mut by_task: HashMap<Uuid, Vec<TaskSnapshot>> = HashMap::new();
+    for snapshot in group.take_answers() {
+        by_task
+            .entry(snapshot.task_uuid)
+            .or_default()
+            .push(snapshot);
+    }
+    for index in awaited {
+        found[index] = by_task.get_mut(&uuids[index]).and_then(Vec::pop);
     }
     Ok(Some(found.into_iter().flatten().collect()))
+}
+
+/// The caller stopped waiting: the tasks it waited for forget its group.
+fn forget_group(
+    ruby: &Ruby,
+    local: &LocalTasks,
+    uuids: &[Uuid],
+    awaited: &[usize],
+    group: Option<&Arc<GroupWait>>,
+) -> Result<(), Error> {
+    let Some(group) = group else {
+        return Ok(());
+    };
+    for chunk in awaited.chunks(WAIT_CHUNK) {
+        with_table(ruby, local, |table| {
+            for &index in chunk {
+                table.forget_group(uuids[index], group);
+            }
+        })?;
+    }
+    Ok(())
 }
 
 /// PostgreSQL: one engine request per task, all sent before any is awaited.

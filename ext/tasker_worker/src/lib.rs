@@ -15,7 +15,7 @@ pub mod logging;
 pub mod status;
 pub mod template;
 
-pub use backend::memory::{LocalTasks, NewTask, TaskTable};
+pub use backend::memory::{GroupWait, LocalTasks, NewTask, TaskTable};
 pub use bootstrap::{
     CompletionVerdict, TaskEndTake, WaitTicket, WorkerBootstrap, WorkerSystemHandle,
     MAX_RETRY_AFTER,

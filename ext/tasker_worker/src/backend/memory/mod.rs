@@ -11,7 +11,7 @@
 mod index;
 mod table;
 
-pub use table::{NewTask, TaskTable};
+pub use table::{GroupWait, NewTask, TaskTable};
 
 use super::{Backend, SnapshotReply};
 use crate::engine::EngineMessage;
@@ -79,7 +79,7 @@ impl LocalTasks {
         drop(guard);
         for delivery in deliveries {
             for waiter in delivery.waiters {
-                let _ = waiter.try_send(Ok(delivery.snapshot.clone()));
+                waiter.deliver(&delivery.snapshot);
             }
             if delivery.announce {
                 let _ = self.task_ends.send(delivery.snapshot);

@@ -19,10 +19,12 @@ use crate::events::{
     StepSnapshot, StepStatus, TaskInfo, TaskSnapshot, TaskStatus,
 };
 use crate::template::TaskTemplate;
+use crossbeam_channel::{Receiver, Sender};
 use serde_json::Value;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 use uuid::Uuid;
@@ -60,7 +62,7 @@ pub(super) struct Task {
     completed_at_ns: Option<u64>,
     /// Bumped each time the task finishes, so a retried task is not evicted by an old entry.
     finish_seq: u64,
-    waiters: Vec<SnapshotReply>,
+    waiters: Vec<Waiter>,
 }
 
 impl Task {
@@ -106,13 +108,83 @@ impl Task {
     }
 }
 
+/// Someone waiting for a task to finish.
+pub enum Waiter {
+    One(SnapshotReply),
+    Group(Arc<GroupWait>),
+}
+
+impl Waiter {
+    pub(super) fn deliver(self, snapshot: &TaskSnapshot) {
+        match self {
+            Waiter::One(reply) => {
+                let _ = reply.try_send(Ok(snapshot.clone()));
+            }
+            Waiter::Group(group) => group.deliver(snapshot.clone()),
+        }
+    }
+}
+
+/// One caller waiting for many tasks (`wait_for_tasks`): the final statuses gather here, and the
+/// caller is woken once, when the last one arrives, rather than once per task.
+pub struct GroupWait {
+    answers: Mutex<Vec<TaskSnapshot>>,
+    /// Answers still expected, plus one until the caller has registered them all
+    /// ([`Self::registered`]), so that the count cannot reach zero half-way.
+    left: AtomicUsize,
+    done: (Sender<()>, Receiver<()>),
+}
+
+impl GroupWait {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            answers: Mutex::new(Vec::new()),
+            left: AtomicUsize::new(1),
+            done: crossbeam_channel::bounded(1),
+        })
+    }
+
+    fn expect_one(&self) {
+        self.left.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Every task is registered: [`Self::done`] receives once all of them have answered.
+    pub fn registered(&self) {
+        self.count_down();
+    }
+
+    fn deliver(&self, snapshot: TaskSnapshot) {
+        self.answers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(snapshot);
+        self.count_down();
+    }
+
+    fn count_down(&self) {
+        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let _ = self.done.0.try_send(());
+        }
+    }
+
+    /// Receives once every task registered has answered.
+    pub fn done(&self) -> &Receiver<()> {
+        &self.done.1
+    }
+
+    /// The final statuses gathered so far, in the order the tasks finished.
+    pub fn take_answers(&self) -> Vec<TaskSnapshot> {
+        std::mem::take(&mut *self.answers.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
 /// A task made outside the lock, ready to be inserted ([`TaskTable::prepare`]).
 pub struct NewTask(Task);
 
 /// What a lock section leaves to send once the lock is released: a finished task's waiters and,
 /// when someone observes task ends, the task end itself.
 pub(super) struct Delivery {
-    pub waiters: Vec<SnapshotReply>,
+    pub waiters: Vec<Waiter>,
     pub snapshot: TaskSnapshot,
     pub announce: bool,
 }
@@ -459,7 +531,7 @@ impl TaskTable {
     ) -> Option<EngineResult<TaskSnapshot>> {
         match self.tasks.get_mut(&task_uuid) {
             Some(task) if !task.status.is_finished() => {
-                task.waiters.push(reply.clone());
+                task.waiters.push(Waiter::One(reply.clone()));
                 None
             }
             _ => Some(self.snapshot(task_uuid)),
@@ -469,7 +541,41 @@ impl TaskTable {
     /// The caller of [`Self::wait`] stopped waiting.
     pub fn forget_waiter(&mut self, task_uuid: Uuid, reply: &SnapshotReply) {
         if let Some(task) = self.tasks.get_mut(&task_uuid) {
-            task.waiters.retain(|w| !w.same_channel(reply));
+            task.waiters
+                .retain(|w| !matches!(w, Waiter::One(r) if r.same_channel(reply)));
+        }
+    }
+
+    /// A finished (or unknown) task's answer; `None` while it runs.
+    pub fn snapshot_if_finished(&self, task_uuid: Uuid) -> Option<EngineResult<TaskSnapshot>> {
+        match self.tasks.get(&task_uuid) {
+            Some(task) if !task.status.is_finished() => None,
+            _ => Some(self.snapshot(task_uuid)),
+        }
+    }
+
+    /// [`Self::wait`] for a task among many: its final status goes to `group`, which counts it as
+    /// expected until then.
+    pub fn wait_in_group(
+        &mut self,
+        task_uuid: Uuid,
+        group: &Arc<GroupWait>,
+    ) -> Option<EngineResult<TaskSnapshot>> {
+        match self.tasks.get_mut(&task_uuid) {
+            Some(task) if !task.status.is_finished() => {
+                group.expect_one();
+                task.waiters.push(Waiter::Group(Arc::clone(group)));
+                None
+            }
+            _ => Some(self.snapshot(task_uuid)),
+        }
+    }
+
+    /// The caller of [`Self::wait_in_group`] stopped waiting.
+    pub fn forget_group(&mut self, task_uuid: Uuid, group: &Arc<GroupWait>) {
+        if let Some(task) = self.tasks.get_mut(&task_uuid) {
+            task.waiters
+                .retain(|w| !matches!(w, Waiter::Group(g) if Arc::ptr_eq(g, group)));
         }
     }
 
