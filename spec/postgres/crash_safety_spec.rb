@@ -2,6 +2,7 @@
 
 # slow.yml: first -> second, each step sleeping 0.5 s with timeout_seconds: 2. Two workers of 4
 # handler threads each; the handler logs "<step_uuid> <attempt> <pid> start|done <time>" lines.
+# Claims are leased for 2 s (renewed every 2/3 s while their worker lives).
 RSpec.describe "PostgreSQL backend: crash safety" do
   include_context "postgres database"
 
@@ -28,9 +29,9 @@ RSpec.describe "PostgreSQL backend: crash safety" do
     handler_log(log).select { |l| l[:event] == "done" }
   end
 
-  it "SIGKILL: the dead worker's steps reappear after their timeout, complete on the other worker, once" do
-    doomed = start_pg_worker(db, worker_id: "crash-doomed")
-    survivor = start_pg_worker(db, worker_id: "crash-survivor")
+  it "SIGKILL: the dead worker's steps reappear once its lease expires, complete on the other worker, once" do
+    doomed = start_pg_worker(db, worker_id: "crash-doomed", claim_lease: 2)
+    survivor = start_pg_worker(db, worker_id: "crash-survivor", claim_lease: 2)
     start_client(db)
     uuids = create_slow_tasks(24)
     wait_until_running(doomed, 2)
@@ -38,7 +39,7 @@ RSpec.describe "PostgreSQL backend: crash safety" do
     doomed.signal("KILL")
     expect(doomed.exit_status(5)&.termsig).to eq(Signal.list["KILL"])
     running_at_kill = running_in(doomed.pid)
-    # What it held: claimed, not recorded. Each row turns visible again at its claim + 2 s.
+    # What it held: claimed, not recorded. Each row turns visible again 2 s after its last renewal.
     stranded = psql_rows("SELECT step_uuid, extract(epoch FROM visible_at) FROM tasker_ready_steps " \
                          "WHERE claimed_by = 'crash-doomed'", db: db).to_h.transform_values { |at| Float(at) }
     expect(stranded.keys).to include(*running_at_kill)
@@ -49,7 +50,7 @@ RSpec.describe "PostgreSQL backend: crash safety" do
     expect(psql_rows("SELECT status, count(*) FROM tasker_steps GROUP BY 1", db: db)).to eq([%w[complete 48]])
     steps = results.flat_map { |r| r[:steps] }
     retaken, untouched = steps.partition { |s| stranded.key?(s[:step_uuid]) }
-    # The stranded steps ran again on the survivor, as their second attempt, once their claim expired.
+    # The stranded steps ran again on the survivor, as their second attempt, once their lease expired.
     expect(retaken.size).to eq(stranded.size)
     retaken.each do |step|
       expect(step).to include(status: "complete", attempts: 2)

@@ -152,7 +152,7 @@ RSpec.describe "PostgreSQL backend: execution across processes" do
     expect(step_of(exhausted, "flaky")).to include(status: "error", attempts: 3)
     expect(step_of(exhausted, "flaky")[:error_message]).to include("attempt 3").and include("gave up after 3 attempts")
     [permanent, exhausted].each do |task|
-      expect(step_of(task, "after")).to include(status: "pending", attempts: 0, result: nil)
+      expect(step_of(task, "after")).to include(status: "skipped", attempts: 0, result: nil)
     end
     # The dependents never reached a handler, and nothing of these tasks is left to claim.
     sleep 0.5

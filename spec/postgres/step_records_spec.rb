@@ -69,7 +69,7 @@ RSpec.describe "PostgreSQL backend: step records" do
       expect(time(flaky[:completed_at]).to_f).to be >= ran[:at] - printed
       expect(time(final[:completed_at])).to be >= time(flaky[:completed_at])
       # The dependent never ran: no times.
-      expect(step_of(final, "after")).to include(status: "pending", started_at: nil, completed_at: nil,
+      expect(step_of(final, "after")).to include(status: "skipped", started_at: nil, completed_at: nil,
                                                  duration_ms: nil)
     ensure
       FileUtils.rm_f(log) if log
@@ -111,7 +111,7 @@ RSpec.describe "PostgreSQL backend: step records" do
       expect(second).to include(status: "error", attempts: 1, metadata: {})
       expect(second[:error_message]).to include("metadata", "NUL", "$.note")
       expect(second[:completed_at]).not_to be_nil
-      expect(step_of(poisoned, "third")[:status]).to eq("pending")
+      expect(step_of(poisoned, "third")[:status]).to eq("skipped")
     end
   end
 

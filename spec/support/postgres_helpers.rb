@@ -56,6 +56,18 @@ module PostgresHelpers
       expect_line("CREATED", 10)
     end
 
+    # Cancel a task from the child. @return [String] "true", "false" or "!<error class>: <message>"
+    def cancel_task(uuid)
+      command("cancel #{uuid}")
+      expect_line("CANCELLED", 10)
+    end
+
+    # Retry a task from the child. @return [String] "true" or "!<error class>: <message>"
+    def retry_task(uuid)
+      command("retry #{uuid}")
+      expect_line("RETRIED", 10)
+    end
+
     # Graceful stop over stdin. @return [Hash] the status just before the shutdown
     def stop(timeout: 30)
       command("stop")

@@ -286,17 +286,7 @@ const FAST_STREAK_LIMIT: u32 = 16;
 /// is returned to the caller or back in the queue, never lost on the way.
 fn next_step_event(ruby: &Ruby, args: &[Value]) -> Result<Value, Error> {
     errors::guard(ruby, || {
-        let timeout = match args {
-            [] => None,
-            [t] if t.is_nil() => None,
-            [t] => Some(seconds(ruby, *t, "timeout")?),
-            _ => {
-                return Err(errors::argument(
-                    ruby,
-                    "wrong number of arguments (expected 0..1)",
-                ))
-            }
-        };
+        let timeout = optional_timeout(ruby, args)?;
         let Some(system) = current() else {
             return Ok(ruby.qnil().as_value());
         };
@@ -377,6 +367,22 @@ pub(crate) fn seconds(ruby: &Ruby, value: Value, what: &str) -> Result<Duration,
     convert::seconds_at_most(ruby, value, what, MAX_WAIT)
 }
 
+/// The optional `timeout` argument of the blocking calls: absent or nil waits without a limit.
+fn optional_timeout(ruby: &Ruby, args: &[Value]) -> Result<Option<Duration>, Error> {
+    match args {
+        [] => Ok(None),
+        [t] if t.is_nil() => Ok(None),
+        [t] => seconds(ruby, *t, "timeout").map(Some),
+        _ => Err(errors::argument(
+            ruby,
+            format!(
+                "wrong number of arguments (given {}, expected 0..1)",
+                args.len()
+            ),
+        )),
+    }
+}
+
 /// Wait for an engine reply with the GVL released; interrupts raise (or resume the wait).
 pub(crate) fn await_reply<T: Send>(
     ruby: &Ruby,
@@ -409,17 +415,7 @@ pub(crate) fn await_reply<T: Send>(
 /// cut short; `nil` once the worker has stopped. `Worker::Bootstrap` runs one thread on this.
 fn next_step_interrupt(ruby: &Ruby, args: &[Value]) -> Result<Value, Error> {
     errors::guard(ruby, || {
-        let timeout = match args {
-            [] => None,
-            [t] if t.is_nil() => None,
-            [t] => Some(seconds(ruby, *t, "timeout")?),
-            _ => {
-                return Err(errors::argument(
-                    ruby,
-                    "wrong number of arguments (expected 0..1)",
-                ))
-            }
-        };
+        let timeout = optional_timeout(ruby, args)?;
         let Some(system) = current() else {
             return Ok(ruby.qnil().as_value());
         };

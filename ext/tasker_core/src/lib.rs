@@ -11,6 +11,7 @@ mod logging;
 mod tasks;
 #[cfg(feature = "test-hooks")]
 mod test_hooks;
+mod testing;
 
 use magnus::{Error, Ruby};
 
@@ -20,5 +21,6 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     errors::define(ruby, module)?;
     errors::install_panic_hook();
     bridge::init(ruby, module)?;
-    handlers::init(module)
+    handlers::init(module)?;
+    testing::init(module)
 }

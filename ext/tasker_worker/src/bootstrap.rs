@@ -63,6 +63,7 @@ impl WorkerBootstrap {
                     mode: config.deployment_mode,
                     poll_interval: config.poll_interval,
                     finished_task_ttl: config.finished_task_ttl,
+                    claim_lease: config.claim_lease,
                     max_in_flight: config.concurrency * 2,
                 };
                 let backend = PostgresBackend::new(settings, Arc::clone(&templates));
@@ -78,6 +79,14 @@ impl WorkerBootstrap {
         let templates = TemplateRegistry::load(&config.templates)?;
         let namespaces = Self::namespaces(config, &templates)?;
         Ok(templates.handlers_in(&namespaces))
+    }
+
+    /// The templates and namespaces a worker started with `config` would run, loaded and
+    /// validated as [`Self::start`] does, starting nothing (test mode runs tasks from them).
+    pub fn templates(config: &WorkerConfig) -> EngineResult<(TemplateRegistry, Vec<String>)> {
+        let templates = TemplateRegistry::load(&config.templates)?;
+        let namespaces = Self::namespaces(config, &templates)?;
+        Ok((templates, namespaces))
     }
 
     /// The namespaces the worker runs: the configured ones (on the memory backend each must have a

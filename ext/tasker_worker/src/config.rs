@@ -89,6 +89,7 @@ pub const CONFIG_KEYS: &[&str] = &[
     "task_index_retention",
     "database_pool_size",
     "finished_task_ttl",
+    "claim_lease",
     "validate_handlers",
 ];
 
@@ -117,6 +118,10 @@ pub struct WorkerConfig {
     pub database_pool_size: u32,
     /// The postgres backend deletes finished tasks older than this.
     pub finished_task_ttl: Duration,
+    /// How long a step claimed by a postgres worker stays its own without a renewal: the engine
+    /// renews its claims every third of this, so another worker takes a step over only once its
+    /// owner has stopped renewing (died, or lost the database) for this long.
+    pub claim_lease: Duration,
     /// Whether `Worker::Bootstrap.start!` resolves every template's handler class before starting
     /// (the Ruby side does the check; the engine only validates the value).
     pub validate_handlers: bool,
@@ -252,6 +257,11 @@ impl WorkerConfig {
             None => Duration::from_secs(7 * 24 * 3600),
         };
 
+        let claim_lease = match get("claim_lease") {
+            Some(v) => seconds_in("claim_lease", v, 0.3, 3600.0)?,
+            None => Duration::from_secs(30),
+        };
+
         let validate_handlers = match get("validate_handlers") {
             Some(v) => boolean("validate_handlers", v)?,
             None => true,
@@ -298,6 +308,7 @@ impl WorkerConfig {
             task_index_retention,
             database_pool_size,
             finished_task_ttl,
+            claim_lease,
             validate_handlers,
         })
     }
@@ -406,6 +417,7 @@ mod tests {
         assert_eq!(c.environment, "development");
         assert!(c.worker_id.starts_with("worker-"));
         assert!(c.validate_handlers);
+        assert_eq!(c.claim_lease, Duration::from_secs(30));
     }
 
     #[test]
@@ -426,6 +438,7 @@ mod tests {
             (json!({"enable_web_api": true}), "enable_web_api"),
             (json!({"validate_handlers": "no"}), "validate_handlers"),
             (json!({"validate_handlers": 0}), "validate_handlers"),
+            (json!({"claim_lease": 0.1}), "claim_lease"),
         ] {
             let err = parse(cfg.clone()).unwrap_err();
             assert!(matches!(err, EngineError::Configuration(_)));

@@ -241,6 +241,12 @@ impl<B: Backend> Engine<B> {
             }
             // Only sets flags (work may be ready somewhere): no reason to cut the batch of
             // outcomes short, which would cost a transaction per notification on the postgres backend.
+            EngineMessage::Notify(Notification::TasksHalted { tasks, cancelled }) => {
+                self.withdraw(&tasks, cancelled).await;
+                self.backend
+                    .notify(Notification::TasksHalted { tasks, cancelled });
+                return;
+            }
             EngineMessage::Notify(notification) => {
                 self.backend.notify(notification);
                 return;

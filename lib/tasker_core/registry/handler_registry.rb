@@ -3,17 +3,25 @@
 module TaskerCore
   module Registry
     # Maps a template's `handler.callable` to a handler class. Classes are registered explicitly
-    # or found by constant name on first use (autoload); lookups read a frozen Hash without locking.
+    # or found by constant name (autoload); lookups read frozen Hashes without locking.
+    #
+    # A class found by constant name is looked up again on every call (a constant lookup, well
+    # under a microsecond), never cached: when code is reloaded (Rails' reloader, Zeitwerk, `load`)
+    # the next step runs the new class. A class registered explicitly stays until unregistered.
     class HandlerRegistry
       include Singleton
 
       def initialize
         @mutex = Mutex.new
         @handlers = {}.freeze
+        @autoloaded = {}.freeze
       end
 
-      # @return [Hash{String => Class}] the handlers known so far
-      attr_reader :handlers
+      # @return [Hash{String => Class}] the handlers known so far: registered ones, and those found
+      #   by constant name (as last resolved)
+      def handlers
+        @autoloaded.merge(@handlers)
+      end
 
       def register(callable_name, klass)
         validate!(callable_name, klass)
@@ -45,7 +53,10 @@ module TaskerCore
       end
 
       def clear!
-        @mutex.synchronize { @handlers = {}.freeze }
+        @mutex.synchronize do
+          @handlers = {}.freeze
+          @autoloaded = {}.freeze
+        end
       end
 
       private
@@ -54,9 +65,14 @@ module TaskerCore
         klass = Object.const_get(name)
         return nil unless handler_class?(klass)
 
-        register(name, klass)
+        remember(name, klass) unless @autoloaded[name].equal?(klass)
+        klass
       rescue NameError
         nil
+      end
+
+      def remember(name, klass)
+        @mutex.synchronize { @autoloaded = @autoloaded.merge(name => klass).freeze }
       end
 
       def handler_class?(klass)

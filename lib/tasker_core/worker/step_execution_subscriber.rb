@@ -7,12 +7,15 @@ module TaskerCore
     class StepExecutionSubscriber
       # @param interrupter [StepInterrupter, nil] lets the engine interrupt a handler whose attempt
       #   timed out or whose task was cancelled (Bootstrap passes its own)
+      # @param middleware [Middleware::Chain, nil] around each handler call; nil: the configured one
+      #   (TaskerCore.configuration.handler_middleware), read at each step
       def initialize(handler_registry: Registry::HandlerRegistry.instance, event_bridge: EventBridge.instance,
-                     logger: TaskerCore::Logger.new, interrupter: nil)
+                     logger: TaskerCore::Logger.new, interrupter: nil, middleware: nil)
         @registry = handler_registry
         @bridge = event_bridge
         @logger = logger
         @interrupter = interrupter
+        @middleware = middleware
       end
 
       # Subscriber entry point: `event` is the published Event (or its payload Hash).
@@ -27,6 +30,21 @@ module TaskerCore
       private
 
       def execute(data)
+        chain = @middleware || TaskerCore.configuration.handler_middleware
+        # The class is resolved inside the middleware, so one that reloads code runs the new class.
+        chain.invoke(data) { run_handler(data) }
+      rescue StandardError => e
+        # RetryableError (with its retry_after) and any other StandardError retry; PermanentError does not.
+        retry_after = e.retry_after if e.is_a?(TaskerCore::RetryableError)
+        failure(data, e, retryable: !e.is_a?(TaskerCore::PermanentError), retry_after: retry_after)
+      rescue SignalException, SystemExit
+        raise
+      rescue Exception => e # rubocop:disable Lint/RescueException
+        # NotImplementedError, SystemStackError, NoMemoryError...: fail the step, keep the thread.
+        failure(data, e, retryable: false)
+      end
+
+      def run_handler(data)
         sequence = data[:task_sequence_step]
         callable = sequence.step_definition.callable
         klass = @registry.resolve(callable)
@@ -41,15 +59,6 @@ module TaskerCore
         run = proc { Thread.handle_interrupt(Object => :immediate) { handler.call(task, sequence, step) } }
         returned = @interrupter ? @interrupter.guard(data[:event_id], &run) : run.call
         success(data, returned)
-      rescue StandardError => e
-        # RetryableError (with its retry_after) and any other StandardError retry; PermanentError does not.
-        retry_after = e.retry_after if e.is_a?(TaskerCore::RetryableError)
-        failure(data, e, retryable: !e.is_a?(TaskerCore::PermanentError), retry_after: retry_after)
-      rescue SignalException, SystemExit
-        raise
-      rescue Exception => e # rubocop:disable Lint/RescueException
-        # NotImplementedError, SystemStackError, NoMemoryError...: fail the step, keep the thread.
-        failure(data, e, retryable: false)
       end
 
       def success(data, returned)

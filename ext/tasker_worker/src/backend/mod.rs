@@ -107,6 +107,10 @@ pub enum Notification {
     StepsReady,
     /// Tasks finished somewhere.
     TasksFinished(Vec<Uuid>),
+    /// Tasks stopped starting steps (here or in another process): a step of theirs failed for
+    /// good, or they were `cancelled`. The engine withdraws their attempts still queued for Ruby
+    /// and, for a cancel, interrupts the handlers running them.
+    TasksHalted { tasks: Vec<Uuid>, cancelled: bool },
     /// The listener lost its connection and came back: notifications may have been missed.
     Reconnected,
     /// Work the backend runs off the engine loop (a database write) finished: its results are

@@ -1,9 +1,17 @@
 //! The durable backend: many worker processes on many hosts share one PostgreSQL database.
 //!
 //! - Ready steps live in a small hot table (`tasker_ready_steps`). Claims take them with
-//!   `FOR UPDATE SKIP LOCKED` and push `visible_at` forward by the step's timeout: a step whose
-//!   worker died becomes claimable again once its claim is that old, and the next claim counts
-//!   a new attempt.
+//!   `FOR UPDATE SKIP LOCKED` and push `visible_at` forward by the claim lease (`claim_lease`).
+//!   The engine renews the lease of every attempt it holds (queued for Ruby, running, or timed
+//!   out with its handler not yet returned) every third of the lease, in one UPDATE: a step is
+//!   claimable again only once its owner has stopped renewing (it died, or lost the database)
+//!   for a whole lease, and the next claim counts a new attempt.
+//! - Endings: a step that fails for good sets its task's `ending` (`error`; a cancel sets
+//!   `cancelled`): claims skip the task from then on, its steps that have not started become
+//!   `skipped` (`cancelled`), and the task takes its ending as its status once none of its steps
+//!   is in progress. A cancel is announced on `tasker_tasks_halted`, so that the process running
+//!   a step of the task interrupts it; every writer locks the task's row first, so a cancel and
+//!   a completion of the same task are serialised.
 //! - Recording a batch of outcomes is one transaction: results, retries, successors made ready,
 //!   task completion, then a claim of what this worker has room for (often the successors just
 //!   made ready). Every write is conditioned on the attempt number, so a stale completion (its
@@ -19,7 +27,7 @@
 //! - Every connection sets `lock_timeout`, `idle_in_transaction_session_timeout` and TCP
 //!   keepalives, so a paused or partitioned worker holds its row locks for seconds, not hours.
 //! - A worker holds at most `max_in_flight` claimed steps (twice its handler threads): a claimed
-//!   step's deadline runs from the claim, so it must not wait long for a free thread.
+//!   attempt's timeout runs from the claim, so it must not wait long for a free thread.
 //! - Wake-ups: LISTEN/NOTIFY (EventDriven), a periodic claim (Polling), or both (Hybrid). One
 //!   NOTIFY per transaction at most, and only for steps the sender did not claim itself.
 //!   EventDriven workers also wake when the earliest hidden row becomes visible (a retry's
@@ -50,6 +58,8 @@ use uuid::Uuid;
 
 const STEPS_READY: &str = "tasker_steps_ready";
 const TASKS_FINISHED: &str = "tasker_tasks_finished";
+/// Tasks that stopped starting steps; payload `cancelled:<uuid>,...` or `error:<uuid>,...`.
+const TASKS_HALTED: &str = "tasker_tasks_halted";
 /// How long a failed write (or claim) waits before it is tried again (the database may be restarting).
 const RETRY_WRITE_AFTER: Duration = Duration::from_millis(250);
 /// Longest a record transaction may take before it is abandoned (rolled back) and retried:
@@ -102,9 +112,12 @@ pub struct PostgresSettings {
     pub mode: DeploymentMode,
     pub poll_interval: Duration,
     pub finished_task_ttl: Duration,
+    /// How long a claim holds without renewal (renewed every third of it while the attempt is
+    /// out here).
+    pub claim_lease: Duration,
     /// Most attempts claimed and not yet recorded or released (running or queued for Ruby).
-    /// A claimed step's visibility deadline runs from the claim: steps must not wait in this
-    /// process longer than they take to run, or they time out (and reappear elsewhere) unstarted.
+    /// A claimed attempt's timeout runs from the claim: steps must not wait in this process
+    /// longer than they take to run, or they time out unstarted.
     pub max_in_flight: usize,
 }
 
@@ -112,6 +125,16 @@ pub struct PostgresSettings {
 struct ClaimScope {
     namespaces: Vec<String>,
     worker_id: String,
+    /// The claim lease, in seconds.
+    lease_secs: f64,
+}
+
+/// An attempt claimed here and not yet recorded or released.
+struct Owned {
+    attempt: u32,
+    /// The step's `attempt_base` (its retry budget counts from there).
+    base: u32,
+    template: Arc<TaskTemplate>,
 }
 
 /// One attempt's outcome, decided on the engine thread and ready to be written.
@@ -136,8 +159,10 @@ enum Effect {
 /// What one write task did, handed back to the engine thread.
 #[derive(Default)]
 struct WriteDone {
-    /// Steps whose outcomes are settled (written, or found stale).
-    recorded: Vec<Uuid>,
+    /// Attempts (step, attempt) whose outcomes are settled (written, or found stale).
+    recorded: Vec<(Uuid, u32)>,
+    /// Tasks that stopped starting steps because a step failed for good.
+    halted: Vec<Uuid>,
     /// Outcomes not written (the database is unreachable, rows are locked): written later.
     kept: Vec<Entry>,
     /// Why something was kept, for the log.
@@ -190,9 +215,15 @@ pub struct PostgresBackend {
     prefetched: Vec<PgRow>,
     /// The worker is shutting down: claim nothing more.
     stopping: bool,
-    /// The template of each attempt claimed here and not yet recorded (by step), so recording
-    /// it needs no lookup.
-    flight_templates: HashMap<Uuid, Arc<TaskTemplate>>,
+    /// Each attempt claimed here and not yet recorded or released (by step): recording it needs
+    /// no lookup, and its lease is renewed.
+    owned: HashMap<Uuid, Owned>,
+    /// Tasks that stopped starting steps, learned from this process's writes, for the engine.
+    halted: Vec<Uuid>,
+    /// Tasks halted here or elsewhere whose `prefetched` attempts must go back unstarted.
+    halted_prefetched: Vec<Uuid>,
+    next_renewal: Instant,
+    renewal: Option<JoinHandle<()>>,
     /// A claim due without any notification: at start (steps may already be waiting), in
     /// EventDriven mode when the earliest hidden row becomes visible (a retry's backoff ends, the
     /// claim of a worker that died expires), and shortly after a claim that failed. Not a poll:
@@ -206,9 +237,11 @@ impl PostgresBackend {
         let scope = Arc::new(ClaimScope {
             namespaces: settings.namespaces.clone(),
             worker_id: settings.worker_id.clone(),
+            lease_secs: settings.claim_lease.as_secs_f64(),
         });
         let (write_results_sender, write_results) = unbounded_channel();
         let now = Instant::now();
+        let first_renewal = renewal_every(settings.claim_lease);
         Self {
             settings,
             scope,
@@ -234,7 +267,11 @@ impl PostgresBackend {
             outstanding: 0,
             prefetched: Vec::new(),
             stopping: false,
-            flight_templates: HashMap::new(),
+            owned: HashMap::new(),
+            halted: Vec::new(),
+            halted_prefetched: Vec::new(),
+            next_renewal: now + first_renewal,
+            renewal: None,
             wake_claim_at: Some(now),
         }
     }
@@ -410,7 +447,7 @@ impl PostgresBackend {
         let rows = sqlx::query(
             "SELECT w.task_uuid FROM unnest($1::uuid[]) AS w(task_uuid)
              LEFT JOIN tasker_tasks t ON t.task_uuid = w.task_uuid
-             WHERE t.task_uuid IS NULL OR t.status IN ('complete', 'error')",
+             WHERE t.task_uuid IS NULL OR t.status IN ('complete', 'error', 'cancelled')",
         )
         .bind(&waited)
         .fetch_all(pool)
@@ -486,7 +523,9 @@ impl PostgresBackend {
         }
     }
     /// Events for claimed rows (templates, dependency results). An attempt beyond the last one
-    /// allowed (its worker died holding the last) is recorded as timed out instead.
+    /// allowed (its worker died holding the last), or of a task that starts no new step (its
+    /// worker died while the task was ending), is not run: the attempt its worker lost is
+    /// recorded as timed out instead.
     async fn build_events(
         &mut self,
         pool: &PgPool,
@@ -524,6 +563,8 @@ impl PostgresBackend {
             let task_uuid: Uuid = row.get("task_uuid");
             let index = row.get::<i32, _>("step_index") as usize;
             let attempt = row.get::<i32, _>("attempts") as u32;
+            let base = row.get::<i32, _>("attempt_base") as u32;
+            let ending: Option<String> = row.get("ending");
             let Some(definition) = template.steps.get(index).map(Arc::clone) else {
                 // Only a template changed under the same version gets here (refused at
                 // bootstrap since): fail the step, never panic the engine.
@@ -552,10 +593,18 @@ impl PostgresBackend {
                 attempt,
                 now,
             );
-            self.flight_templates
-                .insert(flight.step_uuid, Arc::clone(&template));
-            if attempt > definition.retry.max_attempts {
-                // The worker holding the last allowed attempt died: that attempt failed.
+            self.owned.insert(
+                flight.step_uuid,
+                Owned {
+                    attempt,
+                    base,
+                    template: Arc::clone(&template),
+                },
+            );
+            if attempt.saturating_sub(base) > definition.retry.max_attempts || ending.is_some() {
+                // The worker holding the last allowed attempt died, or the task is ending (only
+                // a step in progress keeps its row then, so its worker died): that attempt
+                // failed, and this one does not run.
                 exhausted.push(flight);
                 continue;
             }
@@ -602,6 +651,9 @@ impl PostgresBackend {
                 .into_iter()
                 .map(|mut f| {
                     f.attempt -= 1;
+                    if let Some(owned) = self.owned.get_mut(&f.step_uuid) {
+                        owned.attempt = f.attempt;
+                    }
                     (f, AttemptOutcome::TimedOut)
                 })
                 .collect::<Vec<_>>();
@@ -614,33 +666,38 @@ impl PostgresBackend {
             .execute(pool)
             .await
             .map_err(db)?;
-            self.record(lost, now).await?;
+            self.record_outcomes(lost, now).await;
         }
         Ok(claimed)
     }
 
-    /// Claimed attempts that never ran: the attempt does not count, the step is claimable now.
-    async fn release_attempts(&mut self, steps: Vec<Uuid>, attempts: Vec<i32>) {
-        let Ok(pool) = self.pool() else { return };
-        let result = sqlx::query(
-            "WITH input AS (SELECT * FROM unnest($1::uuid[], $2::int4[]) AS i(step_uuid, attempt)),
-             back AS (
-               UPDATE tasker_steps s SET attempts = s.attempts - 1, status = 'enqueued', started_at = NULL
-               FROM input i WHERE s.step_uuid = i.step_uuid AND s.attempts = i.attempt AND s.status = 'in_progress'
-               RETURNING s.step_uuid
-             ), visible AS (
-               UPDATE tasker_ready_steps r SET visible_at = now(), claimed_by = NULL
-               FROM back WHERE r.step_uuid = back.step_uuid
-             )
-             SELECT pg_notify($3, '')",
+    /// Claimed attempts that never ran: the attempt does not count; the step is claimable now,
+    /// or, if its task is ending, settled as the ending says (`skipped`, `cancelled`), and the
+    /// task finishes if that was its last step in progress.
+    async fn release_attempts(&mut self, tasks: Vec<Uuid>, steps: Vec<Uuid>, attempts: Vec<i32>) {
+        let Ok(pool) = self.pool().cloned() else {
+            return;
+        };
+        let released = tokio::time::timeout(
+            WRITE_TIMEOUT,
+            release_transaction(&pool, tasks, &steps, &attempts),
         )
-        .bind(&steps)
-        .bind(&attempts)
-        .bind(STEPS_READY)
-        .execute(pool)
-        .await;
-        if let Err(e) = result {
-            warn!(error = %e, "releasing unstarted steps failed; they become claimable after their timeout");
+        .await
+        .unwrap_or_else(|_| {
+            Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "releasing took longer than 30s",
+            )))
+        });
+        match released {
+            Ok(finished) => {
+                if !finished.is_empty() && !self.waiters.is_empty() {
+                    self.answer_waiters(finished).await;
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "releasing unstarted steps failed; they become claimable once their lease expires")
+            }
         }
     }
 
@@ -689,41 +746,46 @@ impl PostgresBackend {
     async fn prepare(&mut self, outcomes: Vec<(InFlight, AttemptOutcome)>) -> Vec<Entry> {
         let unknown: Vec<Uuid> = outcomes
             .iter()
-            .filter(|(f, _)| !self.flight_templates.contains_key(&f.step_uuid))
-            .map(|(f, _)| f.task_uuid)
+            .filter(|(f, _)| {
+                self.owned
+                    .get(&f.step_uuid)
+                    .is_none_or(|o| o.attempt != f.attempt)
+            })
+            .map(|(f, _)| f.step_uuid)
             .collect();
-        let mut template_of_task: HashMap<Uuid, Arc<TaskTemplate>> = HashMap::new();
+        let mut found: HashMap<Uuid, (u32, Arc<TaskTemplate>)> = HashMap::new();
         if !unknown.is_empty() {
-            match self.templates_of_tasks(&unknown).await {
-                Ok(found) => template_of_task = found,
+            match self.templates_of_steps(&unknown).await {
+                Ok(steps) => found = steps,
                 Err(e) => warn!(error = %e, "looking up the templates of recorded steps failed"),
             }
         }
         let mut entries = Vec::with_capacity(outcomes.len());
         for (flight, outcome) in outcomes {
-            let template = self
-                .flight_templates
-                .get(&flight.step_uuid)
-                .or_else(|| template_of_task.get(&flight.task_uuid))
-                .cloned();
-            let Some(template) = template else {
+            let known = match self.owned.get(&flight.step_uuid) {
+                Some(o) if o.attempt == flight.attempt => Some((o.base, Arc::clone(&o.template))),
+                _ => found.get(&flight.step_uuid).cloned(),
+            };
+            let Some((base, template)) = known else {
                 // Its task is gone (deleted after finishing): there is nothing left to record.
                 debug!(task_uuid = %flight.task_uuid, "outcome for a task that no longer exists");
                 continue;
             };
-            entries.push(entry_for(flight, outcome, template));
+            entries.push(entry_for(flight, outcome, template, base));
         }
         entries
     }
 
-    async fn templates_of_tasks(
+    /// The retry base and template of steps this process does not hold the record of.
+    async fn templates_of_steps(
         &mut self,
-        tasks: &[Uuid],
-    ) -> EngineResult<HashMap<Uuid, Arc<TaskTemplate>>> {
+        steps: &[Uuid],
+    ) -> EngineResult<HashMap<Uuid, (u32, Arc<TaskTemplate>)>> {
         let rows = sqlx::query(
-            "SELECT task_uuid, namespace, name, version FROM tasker_tasks WHERE task_uuid = ANY($1)",
+            "SELECT s.step_uuid, s.attempt_base, t.namespace, t.name, t.version
+             FROM tasker_steps s JOIN tasker_tasks t ON t.task_uuid = s.task_uuid WHERE s.step_uuid = ANY($1)",
         )
-        .bind(tasks)
+        .bind(steps)
         .fetch_all(self.pool()?)
         .await
         .map_err(db)?;
@@ -734,7 +796,8 @@ impl PostgresBackend {
                 name: row.get("name"),
                 version: row.get("version"),
             };
-            found.insert(row.get("task_uuid"), self.template(&key).await?);
+            let base = row.get::<i32, _>("attempt_base") as u32;
+            found.insert(row.get("step_uuid"), (base, self.template(&key).await?));
         }
         Ok(found)
     }
@@ -782,6 +845,88 @@ impl PostgresBackend {
         });
     }
 
+    /// Hand outcomes to the write task (at once while shutting down: the engine stops once
+    /// nothing is in flight).
+    async fn record_outcomes(&mut self, outcomes: Vec<(InFlight, AttemptOutcome)>, now: Instant) {
+        self.outstanding = self.outstanding.saturating_sub(outcomes.len());
+        let entries = self.prepare(outcomes).await;
+        self.pending.extend(entries);
+        self.start_write(now);
+        if self.stopping {
+            // Shutting down: the engine stops once nothing is in flight, so finish the write
+            // first, retrying a failed one for a little while (a database restarting).
+            self.wait_for_write(now).await;
+            for _ in 0..SHUTDOWN_WRITE_RETRIES {
+                let Some(at) = self.retry_write_at.filter(|_| !self.pending.is_empty()) else {
+                    break;
+                };
+                tokio::time::sleep_until(at.into()).await;
+                self.start_write(Instant::now());
+                self.wait_for_write(Instant::now()).await;
+            }
+        }
+    }
+
+    /// Attempts claimed ahead (in a record transaction) for tasks that have since stopped
+    /// starting steps go back unstarted: settled as their task's ending says.
+    async fn release_halted_prefetched(&mut self) {
+        if self.halted_prefetched.is_empty() {
+            return;
+        }
+        let halted: HashSet<Uuid> = self.halted_prefetched.drain(..).collect();
+        if self.prefetched.is_empty() {
+            return;
+        }
+        let (back, keep): (Vec<PgRow>, Vec<PgRow>) = std::mem::take(&mut self.prefetched)
+            .into_iter()
+            .partition(|r| halted.contains(&r.get::<Uuid, _>("task_uuid")));
+        self.prefetched = keep;
+        if back.is_empty() {
+            return;
+        }
+        self.outstanding = self.outstanding.saturating_sub(back.len());
+        let tasks = back.iter().map(|r| r.get::<Uuid, _>("task_uuid")).collect();
+        let steps = back.iter().map(|r| r.get::<Uuid, _>("step_uuid")).collect();
+        let attempts = back.iter().map(|r| r.get::<i32, _>("attempts")).collect();
+        self.release_attempts(tasks, steps, attempts).await;
+    }
+
+    /// Every third of the lease, extend the lease of every attempt this process holds (queued
+    /// for Ruby, running, timed out or cancelled with its handler still running, claimed ahead,
+    /// or waiting for its outcome to be written), in one UPDATE on a task of its own. The same
+    /// statement tells which of those attempts' tasks were cancelled: a cancel reaches this
+    /// process within one renewal even without LISTEN (Polling).
+    fn renew_leases(&mut self, now: Instant) {
+        if now < self.next_renewal {
+            return;
+        }
+        let every = renewal_every(self.settings.claim_lease);
+        self.next_renewal = now + every;
+        if self.renewal.as_ref().is_some_and(|r| !r.is_finished()) {
+            return;
+        }
+        let mut steps = Vec::with_capacity(self.owned.len() + self.prefetched.len());
+        let mut attempts = Vec::with_capacity(steps.capacity());
+        for (step, owned) in &self.owned {
+            steps.push(*step);
+            attempts.push(owned.attempt as i32);
+        }
+        for row in &self.prefetched {
+            steps.push(row.get::<Uuid, _>("step_uuid"));
+            attempts.push(row.get::<i32, _>("attempts"));
+        }
+        if steps.is_empty() {
+            return;
+        }
+        let (Ok(pool), Some(wake)) = (self.pool().cloned(), self.wake.clone()) else {
+            return;
+        };
+        let lease = self.scope.lease_secs;
+        self.renewal = Some(tokio::spawn(renew_leases(
+            pool, steps, attempts, lease, every, wake,
+        )));
+    }
+
     /// Take the results of finished write tasks.
     async fn take_write_results(&mut self, now: Instant) {
         while let Ok(done) = self.write_results.try_recv() {
@@ -791,9 +936,13 @@ impl PostgresBackend {
 
     async fn finish_write(&mut self, done: WriteDone, now: Instant) {
         self.writing = false;
-        for step in &done.recorded {
-            self.flight_templates.remove(step);
+        for (step, attempt) in &done.recorded {
+            if self.owned.get(step).is_some_and(|o| o.attempt == *attempt) {
+                self.owned.remove(step);
+            }
         }
+        self.halted.extend(&done.halted);
+        self.halted_prefetched.extend(done.halted);
         self.contended = done.deferred > 0;
         if !done.kept.is_empty() {
             warn!(
@@ -981,21 +1130,154 @@ impl Backend for PostgresBackend {
         }
     }
 
-    // TODO(issue E): cancel and retry across processes on PostgreSQL.
-    async fn cancel_task(&mut self, _task_uuid: Uuid) -> EngineResult<bool> {
-        Err(EngineError::config(
-            "cancel_task is not available on the postgres backend yet",
-        ))
+    async fn cancel_task(&mut self, task_uuid: Uuid) -> EngineResult<bool> {
+        let pool = self.pool()?.clone();
+        let cancelled = tokio::time::timeout(WRITE_TIMEOUT, cancel_transaction(&pool, task_uuid))
+            .await
+            .unwrap_or_else(|_| {
+                Err(sqlx::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "cancelling took longer than 30s",
+                )))
+            })
+            .map_err(db)?;
+        match cancelled {
+            Cancel::Unknown => Err(deleted_task(task_uuid)),
+            Cancel::AlreadyFinished => Ok(false),
+            Cancel::Cancelled { finished } => {
+                // Attempts claimed in a record transaction and not yet handed out go back too.
+                self.halted_prefetched.push(task_uuid);
+                if finished && self.waiters.contains_key(&task_uuid) {
+                    self.answer_waiters(vec![task_uuid]).await;
+                }
+                Ok(true)
+            }
+        }
     }
 
-    async fn retry_task(&mut self, _task_uuid: Uuid) -> EngineResult<()> {
-        Err(EngineError::config(
-            "retry_task is not available on the postgres backend yet",
-        ))
+    async fn retry_task(&mut self, task_uuid: Uuid) -> EngineResult<()> {
+        let pool = self.pool()?.clone();
+        let mut tx = pool.begin().await.map_err(db)?;
+        let Some(task) = sqlx::query(
+            "SELECT namespace, name, version, status FROM tasker_tasks WHERE task_uuid = $1 FOR UPDATE",
+        )
+        .bind(task_uuid)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db)?
+        else {
+            return Err(deleted_task(task_uuid));
+        };
+        let status = task_status(task.get("status"));
+        if !matches!(status, TaskStatus::Error | TaskStatus::Cancelled) {
+            return Err(EngineError::config(format!(
+                "task {task_uuid} is {}: only a task that ended in error or was cancelled can be retried",
+                if status.is_finished() {
+                    status.as_str()
+                } else {
+                    "still running"
+                }
+            )));
+        }
+        let key = TemplateKey {
+            namespace: task.get("namespace"),
+            name: task.get("name"),
+            version: task.get("version"),
+        };
+        let template = self.template(&key).await?;
+        let steps = sqlx::query(
+            "SELECT step_uuid, step_index, status FROM tasker_steps WHERE task_uuid = $1 ORDER BY step_index",
+        )
+        .bind(task_uuid)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db)?;
+        let complete: HashSet<usize> = steps
+            .iter()
+            .filter(|r| r.get::<&str, _>("status") == "complete")
+            .map(|r| r.get::<i32, _>("step_index") as usize)
+            .collect();
+        let mut again = Vec::new();
+        let mut waiting = Vec::new();
+        let mut ready = Vec::new();
+        let mut ready_timeouts = Vec::new();
+        for row in &steps {
+            let index = row.get::<i32, _>("step_index") as usize;
+            if complete.contains(&index) {
+                continue;
+            }
+            let Some(deps) = template.dependencies.get(index) else {
+                return Err(EngineError::config(format!(
+                    "task {task_uuid} cannot be retried: its template {key} has no step #{index} (the stored \
+                     template was changed under the same version)"
+                )));
+            };
+            let step_uuid: Uuid = row.get("step_uuid");
+            let waiting_on = deps.iter().filter(|d| !complete.contains(d)).count();
+            again.push(step_uuid);
+            waiting.push(waiting_on as i32);
+            if waiting_on == 0 {
+                ready.push(step_uuid);
+                ready_timeouts.push(ms(template.steps[index].timeout));
+            }
+        }
+        // Each step gets its retry budget again, counted from the attempts it has had so far.
+        sqlx::query(
+            "UPDATE tasker_steps s
+             SET status = CASE WHEN i.waiting_on = 0 THEN 'enqueued' ELSE 'pending' END,
+                 waiting_on = i.waiting_on, attempt_base = s.attempts, ready_at = now()
+             FROM unnest($1::uuid[], $2::int4[]) AS i(step_uuid, waiting_on)
+             WHERE s.step_uuid = i.step_uuid",
+        )
+        .bind(&again)
+        .bind(&waiting)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        sqlx::query(
+            "INSERT INTO tasker_ready_steps (step_uuid, task_uuid, namespace, timeout_ms)
+             SELECT u, $2, $3, ms FROM unnest($1::uuid[], $4::int4[]) AS x(u, ms)
+             ON CONFLICT (step_uuid) DO UPDATE SET visible_at = now(), claimed_by = NULL",
+        )
+        .bind(&ready)
+        .bind(task_uuid)
+        .bind(&key.namespace)
+        .bind(&ready_timeouts)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        sqlx::query(
+            "UPDATE tasker_tasks SET status = 'in_progress', ending = NULL, finished_at = NULL WHERE task_uuid = $1",
+        )
+        .bind(task_uuid)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(STEPS_READY)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        self.maybe_ready = true;
+        Ok(())
     }
 
     async fn tick(&mut self, now: Instant) {
         self.take_write_results(now).await;
+        self.release_halted_prefetched().await;
+        if !self.halted.is_empty() {
+            // Halted by this process's writes since the last `record`: the engine withdraws
+            // their queued attempts (a NOTIFY does it too, but Polling workers do not listen).
+            if let Some(wake) = &self.wake {
+                let tasks = std::mem::take(&mut self.halted);
+                let _ = wake.send(EngineMessage::Notify(Notification::TasksHalted {
+                    tasks,
+                    cancelled: false,
+                }));
+            }
+        }
+        self.renew_leases(now);
         self.housekeeping(now).await;
         self.start_write(now);
     }
@@ -1054,37 +1336,27 @@ impl Backend for PostgresBackend {
         outcomes: Vec<(InFlight, AttemptOutcome)>,
         now: Instant,
     ) -> EngineResult<Vec<Uuid>> {
-        self.outstanding = self.outstanding.saturating_sub(outcomes.len());
-        let entries = self.prepare(outcomes).await;
-        self.pending.extend(entries);
-        self.start_write(now);
-        if self.stopping {
-            // Shutting down: the engine stops once nothing is in flight, so finish the write
-            // first, retrying a failed one for a little while (a database restarting).
-            self.wait_for_write(now).await;
-            for _ in 0..SHUTDOWN_WRITE_RETRIES {
-                let Some(at) = self.retry_write_at.filter(|_| !self.pending.is_empty()) else {
-                    break;
-                };
-                tokio::time::sleep_until(at.into()).await;
-                self.start_write(Instant::now());
-                self.wait_for_write(Instant::now()).await;
-            }
-        }
-        // TODO(issue E): honest endings on PostgreSQL (no task halts here yet).
-        Ok(Vec::new())
+        self.record_outcomes(outcomes, now).await;
+        self.take_write_results(now).await;
+        Ok(std::mem::take(&mut self.halted))
     }
 
     async fn release(&mut self, unstarted: Vec<InFlight>) {
         self.outstanding = self.outstanding.saturating_sub(unstarted.len());
         for flight in &unstarted {
-            self.flight_templates.remove(&flight.step_uuid);
+            if self
+                .owned
+                .get(&flight.step_uuid)
+                .is_some_and(|o| o.attempt == flight.attempt)
+            {
+                self.owned.remove(&flight.step_uuid);
+            }
         }
+        let tasks: Vec<Uuid> = unstarted.iter().map(|f| f.task_uuid).collect();
         let steps: Vec<Uuid> = unstarted.iter().map(|f| f.step_uuid).collect();
         let attempts: Vec<i32> = unstarted.iter().map(|f| f.attempt as i32).collect();
-        self.release_attempts(steps, attempts).await;
+        self.release_attempts(tasks, steps, attempts).await;
     }
-
     async fn stop_claiming(&mut self) {
         self.stopping = true;
         // A running write may be claiming: take its rows before handing back what is held.
@@ -1094,16 +1366,20 @@ impl Backend for PostgresBackend {
         }
         let held = std::mem::take(&mut self.prefetched);
         self.outstanding = self.outstanding.saturating_sub(held.len());
+        let tasks = held.iter().map(|r| r.get::<Uuid, _>("task_uuid")).collect();
         let steps = held.iter().map(|r| r.get::<Uuid, _>("step_uuid")).collect();
         let attempts = held.iter().map(|r| r.get::<i32, _>("attempts")).collect();
-        self.release_attempts(steps, attempts).await;
+        self.release_attempts(tasks, steps, attempts).await;
     }
 
     fn next_wakeup(&self) -> Option<Instant> {
         let poll = if self.polls() { self.next_poll } else { None };
         let waiters = self.checks_waiters().then_some(self.next_housekeeping);
         let retry_write = (!self.writing).then_some(self.retry_write_at).flatten();
+        let renewal =
+            (!self.owned.is_empty() || !self.prefetched.is_empty()).then_some(self.next_renewal);
         [
+            renewal,
             poll,
             self.wake_claim_at,
             retry_write,
@@ -1127,6 +1403,8 @@ impl Backend for PostgresBackend {
             Notification::TasksFinished(tasks) => self
                 .finished_unanswered
                 .extend(tasks.into_iter().filter(|t| self.waiters.contains_key(t))),
+            // The engine withdrew what it had queued; what this backend holds goes back on the next tick.
+            Notification::TasksHalted { tasks, .. } => self.halted_prefetched.extend(tasks),
             // Taken on the next tick.
             Notification::BackendWorkDone => {}
         }
@@ -1137,6 +1415,12 @@ impl Backend for PostgresBackend {
             .as_ref()
             .map_or((0, 0), |p| (p.size(), p.num_idle() as u32))
     }
+}
+
+/// How often the leases of the attempts out here are renewed: three renewals per lease, so that
+/// two may fail (the database restarting) before another process may take a step over.
+fn renewal_every(lease: Duration) -> Duration {
+    lease / 3
 }
 
 /// Finished tasks are deleted at start, then every minute, or every `finished_task_ttl` when that
@@ -1249,7 +1533,14 @@ fn storable_text(text: String) -> String {
 }
 
 /// What an outcome does to its step: complete it, retry it after a delay, or fail it for good.
-fn entry_for(flight: InFlight, outcome: AttemptOutcome, template: Arc<TaskTemplate>) -> Entry {
+/// `base`: the step's attempts before its task was last retried (its retry budget counts from
+/// there).
+fn entry_for(
+    flight: InFlight,
+    outcome: AttemptOutcome,
+    template: Arc<TaskTemplate>,
+    base: u32,
+) -> Entry {
     let Some(policy) = template
         .steps
         .get(flight.step_index)
@@ -1268,7 +1559,8 @@ fn entry_for(flight: InFlight, outcome: AttemptOutcome, template: Arc<TaskTempla
         };
     };
     let (retryable, retry_after, message, metadata) = match outcome {
-        AttemptOutcome::Completed(c) if c.success => {
+        // A handler that returned a success after its task was cancelled: the step is complete.
+        AttemptOutcome::Completed(c) | AttemptOutcome::Cancelled(Some(c)) if c.success => {
             let unstorable = nul_in(&c.result)
                 .map(|path| ("result", path))
                 .or_else(|| nul_in(&c.metadata).map(|path| ("metadata", path)));
@@ -1297,22 +1589,26 @@ fn entry_for(flight: InFlight, outcome: AttemptOutcome, template: Arc<TaskTempla
             (c.retryable, c.retry_after, message, metadata)
         }
         AttemptOutcome::TimedOut => (true, None, flight.timeout_message(), None),
-        // TODO(issue E): cancel on PostgreSQL; until then no attempt is cancelled here.
-        AttemptOutcome::Cancelled(_) => (false, None, "cancelled while running".to_string(), None),
+        // Its task was cancelled: never retried (the step becomes `cancelled`).
+        AttemptOutcome::Cancelled(reported) => {
+            let message = match reported {
+                Some(c) => format!("cancelled while running ({})", c.failure_message()),
+                None => "cancelled while running".to_string(),
+            };
+            (false, None, message, None)
+        }
     };
     let message = storable_text(message);
-    let effect = if retryable && policy.retryable && flight.attempt < policy.max_attempts {
+    let used = flight.attempt.saturating_sub(base);
+    let effect = if retryable && policy.retryable && used < policy.max_attempts {
         Effect::Retry {
-            delay_ms: delay_ms(retry_after.unwrap_or_else(|| policy.delay_after(flight.attempt))),
+            delay_ms: delay_ms(retry_after.unwrap_or_else(|| policy.delay_after(used))),
             message,
         }
     } else if !retryable || !policy.retryable {
         Effect::Fail(message)
     } else {
-        Effect::Fail(format!(
-            "{message} (gave up after {} attempts)",
-            flight.attempt
-        ))
+        Effect::Fail(format!("{message} (gave up after {used} attempts)"))
     };
     Entry {
         flight,
@@ -1376,6 +1672,7 @@ struct Written {
     /// Indices (into the entries) deferred because another session holds their task's row.
     deferred: Vec<usize>,
     finished: Vec<Uuid>,
+    halted: Vec<Uuid>,
     readiness: Readiness,
     claim_ran: bool,
     claimed: Vec<PgRow>,
@@ -1481,7 +1778,8 @@ impl WriteDone {
             if deferred.contains(&i) {
                 self.kept.push(entries[i].clone());
             } else {
-                self.recorded.push(entries[i].flight.step_uuid);
+                self.recorded
+                    .push((entries[i].flight.step_uuid, entries[i].flight.attempt));
             }
         }
         self.deferred += deferred.len();
@@ -1492,6 +1790,7 @@ impl WriteDone {
             ));
         }
         self.finished.extend(written.finished);
+        self.halted.extend(written.halted);
         self.readiness.readied |= written.readiness.readied;
         self.readiness.retried |= written.readiness.retried;
         self.claimed.extend(written.claimed);
@@ -1558,14 +1857,15 @@ async fn write_once(
     tasks.dedup();
     let lock = match locking {
         Locking::Wait => {
-            "SELECT task_uuid FROM tasker_tasks WHERE task_uuid = ANY($1) ORDER BY task_uuid FOR UPDATE"
+            "SELECT task_uuid, ending FROM tasker_tasks WHERE task_uuid = ANY($1) ORDER BY task_uuid FOR UPDATE"
         }
         Locking::SkipLocked => {
-            "SELECT task_uuid FROM tasker_tasks WHERE task_uuid = ANY($1) ORDER BY task_uuid
+            "SELECT task_uuid, ending FROM tasker_tasks WHERE task_uuid = ANY($1) ORDER BY task_uuid
              FOR UPDATE SKIP LOCKED"
         }
     };
-    let locked: HashSet<Uuid> = sqlx::query_scalar(lock)
+    // Each locked task's ending (None while it runs normally).
+    let endings: HashMap<Uuid, Option<String>> = sqlx::query_as::<_, (Uuid, Option<String>)>(lock)
         .bind(&tasks)
         .fetch_all(&mut *tx)
         .await?
@@ -1582,12 +1882,12 @@ async fn write_once(
                 .collect();
         let (now, later): (Vec<usize>, Vec<usize>) = writing.into_iter().partition(|&i| {
             let task = entries[i].flight.task_uuid;
-            locked.contains(&task) || !existing.contains(&task)
+            endings.contains_key(&task) || !existing.contains(&task)
         });
         writing = now;
         written.deferred = later;
     }
-    let (finished, readiness) = write_entries(&mut tx, entries, &writing).await?;
+    let (finished, halted, readiness) = write_entries(&mut tx, entries, &writing, &endings).await?;
     let claims = claim.room > 0 && (claim.even_if_nothing_readied || readiness.readied);
     let claimed = if claims {
         claim_rows(&mut *tx, scope, claim.room).await?
@@ -1603,21 +1903,25 @@ async fn write_once(
             .execute(&mut *tx)
             .await?;
     }
+    notify_halted(&mut tx, &halted, false).await?;
     notify_finished(&mut tx, &finished).await?;
     tx.commit().await?;
     written.finished = finished;
+    written.halted = halted;
     written.readiness = readiness;
     written.claim_ran = claims;
     written.claimed = claimed;
     Ok(written)
 }
 
-/// Record the outcomes `subset` of `entries` inside `tx`. Returns the tasks that finished.
+/// Record the outcomes `subset` of `entries` inside `tx`, whose tasks are locked with their
+/// `endings`. Returns the tasks that finished, and those that a step failing for good halted.
 async fn write_entries(
     tx: &mut Transaction<'static, Postgres>,
     entries: &[Entry],
     subset: &[usize],
-) -> Result<(Vec<Uuid>, Readiness), sqlx::Error> {
+    endings: &HashMap<Uuid, Option<String>>,
+) -> Result<(Vec<Uuid>, Vec<Uuid>, Readiness), sqlx::Error> {
     // Lock rows in one order in every transaction, so concurrent batches cannot deadlock.
     // One entry per attempt: an attempt is recorded once however often it was handed over.
     let mut ordered: Vec<&Entry> = subset.iter().map(|&i| &entries[i]).collect();
@@ -1638,9 +1942,18 @@ async fn write_entries(
     let mut fail_attempts = Vec::new();
     let mut fail_messages = Vec::new();
     let mut fail_metadata = Vec::new();
+    let mut fail_statuses = Vec::new();
 
     for entry in ordered {
         let flight = &entry.flight;
+        let ending = endings.get(&flight.task_uuid).and_then(|e| e.as_deref());
+        // A task that is ending retries nothing: the failure is kept, the step settled as its
+        // task's ending says.
+        let fail_status = if ending == Some("cancelled") {
+            "cancelled"
+        } else {
+            "error"
+        };
         match &entry.effect {
             Effect::Complete(result) => {
                 ok_steps.push(flight.step_uuid);
@@ -1660,6 +1973,15 @@ async fn write_entries(
                     }
                 }
             }
+            Effect::Retry { message, .. } | Effect::Fail(message)
+                if ending.is_some() || matches!(entry.effect, Effect::Fail(_)) =>
+            {
+                fail_steps.push(flight.step_uuid);
+                fail_attempts.push(flight.attempt as i32);
+                fail_messages.push(message.as_str());
+                fail_metadata.push(entry.metadata.as_ref());
+                fail_statuses.push(fail_status);
+            }
             Effect::Retry { delay_ms, message } => {
                 retry_steps.push(flight.step_uuid);
                 retry_attempts.push(flight.attempt as i32);
@@ -1667,12 +1989,7 @@ async fn write_entries(
                 retry_messages.push(message.as_str());
                 retry_metadata.push(entry.metadata.as_ref());
             }
-            Effect::Fail(message) => {
-                fail_steps.push(flight.step_uuid);
-                fail_attempts.push(flight.attempt as i32);
-                fail_messages.push(message.as_str());
-                fail_metadata.push(entry.metadata.as_ref());
-            }
+            Effect::Fail(_) => unreachable!("failures are taken by the arm above"),
         }
     }
 
@@ -1739,40 +2056,50 @@ async fn write_entries(
         readiness.retried = true;
     }
 
+    let mut halted = Vec::new();
     if !fail_steps.is_empty() {
         let rows = sqlx::query(
             "WITH input AS (
-               SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::jsonb[])
-                 AS i(step_uuid, attempt, message, metadata)
+               SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::jsonb[], $5::text[])
+                 AS i(step_uuid, attempt, message, metadata, status)
              ), failed AS (
                UPDATE tasker_steps s
-               SET status = 'error', error_message = i.message, metadata = i.metadata, completed_at = now()
+               SET status = i.status, error_message = i.message, metadata = i.metadata, completed_at = now()
                FROM input i
                WHERE s.step_uuid = i.step_uuid AND s.attempts = i.attempt AND s.status = 'in_progress'
-               RETURNING s.task_uuid
+               RETURNING s.step_uuid, s.task_uuid
+             ), gone AS (
+               DELETE FROM tasker_ready_steps r USING failed f WHERE r.step_uuid = f.step_uuid
              )
-             UPDATE tasker_tasks t SET status = 'error', finished_at = now()
-             WHERE t.task_uuid IN (SELECT task_uuid FROM failed) AND t.status NOT IN ('complete', 'error')
-             RETURNING t.task_uuid",
+             SELECT task_uuid FROM failed",
         )
         .bind(&fail_steps)
         .bind(&fail_attempts)
         .bind(&fail_messages)
         .bind(&fail_metadata)
+        .bind(&fail_statuses)
         .fetch_all(&mut **tx)
         .await?;
-        let errored: Vec<Uuid> = rows.iter().map(|r| r.get("task_uuid")).collect();
-        // An errored task runs nothing more: its queued steps leave the hot table.
-        sqlx::query(
-            "DELETE FROM tasker_ready_steps WHERE task_uuid = ANY($1) OR step_uuid = ANY($2)",
-        )
-        .bind(&errored)
-        .bind(&fail_steps)
-        .execute(&mut **tx)
-        .await?;
-        finished.extend(errored);
+        // A step failed for good in a task that was running normally: the task starts no new step.
+        let mut failing: Vec<Uuid> = rows
+            .iter()
+            .map(|r| r.get::<Uuid, _>("task_uuid"))
+            .filter(|t| endings.get(t).is_some_and(|e| e.is_none()))
+            .collect();
+        failing.sort();
+        failing.dedup();
+        halted = halt_tasks(tx, &failing, "error").await?;
     }
-    Ok((finished, readiness))
+
+    // Tasks that are ending finish once none of their steps is in progress.
+    let ending: Vec<Uuid> = endings
+        .iter()
+        .filter(|(_, e)| e.is_some())
+        .map(|(t, _)| *t)
+        .chain(halted.iter().copied())
+        .collect();
+    finished.extend(settle_tasks(tx, &ending).await?);
+    Ok((finished, halted, readiness))
 }
 
 /// Successor edges of the completions in one batch, column by column.
@@ -1805,6 +2132,239 @@ async fn notify_finished(
             .await?;
     }
     Ok(())
+}
+
+/// Announce tasks that stopped starting steps, so that the processes holding their attempts
+/// withdraw the queued ones (and, for a cancel, interrupt the running ones).
+async fn notify_halted(
+    tx: &mut Transaction<'static, Postgres>,
+    tasks: &[Uuid],
+    cancelled: bool,
+) -> Result<(), sqlx::Error> {
+    let kind = if cancelled { "cancelled" } else { "error" };
+    for chunk in tasks.chunks(200) {
+        let payload = chunk
+            .iter()
+            .map(Uuid::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(TASKS_HALTED)
+            .bind(format!("{kind}:{payload}"))
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
+
+/// A `tasker_tasks_halted` payload: the tasks, and whether they were cancelled.
+fn parse_halted(payload: &str) -> (Vec<Uuid>, bool) {
+    let (kind, uuids) = payload.split_once(':').unwrap_or(("error", payload));
+    let tasks = uuids
+        .split(',')
+        .filter_map(|s| Uuid::parse_str(s).ok())
+        .collect();
+    (tasks, kind == "cancelled")
+}
+
+/// Stop `tasks` starting steps (their row locked by the caller): `ending` is `error` or
+/// `cancelled` (a cancel outranks a failure still winding down; nothing outranks a cancel). Their
+/// steps that have not started become `skipped` (`cancelled`) and leave the hot table. Returns
+/// the tasks whose ending this set.
+async fn halt_tasks(
+    tx: &mut Transaction<'static, Postgres>,
+    tasks: &[Uuid],
+    ending: &str,
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    if tasks.is_empty() {
+        return Ok(Vec::new());
+    }
+    sqlx::query_scalar(
+        "WITH halted AS (
+           UPDATE tasker_tasks t SET ending = $2::text
+           WHERE t.task_uuid = ANY($1) AND t.status IN ('pending', 'in_progress')
+             AND (t.ending IS NULL OR ($2::text = 'cancelled' AND t.ending <> 'cancelled'))
+           RETURNING t.task_uuid
+         ), settled AS (
+           UPDATE tasker_steps s
+           SET status = CASE WHEN $2::text = 'cancelled' THEN 'cancelled' ELSE 'skipped' END
+           FROM halted h
+           WHERE s.task_uuid = h.task_uuid AND s.status IN ('pending', 'enqueued', 'waiting_for_retry')
+           RETURNING s.step_uuid
+         ), gone AS (
+           DELETE FROM tasker_ready_steps r USING settled WHERE r.step_uuid = settled.step_uuid
+         )
+         SELECT task_uuid FROM halted",
+    )
+    .bind(tasks)
+    .bind(ending)
+    .fetch_all(&mut **tx)
+    .await
+}
+
+/// Tasks that are ending and have no step in progress any more take their ending as their
+/// status. Returns those that finished.
+async fn settle_tasks(
+    tx: &mut Transaction<'static, Postgres>,
+    tasks: &[Uuid],
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    if tasks.is_empty() {
+        return Ok(Vec::new());
+    }
+    sqlx::query_scalar(
+        "UPDATE tasker_tasks t SET status = t.ending, finished_at = now()
+         WHERE t.task_uuid = ANY($1) AND t.ending IS NOT NULL AND t.status IN ('pending', 'in_progress')
+           AND NOT EXISTS (SELECT 1 FROM tasker_steps s WHERE s.task_uuid = t.task_uuid AND s.status = 'in_progress')
+         RETURNING t.task_uuid",
+    )
+    .bind(tasks)
+    .fetch_all(&mut **tx)
+    .await
+}
+
+/// Lock the rows of `tasks`, in one order (every writer takes task rows first, then steps).
+async fn lock_tasks(
+    tx: &mut Transaction<'static, Postgres>,
+    tasks: &mut Vec<Uuid>,
+) -> Result<(), sqlx::Error> {
+    tasks.sort();
+    tasks.dedup();
+    sqlx::query(
+        "SELECT 1 FROM tasker_tasks WHERE task_uuid = ANY($1) ORDER BY task_uuid FOR UPDATE",
+    )
+    .bind(&*tasks)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Hand back claimed attempts that never ran (see `PostgresBackend::release_attempts`).
+/// Returns the tasks that finished.
+async fn release_transaction(
+    pool: &PgPool,
+    mut tasks: Vec<Uuid>,
+    steps: &[Uuid],
+    attempts: &[i32],
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    lock_tasks(&mut tx, &mut tasks).await?;
+    sqlx::query(
+        "WITH input AS (SELECT * FROM unnest($1::uuid[], $2::int4[]) AS i(step_uuid, attempt)),
+         back AS (
+           UPDATE tasker_steps s
+           SET attempts = s.attempts - 1, started_at = NULL,
+               status = CASE t.ending WHEN 'cancelled' THEN 'cancelled' WHEN 'error' THEN 'skipped' ELSE 'enqueued' END
+           FROM input i, tasker_tasks t
+           WHERE s.step_uuid = i.step_uuid AND s.attempts = i.attempt AND s.status = 'in_progress'
+             AND t.task_uuid = s.task_uuid
+           RETURNING s.step_uuid, s.status
+         ), visible AS (
+           UPDATE tasker_ready_steps r SET visible_at = now(), claimed_by = NULL
+           FROM back WHERE r.step_uuid = back.step_uuid AND back.status = 'enqueued'
+         ), gone AS (
+           DELETE FROM tasker_ready_steps r USING back
+           WHERE r.step_uuid = back.step_uuid AND back.status <> 'enqueued'
+         )
+         SELECT count(*) FROM back",
+    )
+    .bind(steps)
+    .bind(attempts)
+    .execute(&mut *tx)
+    .await?;
+    let finished = settle_tasks(&mut tx, &tasks).await?;
+    notify_finished(&mut tx, &finished).await?;
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(STEPS_READY)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(finished)
+}
+
+/// What a cancel found.
+enum Cancel {
+    Unknown,
+    AlreadyFinished,
+    /// `finished`: no step was in progress, so the task is `cancelled` already.
+    Cancelled {
+        finished: bool,
+    },
+}
+
+/// Cancel a task in one transaction, its row locked first: a completion of one of its steps is
+/// recorded wholly before or wholly after.
+async fn cancel_transaction(pool: &PgPool, task_uuid: Uuid) -> Result<Cancel, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let status: Option<String> =
+        sqlx::query_scalar("SELECT status FROM tasker_tasks WHERE task_uuid = $1 FOR UPDATE")
+            .bind(task_uuid)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some(status) = status else {
+        return Ok(Cancel::Unknown);
+    };
+    if task_status(&status).is_finished() {
+        return Ok(Cancel::AlreadyFinished);
+    }
+    halt_tasks(&mut tx, &[task_uuid], "cancelled").await?;
+    let finished = settle_tasks(&mut tx, &[task_uuid]).await?;
+    if finished.is_empty() {
+        // Steps are in progress somewhere: their processes interrupt them.
+        notify_halted(&mut tx, &[task_uuid], true).await?;
+    }
+    notify_finished(&mut tx, &finished).await?;
+    tx.commit().await?;
+    Ok(Cancel::Cancelled {
+        finished: !finished.is_empty(),
+    })
+}
+
+/// Extend the lease of the attempts (`steps`, `attempts`) still current; tell the engine which
+/// of their tasks were cancelled. Rows another session holds are skipped (it is recording them).
+async fn renew_leases(
+    pool: PgPool,
+    steps: Vec<Uuid>,
+    attempts: Vec<i32>,
+    lease_secs: f64,
+    within: Duration,
+    wake: UnboundedSender<EngineMessage>,
+) {
+    let renewal = sqlx::query_scalar::<_, Uuid>(
+        "WITH owned AS (
+           SELECT r.step_uuid FROM unnest($1::uuid[], $2::int4[]) AS o(step_uuid, attempt)
+           JOIN tasker_steps s ON s.step_uuid = o.step_uuid AND s.attempts = o.attempt AND s.status = 'in_progress'
+           JOIN tasker_ready_steps r ON r.step_uuid = o.step_uuid
+           ORDER BY r.step_uuid
+           FOR UPDATE OF r SKIP LOCKED
+         ), renewed AS (
+           UPDATE tasker_ready_steps r SET visible_at = now() + make_interval(secs => $3)
+           FROM owned WHERE r.step_uuid = owned.step_uuid
+           RETURNING r.task_uuid
+         )
+         SELECT DISTINCT t.task_uuid FROM renewed JOIN tasker_tasks t ON t.task_uuid = renewed.task_uuid
+         WHERE t.ending = 'cancelled'",
+    )
+    .bind(&steps)
+    .bind(&attempts)
+    .bind(lease_secs)
+    .fetch_all(&pool);
+    match tokio::time::timeout(within.max(Duration::from_millis(100)), renewal).await {
+        Ok(Ok(cancelled)) => {
+            if !cancelled.is_empty() {
+                let _ = wake.send(EngineMessage::Notify(Notification::TasksHalted {
+                    tasks: cancelled,
+                    cancelled: true,
+                }));
+            }
+        }
+        Ok(Err(e)) => {
+            warn!(error = %e, attempts = steps.len(), "renewing the claim lease failed; will try again")
+        }
+        Err(_) => warn!(
+            attempts = steps.len(),
+            "renewing the claim lease took longer than the renewal interval; will try again"
+        ),
+    }
 }
 
 /// The pool's and the listener's connection options: the URL's, plus the session settings and
@@ -1886,6 +2446,10 @@ async fn listen(options: PgConnectOptions, inbox: UnboundedSender<EngineMessage>
             let message = match tokio::time::timeout(LISTENER_HEARTBEAT, listener.try_recv()).await
             {
                 Ok(Ok(Some(n))) if n.channel() == STEPS_READY => Notification::StepsReady,
+                Ok(Ok(Some(n))) if n.channel() == TASKS_HALTED => {
+                    let (tasks, cancelled) = parse_halted(n.payload());
+                    Notification::TasksHalted { tasks, cancelled }
+                }
                 Ok(Ok(Some(n))) => Notification::TasksFinished(
                     n.payload()
                         .split(',')
@@ -1933,7 +2497,9 @@ async fn connect_listener(options: &PgConnectOptions) -> Result<PgListener, sqlx
             .connect_with(options.clone())
             .await?;
         let mut listener = PgListener::connect_with(&pool).await?;
-        listener.listen_all([STEPS_READY, TASKS_FINISHED]).await?;
+        listener
+            .listen_all([STEPS_READY, TASKS_FINISHED, TASKS_HALTED])
+            .await?;
         Ok(listener)
     };
     tokio::time::timeout(Duration::from_secs(10), connect)
@@ -1971,33 +2537,37 @@ const COMPLETE_SQL: &str = "WITH input AS (
      ), upd AS (
        UPDATE tasker_steps s
        SET waiting_on = s.waiting_on - d.n,
-           status = CASE WHEN s.waiting_on - d.n = 0 AND t.status <> 'error' THEN 'enqueued' ELSE s.status END,
+           status = CASE WHEN s.waiting_on - d.n = 0 AND t.ending IS NULL AND s.status = 'pending'
+                         THEN 'enqueued' ELSE s.status END,
            ready_at = CASE WHEN s.waiting_on - d.n = 0 THEN now() ELSE s.ready_at END
        FROM dec d JOIN tasker_tasks t ON t.task_uuid = d.task_uuid
        WHERE s.task_uuid = d.task_uuid AND s.step_index = d.step_index
-       RETURNING s.step_uuid, s.task_uuid, s.waiting_on, d.timeout_ms, d.namespace, t.status AS task_status
+       RETURNING s.step_uuid, s.task_uuid, s.waiting_on, s.status, d.timeout_ms, d.namespace
      ), ready AS (
        INSERT INTO tasker_ready_steps (step_uuid, task_uuid, namespace, timeout_ms)
        SELECT step_uuid, task_uuid, namespace, timeout_ms FROM upd
-       WHERE waiting_on = 0 AND task_status <> 'error'
+       WHERE waiting_on = 0 AND status = 'enqueued'
        ON CONFLICT (step_uuid) DO NOTHING
        RETURNING step_uuid
      ), fin AS (
        UPDATE tasker_tasks t
        SET incomplete_steps = t.incomplete_steps - f.n,
-           status = CASE WHEN t.incomplete_steps - f.n = 0 THEN 'complete'
+           status = CASE WHEN t.incomplete_steps - f.n = 0 AND t.ending IS NULL THEN 'complete'
                          WHEN t.status = 'pending' THEN 'in_progress' ELSE t.status END,
-           finished_at = CASE WHEN t.incomplete_steps - f.n = 0 THEN now() ELSE t.finished_at END
+           finished_at = CASE WHEN t.incomplete_steps - f.n = 0 AND t.ending IS NULL THEN now()
+                              ELSE t.finished_at END
        FROM (SELECT task_uuid, count(*)::int4 AS n FROM done GROUP BY task_uuid) f
        WHERE t.task_uuid = f.task_uuid
-       RETURNING t.task_uuid, t.incomplete_steps
+       RETURNING t.task_uuid, t.status
      )
      SELECT 'done' AS kind, step_uuid AS id FROM done
      UNION ALL SELECT 'ready', step_uuid FROM ready
-     UNION ALL SELECT 'finished', task_uuid FROM fin WHERE incomplete_steps = 0";
+     UNION ALL SELECT 'finished', task_uuid FROM fin WHERE status = 'complete'";
 
-/// Claim up to $2 ready steps of namespaces $1 for worker $3: visibility pushed forward by each
-/// step's timeout, attempt counted, task marked in progress. Returns what events are built from.
+/// Claim up to $2 ready steps of namespaces $1 for worker $3: visibility pushed forward by the
+/// lease ($4 seconds), attempt counted, task marked in progress. Returns what events are built
+/// from, with the task's `ending`: a row of an ending task is claimable only once the worker that
+/// ran its step died (see `build_events`).
 const CLAIM_SQL: &str = "WITH claimable AS (
                SELECT c.step_uuid FROM unnest($1::text[]) AS ns(namespace)
                CROSS JOIN LATERAL (
@@ -2009,20 +2579,20 @@ const CLAIM_SQL: &str = "WITH claimable AS (
                ORDER BY c.visible_at LIMIT $2
              ), claimed AS (
                UPDATE tasker_ready_steps r
-               SET visible_at = now() + make_interval(secs => r.timeout_ms / 1000.0), claimed_by = $3
+               SET visible_at = now() + make_interval(secs => $4), claimed_by = $3
                FROM claimable c WHERE r.step_uuid = c.step_uuid
                RETURNING r.step_uuid, r.timeout_ms
              ), bumped AS (
                UPDATE tasker_steps s
                SET attempts = s.attempts + 1, status = 'in_progress', started_at = now(), completed_at = NULL
                FROM claimed c WHERE s.step_uuid = c.step_uuid
-               RETURNING s.step_uuid, s.task_uuid, s.step_index, s.attempts,
+               RETURNING s.step_uuid, s.task_uuid, s.step_index, s.attempts, s.attempt_base,
                          (extract(epoch FROM coalesce(s.ready_at, now())) * 1e9)::int8 AS ready_at_ns, c.timeout_ms
              ), started AS (
                UPDATE tasker_tasks t SET status = 'in_progress'
                WHERE t.task_uuid IN (SELECT task_uuid FROM bumped) AND t.status = 'pending'
              )
-             SELECT b.*, t.namespace, t.name, t.version, t.context
+             SELECT b.*, t.namespace, t.name, t.version, t.context, t.ending
              FROM bumped b JOIN tasker_tasks t ON t.task_uuid = b.task_uuid";
 
 async fn claim_rows<'e, E>(
@@ -2037,6 +2607,7 @@ where
         .bind(&scope.namespaces)
         .bind(max as i64)
         .bind(&scope.worker_id)
+        .bind(scope.lease_secs)
         .fetch_all(executor)
         .await
 }
@@ -2056,6 +2627,7 @@ fn task_status(s: &str) -> TaskStatus {
         "in_progress" => TaskStatus::InProgress,
         "complete" => TaskStatus::Complete,
         "error" => TaskStatus::Error,
+        "cancelled" => TaskStatus::Cancelled,
         _ => TaskStatus::Pending,
     }
 }
@@ -2067,6 +2639,8 @@ fn step_status(s: &str) -> StepStatus {
         "complete" => StepStatus::Complete,
         "error" => StepStatus::Error,
         "waiting_for_retry" => StepStatus::WaitingForRetry,
+        "skipped" => StepStatus::Skipped,
+        "cancelled" => StepStatus::Cancelled,
         _ => StepStatus::Pending,
     }
 }
@@ -2186,7 +2760,7 @@ mod tests {
             1,
             Instant::now(),
         );
-        entry_for(flight, outcome, Arc::new(template))
+        entry_for(flight, outcome, Arc::new(template), 0)
     }
 
     #[test]
