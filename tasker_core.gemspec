@@ -14,8 +14,10 @@ Gem::Specification.new do |spec|
   spec.authors = ["tasker_core developers"]
   spec.license = "MIT"
   spec.required_ruby_version = ">= 3.1"
-  spec.files = Dir["Cargo.toml", "Cargo.lock", "README.md", "lib/**/*.rb",
+  spec.files = Dir["Cargo.toml", "Cargo.lock", "README.md", "lib/**/*.rb", "exe/*", "docs/*.md",
                    "ext/**/*.{rs,toml,rb,sql}"].reject { |f| f.include?("/target") }
+  spec.bindir = "exe"
+  spec.executables = ["tasker-worker"]
   spec.require_paths = ["lib"]
   spec.extensions = ["ext/tasker_core/extconf.rb"]
   spec.metadata["rubygems_mfa_required"] = "true"

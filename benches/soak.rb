@@ -1,6 +1,6 @@
 # frozen_string_literal: true
 
-# Soak: mixed tasks (successes, retries, timeouts, permanent failures; cancels on the memory backend)
+# Soak: mixed tasks (successes, retries, timeouts, permanent failures, cancels)
 # for DURATION seconds (default 3600), with Thread#raise into random handler threads and a
 # bootstrap/stop cycle every few seconds. Checks that no task is lost or left unfinished and that
 # every final status is the one its kind must end in; prints RSS and thread count per cycle (they
@@ -192,7 +192,7 @@ Bench.header("soak (#{backend}): mixed tasks, Thread#raise into handler threads,
 puts "   #{postgres.describe}" if postgres
 config = { templates: File.expand_path("soak", __dir__), concurrency: concurrency, log_level: "error" }
 config.merge!(postgres.config) if postgres
-mix = Soak.mix(cancels: postgres.nil?)
+mix = Soak.mix(cancels: true)
 worker = TaskerCore::Worker::Bootstrap.instance
 totals = Hash.new(0)
 samples = []

@@ -23,6 +23,8 @@ require_relative "tasker_core/worker/task_end_relay"
 require_relative "tasker_core/worker/step_execution_subscriber"
 require_relative "tasker_core/worker/handler_validation"
 require_relative "tasker_core/worker/handler_pool"
+require_relative "tasker_core/worker/launcher"
+require_relative "tasker_core/worker/signal_handlers"
 require_relative "tasker_core/worker/bootstrap"
 require_relative "tasker_core/client"
 

@@ -21,6 +21,22 @@ module TaskerCore
       FFI.task_status(task_uuid)
     end
 
+    # Find tasks, newest first, a page at a time. Filters left nil match everything; pass the
+    # `next_cursor` of a page as `cursor:` for the next (older) one (nil on the last page).
+    # @param status [String, Symbol, nil] pending, in_progress, complete, error or cancelled
+    # @param created_after [Time, Numeric, String, nil] only tasks created after it (a Time, seconds
+    #   since the epoch, or an ISO 8601 String)
+    # @param limit [Integer] 1 to 1000
+    # @return [Hash] {tasks: [{task_uuid:, namespace:, name:, version:, status:, created_at:,
+    #   completed_at:}, ...], next_cursor: String or nil}
+    # @raise [ArgumentError] naming the parameter that is wrong
+    # The keywords are the public contract's, each an independent filter.
+    def tasks(status: nil, namespace: nil, name: nil, created_after: nil, limit: 50, cursor: nil) # rubocop:disable Metrics/ParameterLists
+      created_after = created_after.to_r.to_f if created_after.is_a?(Time)
+      FFI.list_tasks(status: status&.to_s, namespace: namespace, name: name, created_after: created_after,
+                     limit: limit, cursor: cursor)
+    end
+
     # Stop a task: no step of it starts any more, handlers running its steps are interrupted
     # (`StepCancelledError` is raised in them, unless the step says `on_timeout: "wait"`), the
     # steps that never ran become `cancelled`, and the task becomes `cancelled` once no handler

@@ -33,3 +33,12 @@ module TaskerCore
     include StepInterruption
   end
 end
+
+module TaskerCore
+  # Raised into a handler still running when a shutdown passes its deadline, after its step was
+  # handed back (see Worker::HandlerPool#stop); Sidekiq's Sidekiq::Shutdown. An Interrupt, not a
+  # StandardError: `rescue => e` does not swallow it, and a database transaction open in the
+  # handler rolls back. Let it propagate; `ensure` blocks run.
+  class Shutdown < Interrupt
+  end
+end

@@ -66,3 +66,58 @@ RSpec.describe "fork" do
     end
   end
 end
+
+# Issue H: a worker booted before fork (Puma's preload_app!, Unicorn) is the parent's alone. The
+# child sees none, starts its own (on_worker_boot), and both run tasks.
+RSpec.describe "fork after boot" do
+  it "gives the child no worker; the child starts its own; parent and child both run tasks" do
+    handlers = File.join(FIXTURES, "cli", "handlers.rb")
+    templates = File.join(FIXTURES, "cli", "templates")
+    out, err, status = run_ruby(<<~RUBY, env: { "TASKER_LOG_LEVEL" => "error" }, timeout: 60)
+      require "tasker_core"
+      require #{handlers.inspect}
+      $stdout.sync = true
+      worker = TaskerCore::Worker::Bootstrap
+      run_one = -> { TaskerCore.wait_for_task(TaskerCore.create_task(namespace: "cli", name: "pair"), timeout: 10)[:status] }
+      worker.start!(templates: #{templates.inspect}, concurrency: 2)
+      puts "parent before: \#{run_one.call}"
+      reader, writer = IO.pipe
+      pid = fork do
+        reader.close
+        lines = []
+        lines << "child sees running?=\#{worker.instance.running?} ffi=\#{TaskerCore::FFI.worker_status[:running]}"
+        begin
+          TaskerCore.create_task(namespace: "cli", name: "pair")
+        rescue TaskerCore::WorkerNotInitializedError => e
+          lines << "child create before start!: \#{e.class}"
+        end
+        worker.start!(templates: #{templates.inspect}, concurrency: 2)
+        lines << "child running?=\#{worker.instance.running?} pid_matches=\#{worker.instance.status[:running]}"
+        lines << "child task: \#{run_one.call}"
+        worker.instance.shutdown!
+        writer.puts(lines)
+        writer.close
+        exit 0 # at_exit runs in the child: it must not touch the parent's worker
+      end
+      writer.close
+      child_lines = reader.read
+      Process.wait(pid)
+      puts child_lines
+      puts "child exit: \#{$?.exitstatus}"
+      puts "parent after: \#{run_one.call} running?=\#{worker.instance.running?}"
+      puts "parent steps: \#{TaskerCore::FFI.worker_status[:steps_processed]}"
+    RUBY
+    expect(status).to be_success, err
+    expect(out.lines.map(&:chomp)).to eq(
+      ["parent before: complete",
+       "child sees running?=false ffi=false",
+       "child create before start!: TaskerCore::WorkerNotInitializedError",
+       "child running?=true pid_matches=true",
+       "child task: complete",
+       "child exit: 0",
+       "parent after: complete running?=true",
+       # Two tasks of two steps each ran in the parent, none of the child's.
+       "parent steps: 4"]
+    )
+  end
+end

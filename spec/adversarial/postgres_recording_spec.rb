@@ -30,21 +30,25 @@ RSpec.describe "PostgreSQL backend (adversarial): recording and claiming under f
   it "counts a completion toward its successors once per attempt: a kept write of attempt 1 and attempt 2 " \
      "recorded together leave the successor waiting on 0, not -1 (defect 1)" do
     templates = write_short_timeout_template
-    start_pg_worker(db, templates: templates, poll_interval: 0.2)
+    start_pg_worker(db, templates: templates, poll_interval: 0.2, claim_lease: 2)
     start_client(db)
-    # Every write that completes a step fails (as a lock timeout or a restart makes it fail) while armed.
+    # Every write that completes a step fails (as a lock timeout or a restart makes it fail) while armed;
+    # so does every renewal of a claim lease (a claim, of a row already visible, does not).
     install_fault("complete", table: "tasker_steps", status: "complete", sqlstate: "57014")
+    install_renewal_fault("renewal", sqlstate: "57014")
     arm_fault("complete")
+    arm_fault("renewal")
     log = File.join(@dir, "handler.log")
     uuids = TaskerCore.create_tasks(namespace: "pg", name: "short_timeout", contexts: Array.new(4) { { "log" => log } })
 
-    # Attempt 1's outcome is kept (its write fails); its claim expires after 2 s; attempt 2 runs and
-    # its outcome joins attempt 1's in the batch that is retried.
+    # Attempt 1's outcome is kept (its write fails); its lease is not renewed and expires after 2 s;
+    # attempt 2 runs and its outcome joins attempt 1's in the batch that is retried.
     eventually(timeout: 15, interval: 0.05) do
       handler_log(log).count { |line| line[:attempt] == 2 && line[:event] == "done" } >= 4
     end
     sleep 1
     disarm_fault("complete")
+    disarm_fault("renewal")
 
     results = uuids.map { |uuid| TaskerCore.wait_for_task(uuid, timeout: 10) }
     expect(results.map { |r| r && r[:status] }).to eq(["complete"] * 4)
@@ -70,7 +74,7 @@ RSpec.describe "PostgreSQL backend (adversarial): recording and claiming under f
     expect(poisoned[:status]).to eq("error")
     expect(step_of(poisoned, "second")[:error_message]).to include("NUL", "$.text")
     expect(step_of(poisoned, "second")[:attempts]).to eq(1)
-    expect(step_of(poisoned, "third")[:status]).to eq("pending")
+    expect(step_of(poisoned, "third")[:status]).to eq("skipped")
 
     errored = TaskerCore.wait_for_task(bad_error, timeout: 10)
     expect(errored[:status]).to eq("error")

@@ -191,6 +191,24 @@ RSpec.describe "PostgreSQL backend: endings, cancel, retry and the claim lease" 
       expect(final[:steps].map { |s| [s[:name], s[:attempts]] }).to eq([["first", 1], ["second", 2], ["third", 1]])
     end
 
+    it "completes at once a cancelled task whose running step returned a success after the cancel" do
+      start_pg_worker(db)
+      start_client(db)
+      uuid = create_pg_task("single", plan("only" => { "sleep" => 10, "finish_when_cancelled" => true }))
+      started(uuid, "only")
+      expect(TaskerCore.cancel_task(uuid)).to be(true)
+      cancelled = TaskerCore.wait_for_task(uuid, timeout: 5)
+      # The cancel stands, and so does the success that came after it.
+      expect(cancelled[:status]).to eq("cancelled")
+      expect(step_of(cancelled, "only")).to include(status: "complete", attempts: 1)
+
+      expect(TaskerCore.retry_task(uuid)).to be(true)
+      final = TaskerCore.wait_for_task(uuid, timeout: 5)
+      expect(final[:status]).to eq("complete")
+      expect(step_of(final, "only")).to eq(step_of(cancelled, "only"))
+      expect(final[:completed_at]).not_to be_nil
+    end
+
     it "refuses a task that is still running or complete, changing nothing; an unknown uuid raises TaskNotFoundError" do
       worker = start_pg_worker(db)
       start_client(db)

@@ -21,6 +21,26 @@ module PostgresFaults
     SQL
   end
 
+  # A trigger on tasker_ready_steps raising SQLSTATE `sqlstate` for every renewal of a claim lease
+  # (an UPDATE pushing forward the `visible_at` of a row still hidden; a claim takes a visible row)
+  # while the fault `name` is armed.
+  def install_renewal_fault(name, sqlstate:)
+    psql(<<~SQL, db: db)
+      CREATE TABLE IF NOT EXISTS spec_faults (name text PRIMARY KEY);
+      CREATE OR REPLACE FUNCTION spec_fault_#{name}() RETURNS trigger LANGUAGE plpgsql AS $$
+      BEGIN
+        IF OLD.visible_at > now() AND NEW.visible_at > OLD.visible_at
+           AND EXISTS (SELECT 1 FROM spec_faults WHERE name = '#{name}') THEN
+          RAISE EXCEPTION 'injected fault #{name}' USING ERRCODE = '#{sqlstate}';
+        END IF;
+        RETURN NEW;
+      END $$;
+      DROP TRIGGER IF EXISTS spec_fault_#{name} ON tasker_ready_steps;
+      CREATE TRIGGER spec_fault_#{name} BEFORE UPDATE ON tasker_ready_steps
+        FOR EACH ROW EXECUTE FUNCTION spec_fault_#{name}();
+    SQL
+  end
+
   def arm_fault(name)
     psql("INSERT INTO spec_faults VALUES ('#{name}') ON CONFLICT DO NOTHING", db: db)
   end

@@ -74,6 +74,25 @@ module WorkflowTaskApiSpec
       end
     end
 
+    it "ends waits for tasks that will never finish when the worker stops, and refuses new ones" do
+      # No handler threads: nothing runs.
+      TaskerCore::FFI.bootstrap_worker(templates: WorkflowSpecHelpers::TEMPLATES_B)
+      uuids = Array.new(3) { create_workflow_task("quick") }
+      one = Thread.new { TaskerCore.wait_for_task(uuids[0], timeout: nil) }
+      many = Thread.new { TaskerCore.wait_for_tasks(uuids, timeout: nil) }
+      [one, many].each { |t| t.report_on_exception = false }
+      eventually { [one, many].all? { |t| t.status == "sleep" } }
+      started = monotonic
+
+      TaskerCore::FFI.stop_worker
+
+      [one, many].each do |waiter|
+        expect { waiter.join(2) }.to raise_error(TaskerCore::WorkerNotInitializedError)
+      end
+      expect(monotonic - started).to be < 1
+      expect { TaskerCore.wait_for_tasks(uuids, timeout: 1) }.to raise_error(TaskerCore::WorkerNotInitializedError)
+    end
+
     it "answers tasks finished long ago from the final-status index, beyond task_retention" do
       start_worker(concurrency: 4, task_retention: 5, task_index_retention: 1000)
       uuids = TaskerCore.create_tasks(namespace: "workflow", name: "quick", contexts: Array.new(40) { {} })

@@ -8,7 +8,7 @@ use crate::convert;
 use crate::definitions;
 use crate::errors;
 use crate::gvl::{check_interrupts, log_without_gvl, without_gvl, without_gvl_retrying};
-use magnus::{function, prelude::*, Error, RHash, RModule, Ruby, Value};
+use magnus::{function, prelude::*, Error, RHash, RModule, RString, Ruby, Value};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use tasker_worker::dispatch::{wait_reply, InterruptTake};
 use tasker_worker::{
     CompletionVerdict, EngineError, Reply, Take, WorkerBootstrap, WorkerConfig, WorkerState,
-    WorkerSystemHandle,
+    WorkerSystemHandle, WorkerSystemStatus,
 };
 use tracing::{debug, warn};
 use uuid::Uuid;
@@ -30,6 +30,10 @@ pub struct RubyBridgeHandle {
 static WORKER_SYSTEM: Mutex<Option<RubyBridgeHandle>> = Mutex::new(None);
 /// Set while a bootstrap runs without the GVL, so that a second one fails instead of racing.
 static BOOTSTRAPPING: AtomicBool = AtomicBool::new(false);
+
+/// The final status of the last worker stopped in this process (its counters after the last
+/// step was recorded), for the worker command's exit line.
+static LAST_STOPPED: Mutex<Option<WorkerSystemStatus>> = Mutex::new(None);
 
 fn slot() -> MutexGuard<'static, Option<RubyBridgeHandle>> {
     // A poisoned lock only means a panic elsewhere; the Option inside is still consistent.
@@ -87,6 +91,10 @@ pub fn init(ruby: &Ruby, module: RModule) -> Result<(), Error> {
     ffi.define_singleton_method("next_step_event", function!(next_step_event, -1))?;
     crate::tasks::init(ffi)?;
     ffi.define_singleton_method("next_step_interrupt", function!(next_step_interrupt, -1))?;
+    ffi.define_singleton_method("quiet_worker", function!(quiet_worker, 0))?;
+    ffi.define_singleton_method("resume_worker", function!(resume_worker, 0))?;
+    ffi.define_singleton_method("hand_back_step", function!(hand_back_step, 1))?;
+    ffi.define_singleton_method("last_stopped_status", function!(last_stopped_status, 0))?;
     #[cfg(feature = "test-hooks")]
     crate::test_hooks::init(ffi)?;
     crate::logging::init(ruby, ffi)?;
@@ -193,6 +201,7 @@ fn discard(ruby: &Ruby, system: &Arc<WorkerSystemHandle>) -> Result<(), Error> {
             Reply::Interrupted | Reply::TimedOut => None,
         }
     })?;
+    *LAST_STOPPED.lock().unwrap_or_else(|e| e.into_inner()) = Some(system.status());
     let mut slot = slot();
     if slot
         .as_ref()
@@ -201,6 +210,66 @@ fn discard(ruby: &Ruby, system: &Arc<WorkerSystemHandle>) -> Result<(), Error> {
         *slot = None;
     }
     Ok(())
+}
+
+/// `last_stopped_status`: the final `worker_status` of the last worker stopped by this process
+/// (`running: false`), or nil if none was.
+fn last_stopped_status(ruby: &Ruby) -> Result<Option<RHash>, Error> {
+    errors::guard(ruby, || {
+        let last = LAST_STOPPED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        last.map(|status| convert::status_to_ruby(ruby, &status))
+            .transpose()
+    })
+}
+
+/// Wait (GVL released, interruptible) until the engine reports `quiet` as asked.
+fn await_quiet(ruby: &Ruby, system: &WorkerSystemHandle, quiet: bool) -> Result<(), Error> {
+    without_gvl_retrying(ruby, |cancel| loop {
+        if system.is_quiet() == quiet || system.state() != WorkerState::Running {
+            return Some(());
+        }
+        if cancel.recv_timeout(Duration::from_micros(100)).is_ok() {
+            return None;
+        }
+    })
+}
+
+/// `quiet_worker`: start no step until `resume_worker` (TSTP in the worker command). Running
+/// steps finish; queued ones go back to the backend. True once the engine is quiet.
+fn quiet_worker(ruby: &Ruby) -> Result<bool, Error> {
+    errors::guard(ruby, || {
+        let system = require_worker(ruby)?;
+        system.quiet().map_err(|e| errors::engine(ruby, e))?;
+        await_quiet(ruby, &system, true)?;
+        Ok(true)
+    })
+}
+
+/// `resume_worker`: start steps again after `quiet_worker`.
+fn resume_worker(ruby: &Ruby) -> Result<bool, Error> {
+    errors::guard(ruby, || {
+        let system = require_worker(ruby)?;
+        system.resume().map_err(|e| errors::engine(ruby, e))?;
+        await_quiet(ruby, &system, false)?;
+        Ok(true)
+    })
+}
+
+/// `hand_back_step(event_id)`: give back the attempt of a handler the worker is about to stop (a
+/// shutdown past its deadline): it does not count, and the step is ready again. False if the
+/// attempt had already ended (or no worker runs).
+fn hand_back_step(ruby: &Ruby, event_id: Value) -> Result<bool, Error> {
+    errors::guard(ruby, || {
+        let text = RString::from_value(event_id)
+            .and_then(|s| s.to_string().ok())
+            .ok_or_else(|| errors::argument(ruby, "event_id must be a String"))?;
+        let event_id = Uuid::parse_str(&text)
+            .map_err(|_| errors::argument(ruby, format!("event_id {text:?} is not a UUID")))?;
+        Ok(current().is_some_and(|system| system.hand_back(event_id)))
+    })
 }
 
 fn stop_worker(ruby: &Ruby) -> Result<bool, Error> {
@@ -383,6 +452,16 @@ fn optional_timeout(ruby: &Ruby, args: &[Value]) -> Result<Option<Duration>, Err
     }
 }
 
+/// How often a wait on the main thread looks for a signal Ruby flagged (see `await_reply`).
+const SIGNAL_CHECK: Duration = Duration::from_millis(100);
+
+fn is_main_thread(ruby: &Ruby) -> bool {
+    ruby.thread_current()
+        .as_value()
+        .eql(ruby.thread_main().as_value())
+        .unwrap_or(false)
+}
+
 /// Wait for an engine reply with the GVL released; interrupts raise (or resume the wait).
 pub(crate) fn await_reply<T: Send>(
     ruby: &Ruby,
@@ -393,16 +472,30 @@ pub(crate) fn await_reply<T: Send>(
         let now = Instant::now();
         now.checked_add(t).unwrap_or(now + MAX_WAIT)
     });
+    // Ruby 3.1 wakes a main thread blocked in a custom unblocking function for a signal only
+    // if no other thread runs; with handler threads in `sleep` a Ctrl-C reached it only when
+    // they woke. Ruby does flag the trap on the main thread at once: the main thread's waits
+    // look at that flag every SIGNAL_CHECK (replies still wake them at once).
+    let slice = is_main_thread(ruby).then_some(SIGNAL_CHECK);
     loop {
         let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        match without_gvl(ruby, |cancel| wait_reply(&reply, cancel, remaining))? {
+        let wait = match (remaining, slice) {
+            (Some(r), Some(s)) => Some(r.min(s)),
+            (r, s) => r.or(s),
+        };
+        match without_gvl(ruby, |cancel| wait_reply(&reply, cancel, wait))? {
             Some(Reply::Value(value)) => return Ok(Some(value)),
+            Some(Reply::TimedOut) if remaining.is_none_or(|r| r > wait.unwrap_or(r)) => {
+                check_interrupts(ruby)?
+            }
             Some(Reply::TimedOut) => return Ok(None),
             Some(Reply::EngineGone) => {
+                // A Ctrl-C that stopped the worker is what the caller must see, not the stop.
+                check_interrupts(ruby)?;
                 return Err(errors::not_initialized(
                     ruby,
                     "the worker stopped before answering",
-                ))
+                ));
             }
             Some(Reply::Interrupted) | None => check_interrupts(ruby)?,
         }

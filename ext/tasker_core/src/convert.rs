@@ -61,10 +61,12 @@ keys! {
     CONCURRENCY = "concurrency", UPTIME_SECONDS = "uptime_seconds", STEPS_PROCESSED = "steps_processed",
     STEPS_FAILED = "steps_failed", STEPS_IN_FLIGHT = "steps_in_flight",
     SUPPORTED_NAMESPACES = "supported_namespaces", WEB_API_ENABLED = "web_api_enabled",
+    WEB_API_BIND = "web_api_bind",
     DATABASE_POOL_SIZE = "database_pool_size", DATABASE_POOL_IDLE = "database_pool_idle",
     READY_AT_NS = "ready_at_ns", CONTEXTS = "contexts", ON_TIMEOUT = "on_timeout",
     STARTED_AT = "started_at", DURATION_MS = "duration_ms", CREATED_AT = "created_at",
     STEPS_RETAINED = "steps_retained", REASON = "reason", STEP_NAME = "step_name", ATTEMPT = "attempt",
+    QUIET = "quiet",
 }
 
 const MAX_DEPTH: usize = 128;
@@ -738,9 +740,10 @@ pub fn interrupt_to_ruby(ruby: &Ruby, interrupt: &StepInterrupt) -> Result<RHash
 }
 
 pub fn status_to_ruby(ruby: &Ruby, status: &WorkerSystemStatus) -> Result<RHash, Error> {
-    let hash = ruby.hash_new_capa_(16);
+    let hash = ruby.hash_new_capa_(17);
     hash.aset(*RUNNING, status.running)?;
     hash.aset(*STATE, ruby.str_new(status.state.as_str()))?;
+    hash.aset(*QUIET, status.quiet)?;
     hash.aset(*WORKER_ID, ruby.str_new(&status.worker_id))?;
     hash.aset(*ENVIRONMENT, ruby.str_new(&status.environment))?;
     hash.aset(*BACKEND, ruby.str_new(status.backend))?;
@@ -756,6 +759,9 @@ pub fn status_to_ruby(ruby: &Ruby, status: &WorkerSystemStatus) -> Result<RHash,
     }
     hash.aset(*SUPPORTED_NAMESPACES, namespaces)?;
     hash.aset(*WEB_API_ENABLED, status.web_api_enabled)?;
+    if let Some(address) = status.web_api_bind {
+        hash.aset(*WEB_API_BIND, ruby.str_new(&address.to_string()))?;
+    }
     hash.aset(*DATABASE_POOL_SIZE, status.database_pool_size)?;
     hash.aset(*DATABASE_POOL_IDLE, status.database_pool_idle)?;
     Ok(hash)

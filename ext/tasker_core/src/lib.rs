@@ -8,6 +8,7 @@ mod errors;
 mod gvl;
 mod handlers;
 mod logging;
+mod task_list;
 mod tasks;
 #[cfg(feature = "test-hooks")]
 mod test_hooks;
@@ -22,5 +23,6 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     errors::install_panic_hook();
     bridge::init(ruby, module)?;
     handlers::init(module)?;
+    task_list::init(module)?;
     testing::init(module)
 }

@@ -1,6 +1,6 @@
 //! Hooks for the specs and benchmarks, built only with the `test-hooks` cargo feature (`rake
 //! compile` turns it on; an installed gem does not have them): `TaskerCore::FFI.__provoke_panic`
-//! and `TaskerCore::FFI.__measure_thread_wake`.
+//! `TaskerCore::FFI.__measure_thread_wake` and `TaskerCore::FFI.__hold_gvl`.
 
 use crate::errors;
 use crate::gvl::{without_gvl, without_gvl_retrying};
@@ -16,6 +16,7 @@ const MAX_MEASUREMENT: Duration = Duration::from_secs(60);
 pub fn init(ffi: RModule) -> Result<(), Error> {
     ffi.define_singleton_method("__provoke_panic", function!(provoke_panic, 1))?;
     ffi.define_singleton_method("__measure_thread_wake", function!(measure_thread_wake, 3))?;
+    ffi.define_singleton_method("__hold_gvl", function!(hold_gvl, 1))?;
     Ok(())
 }
 
@@ -35,6 +36,20 @@ fn provoke_panic(ruby: &Ruby, place: String) -> Result<(), Error> {
             format!("unknown place {other:?} (gvl or no_gvl)"),
         )),
     })
+}
+
+/// The longest `__hold_gvl` spins.
+const MAX_GVL_HOLD: Duration = Duration::from_secs(10);
+
+/// Spin on the CPU for `seconds` (at most `MAX_GVL_HOLD`) without ever releasing the GVL: stands
+/// in for a C extension call that never releases it, so that a spec can show that the web API
+/// answers all the same (no Ruby thread runs meanwhile, not even to take a signal).
+fn hold_gvl(seconds: f64) {
+    let hold = Duration::from_secs_f64(seconds.clamp(0.0, MAX_GVL_HOLD.as_secs_f64()));
+    let until = std::time::Instant::now() + hold;
+    while std::time::Instant::now() < until {
+        std::hint::spin_loop();
+    }
 }
 
 /// For the dispatch-latency benchmark: wake-up latencies (ns) of a plain Rust thread waiting the

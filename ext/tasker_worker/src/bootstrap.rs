@@ -13,7 +13,9 @@ use crate::engine::{Engine, EngineMessage};
 use crate::error::{EngineError, EngineResult};
 use crate::events::{AttemptOutcome, Phase, StepExecutionCompletionEvent, TaskSnapshot};
 use crate::status::{Shared, WorkerState, WorkerSystemStatus};
+use crate::task_list::{TaskPage, TaskQuery};
 use crate::template::{HandlerReference, TaskTemplate, TemplateKey, TemplateRegistry};
+use crate::web::{BoundListener, WebServer};
 use crossbeam_channel::{Receiver, Select, Sender};
 use serde_json::Value;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,16 +37,25 @@ impl WorkerBootstrap {
         if let Some(level) = config.log_level {
             crate::logging::set_level(level);
         }
-        let shared = Arc::new(Shared::new(
+        // Bound before anything starts, so that a port in use fails the bootstrap at once.
+        let web = config
+            .web_api
+            .clone()
+            .map(BoundListener::bind)
+            .transpose()?;
+        let mut shared = Shared::new(
             config.worker_id.clone(),
             config.environment.clone(),
             config.backend,
             config.deployment_mode,
             config.concurrency,
             namespaces,
-        ));
+        );
+        shared.web_api_bind = web.as_ref().map(BoundListener::local_addr);
+        let shared = Arc::new(shared);
+        let database_url = config.database_url.clone();
         let task_ends = crossbeam_channel::unbounded();
-        match config.backend {
+        let handle = match config.backend {
             BackendKind::Memory => {
                 let local = Arc::new(LocalTasks::new(
                     config.task_retention,
@@ -69,7 +80,18 @@ impl WorkerBootstrap {
                 let backend = PostgresBackend::new(settings, Arc::clone(&templates));
                 Self::spawn(backend, config, templates, shared, None, task_ends)
             }
+        }?;
+        if let Some(bound) = web {
+            let server = WebServer::start(
+                bound,
+                Arc::clone(&handle.shared),
+                Arc::clone(&handle.registry),
+                handle.inbox.clone(),
+                database_url.as_deref(),
+            )?;
+            *handle.web.lock().unwrap_or_else(|e| e.into_inner()) = Some(server);
         }
+        Ok(handle)
     }
 
     /// The handler classes a worker started with `config` would call: every step of the local
@@ -111,7 +133,7 @@ impl WorkerBootstrap {
     }
 
     fn spawn<B: Backend>(
-        backend: B,
+        mut backend: B,
         config: WorkerConfig,
         templates: Arc<TemplateRegistry>,
         shared: Arc<Shared>,
@@ -126,6 +148,7 @@ impl WorkerBootstrap {
             BackendKind::Memory => config.concurrency * 2,
             BackendKind::Postgres => (config.concurrency * 4).max(32),
         };
+        backend.set_metrics(Arc::clone(&shared.metrics));
         let (dispatch_tx, dispatch_rx) = dispatch::channel(capacity);
         let (closed_tx, closed_rx) = crossbeam_channel::bounded::<()>(0);
         let (started_tx, started_rx) = crossbeam_channel::bounded(1);
@@ -188,6 +211,7 @@ impl WorkerBootstrap {
             thread: Mutex::new(Some(thread)),
             pid: std::process::id(),
             draining: AtomicBool::new(false),
+            web: Mutex::new(None),
         })
     }
 }
@@ -244,6 +268,8 @@ pub struct WorkerSystemHandle {
     /// Set (synchronously, before the engine hears of it) once a graceful shutdown or a stop is
     /// requested: from then on no new step is handed to a handler thread (see [`Self::is_draining`]).
     draining: AtomicBool,
+    /// The HTTP endpoint, if enabled: stopped (its socket closed) by [`Self::join`].
+    web: Mutex<Option<WebServer>>,
 }
 
 impl WorkerSystemHandle {
@@ -304,6 +330,21 @@ impl WorkerSystemHandle {
         self.send(EngineMessage::GracefulShutdown)
     }
 
+    /// Start no step until [`Self::resume`]; running steps finish, queued ones go back to the
+    /// backend (on PostgreSQL other workers may take them). [`Self::is_quiet`] says when it is done.
+    pub fn quiet(&self) -> EngineResult<()> {
+        self.send(EngineMessage::Quiet)
+    }
+
+    /// Start steps again after [`Self::quiet`].
+    pub fn resume(&self) -> EngineResult<()> {
+        self.send(EngineMessage::Resume)
+    }
+
+    pub fn is_quiet(&self) -> bool {
+        self.shared.is_quiet()
+    }
+
     /// Ask the engine to drain and stop; wait on [`Self::stopped`], then call [`Self::join`].
     pub fn request_stop(&self) {
         self.draining.store(true, Ordering::Release);
@@ -329,7 +370,17 @@ impl WorkerSystemHandle {
     pub fn begin_running(&self, event_id: Uuid) -> bool {
         self.registry
             .with(event_id, |flight| {
-                flight.phase.advance(Phase::Queued, Phase::Running)
+                let began = flight.phase.advance(Phase::Queued, Phase::Running);
+                if began {
+                    flight.phase.mark_started();
+                    if let Some(metrics) =
+                        flight.metrics.as_ref().filter(|_| flight.ready_at_ns > 0)
+                    {
+                        let waited = crate::events::unix_ns().saturating_sub(flight.ready_at_ns);
+                        metrics.started(flight.attempt, Duration::from_nanos(waited));
+                    }
+                }
+                began
             })
             .unwrap_or(false)
     }
@@ -337,9 +388,20 @@ impl WorkerSystemHandle {
     /// Give back an event taken from the dispatch channel that will not run: the attempt does
     /// not count, and the step stays ready (the engine's recall, for an event already taken).
     pub fn release_untaken(&self, event_id: Uuid) {
-        if let Some(flight) = self.registry.take(event_id) {
-            flight.phase.finish();
-            let _ = self.send(EngineMessage::Release(flight));
+        self.hand_back(event_id);
+    }
+
+    /// Give back an attempt whose handler is being stopped (a shutdown past its deadline): the
+    /// attempt does not count and the step is ready again (on PostgreSQL, for other workers).
+    /// A completion arriving later for it is refused. False if the attempt had already ended.
+    pub fn hand_back(&self, event_id: Uuid) -> bool {
+        match self.registry.take(event_id) {
+            Some(flight) => {
+                flight.phase.finish();
+                let _ = self.send(EngineMessage::Release(flight));
+                true
+            }
+            None => false,
         }
     }
 
@@ -350,6 +412,11 @@ impl WorkerSystemHandle {
             if thread.join().is_err() {
                 warn!("engine thread ended by panic");
             }
+        }
+        // The server stops with the worker: once this returns, nothing listens any more.
+        let web = self.web.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(mut web) = web {
+            web.stop();
         }
     }
 
@@ -555,6 +622,16 @@ impl WorkerSystemHandle {
         if self.local.as_ref().is_some_and(|local| local.needs_wake()) {
             let _ = self.send(EngineMessage::Notify(Notification::StepsReady));
         }
+    }
+
+    /// One page of tasks, newest first (see [`TaskQuery`]).
+    pub fn request_list_tasks(
+        &self,
+        query: TaskQuery,
+    ) -> EngineResult<Receiver<EngineResult<TaskPage>>> {
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        self.send(EngineMessage::ListTasks { query, reply })?;
+        Ok(answer)
     }
 
     pub fn request_task_status(

@@ -3,6 +3,7 @@
 
 use crate::error::{EngineError, EngineResult};
 use serde_json::{Map, Value};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -91,7 +92,31 @@ pub const CONFIG_KEYS: &[&str] = &[
     "finished_task_ttl",
     "claim_lease",
     "validate_handlers",
+    "install_signal_handlers",
+    "web_api_bind",
+    "web_api_token",
 ];
+
+/// Where the web API listens unless `web_api_bind` says otherwise: loopback only.
+pub const DEFAULT_WEB_API_BIND: &str = "127.0.0.1:9393";
+
+/// The HTTP endpoint (`enable_web_api: true`).
+#[derive(Clone)]
+pub struct WebApiConfig {
+    pub bind: SocketAddr,
+    /// When set, every request must carry `Authorization: Bearer <token>`.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for WebApiConfig {
+    // Never print the token (configs end up in logs and exception messages).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebApiConfig")
+            .field("bind", &self.bind)
+            .field("token", &self.token.as_ref().map(|_| "[set]"))
+            .finish()
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -125,6 +150,8 @@ pub struct WorkerConfig {
     /// Whether `Worker::Bootstrap.start!` resolves every template's handler class before starting
     /// (the Ruby side does the check; the engine only validates the value).
     pub validate_handlers: bool,
+    /// `None` unless `enable_web_api: true`.
+    pub web_api: Option<WebApiConfig>,
 }
 
 impl WorkerConfig {
@@ -200,13 +227,11 @@ impl WorkerConfig {
             }
             None => None,
         };
-        if let Some(v) = get("enable_web_api") {
-            if boolean("enable_web_api", v)? {
-                return Err(EngineError::config(
-                    "enable_web_api: true is not supported: tasker_core has no web API yet (use worker_status)",
-                ));
-            }
-        }
+        let web_api = web_api(
+            get("enable_web_api"),
+            get("web_api_bind"),
+            get("web_api_token"),
+        )?;
         let event_driven_enabled = match get("event_driven_enabled") {
             Some(v) => boolean("event_driven_enabled", v)?,
             None => deployment_mode != DeploymentMode::Polling,
@@ -266,6 +291,10 @@ impl WorkerConfig {
             Some(v) => boolean("validate_handlers", v)?,
             None => true,
         };
+        // Read by `Worker::Bootstrap` (Ruby traps); only its type is checked here.
+        if let Some(v) = get("install_signal_handlers") {
+            boolean("install_signal_handlers", v)?;
+        }
 
         if backend == BackendKind::Memory {
             if get("database_url").is_some() {
@@ -310,8 +339,68 @@ impl WorkerConfig {
             finished_task_ttl,
             claim_lease,
             validate_handlers,
+            web_api,
         })
     }
+}
+
+fn web_api(
+    enable: Option<&Value>,
+    bind: Option<&Value>,
+    token: Option<&Value>,
+) -> EngineResult<Option<WebApiConfig>> {
+    let enabled = enable
+        .map(|v| boolean("enable_web_api", v))
+        .transpose()?
+        .unwrap_or(false);
+    let bind = bind
+        .map(|v| socket_address("web_api_bind", v))
+        .transpose()?;
+    let token = token
+        .map(|v| non_empty_string("web_api_token", v))
+        .transpose()?;
+    if !enabled {
+        // A bind or token without the switch is a half-done configuration: say so rather than
+        // leave the operator wondering why nothing listens.
+        if let Some(key) = [
+            ("web_api_bind", bind.is_some()),
+            ("web_api_token", token.is_some()),
+        ]
+        .into_iter()
+        .find_map(|(key, set)| set.then_some(key))
+        {
+            return Err(EngineError::config(format!(
+                "{key} is set but enable_web_api is not true: add enable_web_api: true to start the web API"
+            )));
+        }
+        return Ok(None);
+    }
+    let bind = bind.unwrap_or_else(|| DEFAULT_WEB_API_BIND.parse().expect("a valid address"));
+    if token.is_none() && !bind.ip().is_loopback() {
+        return Err(EngineError::config(format!(
+            "web_api_bind: {bind} is reachable from other hosts, and the web API has no web_api_token: set \
+             web_api_token (clients then send Authorization: Bearer <token>) or bind to a loopback address \
+             such as {DEFAULT_WEB_API_BIND}"
+        )));
+    }
+    Ok(Some(WebApiConfig { bind, token }))
+}
+
+/// `host:port` with an IP address (or `localhost`) and a port; `[::1]:9393` for IPv6. No name
+/// resolution: what a name resolves to can change, and the loopback check must hold.
+fn socket_address(key: &str, v: &Value) -> EngineResult<SocketAddr> {
+    let s = non_empty_string(key, v)?;
+    let localhost = s
+        .strip_prefix("localhost:")
+        .and_then(|port| port.parse::<u16>().ok())
+        .map(|port| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+    localhost.or_else(|| s.parse().ok()).ok_or_else(|| {
+        bad_value(
+            key,
+            &s,
+            "host:port with an IP address, e.g. \"127.0.0.1:9393\"",
+        )
+    })
 }
 
 fn bad_value(key: &str, got: &str, expected: &str) -> EngineError {
@@ -435,7 +524,25 @@ mod tests {
             (json!({"backend": "redis"}), "backend"),
             (json!({"deployment_mode": "Sometimes"}), "deployment_mode"),
             (json!({"backend": "postgres"}), "database_url"),
-            (json!({"enable_web_api": true}), "enable_web_api"),
+            (json!({"enable_web_api": "yes"}), "enable_web_api"),
+            (
+                json!({"enable_web_api": true, "web_api_bind": "example.com:80"}),
+                "web_api_bind",
+            ),
+            (
+                json!({"enable_web_api": true, "web_api_bind": "127.0.0.1"}),
+                "web_api_bind",
+            ),
+            (
+                json!({"enable_web_api": true, "web_api_bind": "0.0.0.0:9393"}),
+                "web_api_bind",
+            ),
+            (
+                json!({"enable_web_api": true, "web_api_token": ""}),
+                "web_api_token",
+            ),
+            (json!({"web_api_bind": "127.0.0.1:9393"}), "web_api_bind"),
+            (json!({"web_api_token": "secret"}), "web_api_token"),
             (json!({"validate_handlers": "no"}), "validate_handlers"),
             (json!({"validate_handlers": 0}), "validate_handlers"),
             (json!({"claim_lease": 0.1}), "claim_lease"),
@@ -444,6 +551,37 @@ mod tests {
             assert!(matches!(err, EngineError::Configuration(_)));
             assert!(err.to_string().starts_with(needle), "{cfg}: {err}");
         }
+    }
+
+    #[test]
+    fn web_api_defaults_to_loopback_and_needs_a_token_beyond_it() {
+        assert!(parse(json!({})).unwrap().web_api.is_none());
+        let web = parse(json!({"enable_web_api": true}))
+            .unwrap()
+            .web_api
+            .unwrap();
+        assert_eq!(web.bind.to_string(), DEFAULT_WEB_API_BIND);
+        assert!(web.token.is_none());
+        let web = parse(json!({"enable_web_api": true, "web_api_bind": "localhost:0"}))
+            .unwrap()
+            .web_api
+            .unwrap();
+        assert_eq!(web.bind.to_string(), "127.0.0.1:0");
+        let err = parse(json!({"enable_web_api": true, "web_api_bind": "0.0.0.0:9393"}))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("web_api_token"), "{err}");
+        let web = parse(
+            json!({"enable_web_api": true, "web_api_bind": "[::]:9393", "web_api_token": "s3cret"}),
+        )
+        .unwrap()
+        .web_api
+        .unwrap();
+        assert_eq!(web.token.as_deref(), Some("s3cret"));
+        assert!(
+            !format!("{web:?}").contains("s3cret"),
+            "Debug hides the token"
+        );
     }
 
     #[test]

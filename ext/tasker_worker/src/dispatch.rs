@@ -74,6 +74,11 @@ impl InFlightRegistry {
         (expired, next)
     }
 
+    /// The phase of every attempt out (for the metrics of busy handler threads).
+    pub fn phases(&self) -> Vec<Phase> {
+        self.entries.iter().map(|e| e.value().phase.get()).collect()
+    }
+
     /// The attempts out for any of `tasks`.
     pub fn of_tasks(&self, tasks: &[Uuid]) -> Vec<(Uuid, InFlight)> {
         self.entries

@@ -1,13 +1,14 @@
 //! The engine loop: one task on the engine thread's tokio runtime. It owns the backend,
 //! feeds the dispatch channel, records completions and timeouts, and drives shutdown.
 
-use crate::backend::{Backend, Notification, SnapshotReply};
+use crate::backend::{Backend, BackendGauges, Notification, SnapshotReply};
 use crate::dispatch::InFlightRegistry;
 use crate::error::{EngineError, EngineResult};
 use crate::events::{
     fmt_secs, AttemptOutcome, InFlight, InterruptReason, Phase, StepExecutionEvent, StepInterrupt,
 };
 use crate::status::{Shared, WorkerState};
+use crate::task_list::{TaskPage, TaskQuery};
 use crate::template::{OnTimeout, TaskTemplate, TemplateKey};
 use crossbeam_channel::{Receiver, Sender};
 use serde_json::Value;
@@ -56,7 +57,18 @@ pub enum EngineMessage {
         task_uuid: Uuid,
         reply: Sender<EngineResult<()>>,
     },
+    ListTasks {
+        query: TaskQuery,
+        reply: Sender<EngineResult<TaskPage>>,
+    },
+    /// Counts for the metrics endpoint (see [`Backend::gauges`]).
+    Gauges(tokio::sync::oneshot::Sender<Option<BackendGauges>>),
     GracefulShutdown,
+    /// Stop starting steps until `Resume` ("quiet", Sidekiq's TSTP): steps queued for Ruby go back
+    /// to the backend, running ones finish; tasks can still be created.
+    Quiet,
+    /// Start steps again after `Quiet`.
+    Resume,
     /// An event taken by a handler thread after the shutdown began, handed back unrun.
     Release(InFlight),
     Stop,
@@ -141,6 +153,8 @@ pub(crate) struct Engine<B: Backend> {
 
 struct LoopState {
     accepting: bool,
+    /// Quiet: nothing is claimed, but the worker is not stopping.
+    quiet: bool,
     stop_by: Option<Instant>,
     next_sweep: Option<Instant>,
     outcomes: Vec<(InFlight, AttemptOutcome)>,
@@ -165,6 +179,7 @@ impl<B: Backend> Engine<B> {
 
         let mut st = LoopState {
             accepting: true,
+            quiet: false,
             stop_by: None,
             next_sweep: None,
             outcomes: Vec::new(),
@@ -203,7 +218,7 @@ impl<B: Backend> Engine<B> {
             self.shared.set_pool_stats(self.backend.pool_stats());
             self.sweep_timeouts(&mut st);
             self.flush(&mut st).await;
-            if st.accepting {
+            if st.accepting && !st.quiet {
                 self.fill(&mut st).await;
             }
             if let Some(stop_by) = st.stop_by {
@@ -294,7 +309,33 @@ impl<B: Backend> Engine<B> {
                 }
                 let _ = reply.try_send(result);
             }
+            EngineMessage::ListTasks { query, reply } => {
+                let _ = reply.try_send(self.backend.list_tasks(query).await);
+            }
+            EngineMessage::Gauges(reply) => {
+                let _ = reply.send(self.backend.gauges());
+            }
             EngineMessage::GracefulShutdown => self.begin_shutdown(st).await,
+            EngineMessage::Quiet => {
+                if st.accepting && !st.quiet {
+                    st.quiet = true;
+                    self.recall_queued().await;
+                    self.backend.stop_claiming().await;
+                    self.shared.set_quiet(true);
+                    info!(
+                        in_flight = self.shared.in_flight.load(Ordering::Acquire),
+                        "quiet: no new steps start until resumed, in-flight steps finish"
+                    );
+                }
+            }
+            EngineMessage::Resume => {
+                if st.accepting && st.quiet {
+                    st.quiet = false;
+                    self.backend.resume_claiming().await;
+                    self.shared.set_quiet(false);
+                    info!("resumed: steps start again");
+                }
+            }
             EngineMessage::Release(flight) => {
                 self.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
                 self.backend.release(vec![flight]).await;
@@ -313,6 +354,9 @@ impl<B: Backend> Engine<B> {
             return;
         }
         let outcomes = std::mem::take(&mut st.outcomes);
+        for (flight, outcome) in &outcomes {
+            observe_outcome(flight, outcome);
+        }
         let ended = outcomes.len() as u64;
         let failed = outcomes
             .iter()
@@ -418,7 +462,8 @@ impl<B: Backend> Engine<B> {
         if room == 0 {
             return;
         }
-        let claimed = match self.backend.claim(room, Instant::now()).await {
+        let claim_began = Instant::now();
+        let claimed = match self.backend.claim(room, claim_began).await {
             Ok(claimed) => claimed,
             Err(e) => {
                 // Recoverable (e.g. the database restarting): the next pass claims again.
@@ -426,7 +471,10 @@ impl<B: Backend> Engine<B> {
                 return;
             }
         };
-        for (event, flight) in claimed {
+        self.shared.metrics.observe_claim(claim_began.elapsed());
+        for (event, mut flight) in claimed {
+            flight.metrics = Some(self.shared.metrics.step(&event));
+            flight.ready_at_ns = event.ready_at_ns;
             st.next_sweep = Some(
                 st.next_sweep
                     .map_or(flight.deadline, |at| at.min(flight.deadline)),
@@ -440,12 +488,8 @@ impl<B: Backend> Engine<B> {
         }
     }
 
-    /// Stop taking new work; attempts still queued for Ruby go back to the backend.
-    async fn begin_shutdown(&mut self, st: &mut LoopState) {
-        if !st.accepting {
-            return;
-        }
-        st.accepting = false;
+    /// Attempts still queued for Ruby (no handler thread took them) go back to the backend.
+    async fn recall_queued(&mut self) {
         let mut unstarted = Vec::new();
         while let Ok(event) = self.recall.try_recv() {
             if let Some(flight) = self.registry.take(event.event_id) {
@@ -458,6 +502,15 @@ impl<B: Backend> Engine<B> {
                 .fetch_sub(unstarted.len() as u64, Ordering::AcqRel);
             self.backend.release(unstarted).await;
         }
+    }
+
+    /// Stop taking new work; attempts still queued for Ruby go back to the backend.
+    async fn begin_shutdown(&mut self, st: &mut LoopState) {
+        if !st.accepting {
+            return;
+        }
+        st.accepting = false;
+        self.recall_queued().await;
         self.backend.stop_claiming().await;
         // Only now: `transition_to_graceful_shutdown` returns once this reads shutting_down, and
         // by then no queued step is left to start.
@@ -466,6 +519,21 @@ impl<B: Backend> Engine<B> {
             in_flight = self.shared.in_flight.load(Ordering::Acquire),
             "graceful shutdown: no new steps start, in-flight steps finish"
         );
+    }
+}
+
+/// Count an ended attempt in its step's metrics.
+fn observe_outcome(flight: &InFlight, outcome: &AttemptOutcome) {
+    let Some(metrics) = &flight.metrics else {
+        return;
+    };
+    let ran_for = flight.phase.running_for();
+    match outcome {
+        AttemptOutcome::Completed(c) => metrics.ended(c.success, false, ran_for),
+        AttemptOutcome::TimedOut => metrics.ended(false, true, ran_for),
+        AttemptOutcome::Cancelled(Some(c)) => metrics.ended(c.success, false, ran_for),
+        // Never ran: nothing to count.
+        AttemptOutcome::Cancelled(None) => {}
     }
 }
 

@@ -1,8 +1,9 @@
 //! The data that crosses between the engine and the Ruby bridge: plain Rust, `Send`, no Ruby values.
 
+use crate::metrics::StepMetrics;
 use crate::template::{OnTimeout, StepDefinition};
 use serde_json::Value;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
@@ -95,7 +96,7 @@ pub enum Phase {
 }
 
 #[derive(Debug, Default)]
-pub struct AttemptPhase(AtomicU8);
+pub struct AttemptPhase(AtomicU8, AtomicU64);
 
 impl AttemptPhase {
     fn decode(value: u8) -> Phase {
@@ -110,6 +111,19 @@ impl AttemptPhase {
 
     pub fn get(&self) -> Phase {
         Self::decode(self.0.load(Ordering::Acquire))
+    }
+
+    /// A handler thread began running the attempt now (for the step duration metric).
+    pub fn mark_started(&self) {
+        self.1.store(unix_ns(), Ordering::Relaxed);
+    }
+
+    /// How long the handler has run, if it started.
+    pub fn running_for(&self) -> Option<Duration> {
+        match self.1.load(Ordering::Relaxed) {
+            0 => None,
+            started => Some(Duration::from_nanos(unix_ns().saturating_sub(started))),
+        }
     }
 
     /// Move to `Done` from wherever it is; the phase it was in, or `None` if already done.
@@ -139,6 +153,10 @@ pub struct InFlight {
     pub timeout: Duration,
     pub on_timeout: OnTimeout,
     pub phase: Arc<AttemptPhase>,
+    /// The step's metric series (set by the engine when it dispatches the attempt).
+    pub metrics: Option<Arc<StepMetrics>>,
+    /// When the step became ready (see [`StepExecutionEvent::ready_at_ns`]).
+    pub ready_at_ns: u64,
 }
 
 impl InFlight {
@@ -162,6 +180,8 @@ impl InFlight {
             timeout: definition.timeout,
             on_timeout: definition.on_timeout,
             phase: Arc::new(AttemptPhase::default()),
+            metrics: None,
+            ready_at_ns: 0,
         }
     }
 
@@ -184,6 +204,8 @@ impl InFlight {
             timeout: Duration::ZERO,
             on_timeout: OnTimeout::Raise,
             phase: Arc::new(AttemptPhase::default()),
+            metrics: None,
+            ready_at_ns: 0,
         }
     }
 
@@ -256,6 +278,17 @@ pub enum TaskStatus {
 }
 
 impl TaskStatus {
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "pending" => Self::Pending,
+            "in_progress" => Self::InProgress,
+            "complete" => Self::Complete,
+            "error" => Self::Error,
+            "cancelled" => Self::Cancelled,
+            _ => return None,
+        })
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Pending => "pending",

@@ -12,8 +12,11 @@ mod engine;
 pub mod error;
 pub mod events;
 pub mod logging;
+pub mod metrics;
 pub mod status;
+pub mod task_list;
 pub mod template;
+pub mod web;
 
 pub use backend::memory::{GroupWait, LocalTasks, NewTask, TaskTable};
 pub use bootstrap::{

@@ -1,7 +1,9 @@
 //! Worker state and counters, shared lock-free between the engine thread and status readers.
 
 use crate::config::{BackendKind, DeploymentMode};
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use crate::metrics::Metrics;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +47,8 @@ pub struct Shared {
     pub namespaces: Vec<String>,
     pub started_at: Instant,
     state: AtomicU8,
+    /// Quiet (see `EngineMessage::Quiet`): running, but starting no step.
+    quiet: AtomicBool,
     /// Attempts that ended (completed, failed or timed out) and were recorded.
     pub steps_processed: AtomicU64,
     /// Of those, the ones that did not succeed (including attempts that were retried).
@@ -53,6 +57,9 @@ pub struct Shared {
     pub in_flight: AtomicU64,
     pool_size: AtomicU32,
     pool_idle: AtomicU32,
+    /// Where the web API listens, if it was enabled.
+    pub web_api_bind: Option<std::net::SocketAddr>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Shared {
@@ -73,11 +80,14 @@ impl Shared {
             namespaces,
             started_at: Instant::now(),
             state: AtomicU8::new(WorkerState::Starting as u8),
+            quiet: AtomicBool::new(false),
             steps_processed: AtomicU64::new(0),
             steps_failed: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             pool_size: AtomicU32::new(0),
             pool_idle: AtomicU32::new(0),
+            web_api_bind: None,
+            metrics: Arc::new(Metrics::new()),
         }
     }
 
@@ -87,6 +97,21 @@ impl Shared {
 
     pub fn set_state(&self, state: WorkerState) {
         self.state.store(state as u8, Ordering::Release);
+    }
+
+    pub fn is_quiet(&self) -> bool {
+        self.quiet.load(Ordering::Acquire)
+    }
+
+    pub fn set_quiet(&self, quiet: bool) {
+        self.quiet.store(quiet, Ordering::Release);
+    }
+
+    pub fn pool_stats(&self) -> (u32, u32) {
+        (
+            self.pool_size.load(Ordering::Relaxed),
+            self.pool_idle.load(Ordering::Relaxed),
+        )
     }
 
     pub fn set_pool_stats(&self, (size, idle): (u32, u32)) {
@@ -99,6 +124,7 @@ impl Shared {
         WorkerSystemStatus {
             running: matches!(state, WorkerState::Running | WorkerState::ShuttingDown),
             state,
+            quiet: self.is_quiet(),
             worker_id: self.worker_id.clone(),
             environment: self.environment.clone(),
             backend: self.backend.as_str(),
@@ -109,7 +135,8 @@ impl Shared {
             steps_failed: self.steps_failed.load(Ordering::Acquire),
             steps_in_flight: self.in_flight.load(Ordering::Acquire),
             supported_namespaces: self.namespaces.clone(),
-            web_api_enabled: false,
+            web_api_enabled: self.web_api_bind.is_some(),
+            web_api_bind: self.web_api_bind,
             database_pool_size: self.pool_size.load(Ordering::Relaxed),
             database_pool_idle: self.pool_idle.load(Ordering::Relaxed),
         }
@@ -121,6 +148,8 @@ impl Shared {
 pub struct WorkerSystemStatus {
     pub running: bool,
     pub state: WorkerState,
+    /// Starting no step until resumed (TSTP in the worker command).
+    pub quiet: bool,
     pub worker_id: String,
     pub environment: String,
     pub backend: &'static str,
@@ -132,6 +161,8 @@ pub struct WorkerSystemStatus {
     pub steps_in_flight: u64,
     pub supported_namespaces: Vec<String>,
     pub web_api_enabled: bool,
+    /// Where the web API listens (the real port if `web_api_bind` asked for port 0).
+    pub web_api_bind: Option<std::net::SocketAddr>,
     pub database_pool_size: u32,
     pub database_pool_idle: u32,
 }

@@ -2,25 +2,23 @@
 
 module TaskerCore
   module Worker
-    # Starts and stops the worker: the Rust engine (TaskerCore::FFI), the EventBridge
-    # subscription, and the HandlerPool of `concurrency` Ruby threads that take steps from the engine.
+    # The worker of this process, for embedding it in an application:
     #
     #   TaskerCore::Worker::Bootstrap.start!(templates: "config/tasks", concurrency: 8)
     #   ...
     #   TaskerCore::Worker::Bootstrap.instance.shutdown!
     #
-    # INT and TERM shut down gracefully (in-flight steps finish) and then exit; so does at_exit.
+    # The work is done by a Launcher (engine, subscription, handler threads); this singleton adds
+    # what an embedding process needs around it:
+    # - INT and TERM start a drain, then call the handlers installed before (Ruby's default ends
+    #   the process; see SignalHandlers). `install_signal_handlers: false` leaves signals alone.
+    # - at_exit drains the worker (in-flight steps finish within `shutdown_timeout`).
+    # - fork: a child sees no worker (`running?` false) and may start its own; the parent's is
+    #   untouched. With Puma, start it in `on_worker_boot` (see docs/deployment.md).
     class Bootstrap
       include Singleton
 
-      SIGNALS = %w[INT TERM].freeze
-
-      # How long shutdown! waits for handler threads to leave once the engine has stopped.
-      SHUTDOWN_JOIN_SECONDS = 5
-
       attr_reader :logger, :config
-      # The handler threads (see HandlerPool: dead ones are replaced, a runaway one can be retired).
-      attr_reader :pool
 
       def self.start!(config = {})
         instance.start!(config)
@@ -29,69 +27,84 @@ module TaskerCore
       def initialize
         @logger = TaskerCore::Logger.new("tasker_core")
         @mutex = Mutex.new
-        @status = :stopped
-        @pool = nil
+        @launcher = nil
+        @stopping = false
         @shutdown_handlers = []
-        @hooks_installed = false
-        @owner_pid = nil
+        @at_exit_installed = false
       end
 
       def start!(config = {})
         @mutex.synchronize do
-          raise WorkerBootstrapError, "worker already running: call shutdown! first" if @status == :running
+          forget_inherited_worker
+          raise WorkerBootstrapError, "worker already running: call shutdown! first" if @launcher
 
           HandlerValidation.validate!(config)
           @config = config.dup
-          EventBridge.instance.start!
-          subscribe
-          begin
-            result = TaskerCore::FFI.bootstrap_worker(@config)
-          rescue Exception # rubocop:disable Lint/RescueException
-            unsubscribe
-            raise
-          end
-          @owner_pid = Process.pid
-          @pool = HandlerPool.new(concurrency: result.fetch(:concurrency), logger: logger) do |event|
-            dispatch(EventBridge.instance, event)
-          end
-          @pool.start
-          interrupter.start
-          start_task_end_relay
+          launcher = Launcher.new(@config, logger: logger).start
+          @launcher = launcher
           install_hooks
-          @status = :running
-          logger.info("worker started", worker_id: result[:worker_id], concurrency: @pool.concurrency)
+          logger.info("worker started", worker_id: launcher.worker_id, concurrency: launcher.pool.concurrency)
         end
         self
       end
 
+      # Whether a worker started by this process runs (false in a forked child of it).
       def running?
-        @status == :running && TaskerCore::FFI.worker_status[:running] == true
+        launcher = @launcher
+        !launcher.nil? && launcher.owned? && !@stopping && TaskerCore::FFI.worker_status[:running] == true
+      end
+
+      # The handler threads (see HandlerPool: dead ones are replaced, a runaway one can be retired).
+      def pool
+        launcher = own_launcher
+        launcher&.pool
       end
 
       # Rust's status merged with the Ruby side's.
       def status
+        launcher = own_launcher
+        return launcher.status if launcher
+
         TaskerCore::FFI.worker_status.merge(
-          event_bridge_active: EventBridge.instance.active?,
-          handler_registry_size: Registry::HandlerRegistry.instance.handlers.size,
-          handler_threads_alive: @pool ? @pool.alive_count : 0
+          quiet: false, event_bridge_active: EventBridge.instance.active?,
+          handler_registry_size: Registry::HandlerRegistry.instance.handlers.size, handler_threads_alive: 0
         )
       end
 
-      # Graceful and idempotent: nothing new starts, in-flight steps finish and are recorded,
-      # handler threads leave, on_shutdown hooks run. Always completes: whatever fails on the way is
-      # logged, and the worker ends :stopped, unsubscribed, with its hooks run.
-      def shutdown!(timeout: SHUTDOWN_JOIN_SECONDS)
+      # Start no new step until #resume! (what SIGTSTP does to the worker command). Running
+      # steps finish; steps queued for this process go back (to other workers on PostgreSQL).
+      def quiet!
+        launcher = own_launcher or raise WorkerNotInitializedError, "no worker running: call start! first"
+        launcher.quiet!
+      end
+
+      def resume!
+        launcher = own_launcher or raise WorkerNotInitializedError, "no worker running: call start! first"
+        launcher.resume!
+      end
+
+      def quiet?
+        own_launcher&.quiet? || false
+      end
+
+      # Graceful and idempotent: nothing new starts, in-flight steps get `timeout` seconds
+      # (default: the `shutdown_timeout` config key, 30) to finish; past it their steps are handed
+      # back and TaskerCore::Shutdown is raised into their handlers. Handler threads leave,
+      # on_shutdown hooks run. Always completes: whatever fails on the way is logged, and the
+      # worker ends stopped, unsubscribed, with its hooks run. Returns whether a worker stopped.
+      def shutdown!(timeout: nil)
         # From a handler thread the drain would wait for this very step: hand it off instead.
-        return Thread.new { shutdown!(timeout: timeout) } && nil if @pool&.include?(Thread.current)
-        # A forked child inherits this object but not the worker: forget it, run nothing.
-        return forget_inherited_worker if @owner_pid && @owner_pid != Process.pid
+        return Thread.new { shutdown!(timeout: timeout) } && nil if pool&.include?(Thread.current)
 
         stopped = Thread.handle_interrupt(Object => :never) do
-          @mutex.synchronize { stop_everything(timeout) }
+          @mutex.synchronize { stop_locked(timeout) }
         end
         run_shutdown_handlers if stopped
-        stopped
+        !stopped.nil?
       end
+
+      # What the last shutdown! did: {handed_back:, abandoned:, final_status:} (nil before one).
+      attr_reader :last_stop
 
       def on_shutdown(&block)
         raise ArgumentError, "on_shutdown needs a block" unless block
@@ -102,88 +115,41 @@ module TaskerCore
 
       private
 
-      def subscriber
-        @subscriber ||= StepExecutionSubscriber.new(logger: logger, interrupter: interrupter)
+      # The launcher if its worker is this process's (a forked child's is the parent's).
+      def own_launcher
+        launcher = @launcher
+        launcher if launcher&.owned?
       end
 
-      def interrupter
-        @interrupter ||= StepInterrupter.new(logger: logger, on_runaway: method(:retire_thread))
-      end
+      # Called with @mutex held and interrupts deferred. Returns the stop's summary, or nil if no
+      # worker of this process was running.
+      def stop_locked(timeout)
+        forget_inherited_worker
+        launcher = @launcher
+        return nil unless launcher
 
-      # Task events (task.completed ...) reach EventBridge subscribers through this thread; the
-      # engine announces task ends only while something subscribes to them.
-      def start_task_end_relay
-        @task_end_relay = TaskEndRelay.new(logger: logger).start
-        EventBridge.instance.announce_task_ends
-      end
-
-      # A runaway handler keeps its thread until it returns; a new thread keeps `concurrency`
-      # handlers available meanwhile, and the runaway's thread leaves once its step is done.
-      def retire_thread(thread)
-        @pool&.retire(thread)
-      end
-
-      # One subscription at most, whatever happened to the last one: a start! after a shutdown! that
-      # failed half-way must not leave two subscribers (each step would run twice).
-      def subscribe
-        unsubscribe
-        # Subscribe with a Proc we keep: `subscribe` returns the bridge (dry-events' API), and
-        # only the Proc itself identifies the subscription for `unsubscribe`.
-        @subscription = proc { |event| subscriber.call(event) }
-        EventBridge.instance.subscribe_to_step_execution(&@subscription)
-      end
-
-      def unsubscribe
-        EventBridge.instance.unsubscribe(@subscription) if @subscription
-        @subscription = nil
-      end
-
-      # Called with @mutex held and interrupts deferred. Returns whether a running worker was stopped.
-      def stop_everything(timeout)
-        return false unless @status == :running
-
-        @status = :shutting_down
+        @stopping = true
         begin
-          stop_engine
-          @pool&.stop(Process.clock_gettime(Process::CLOCK_MONOTONIC) + timeout)
-          interrupter.stop
-          @task_end_relay&.stop
+          stopped = launcher.stop(timeout: timeout || launcher.shutdown_timeout)
+          @last_stop = stopped.merge(final_status: TaskerCore::FFI.last_stopped_status)
+        rescue StandardError => e
+          logger.error("shutdown failed", error: e.class.name, message: e.message.to_s)
+          @last_stop = { handed_back: 0, abandoned: 0, final_status: nil }
         ensure
-          @pool = nil
-          unsubscribe
-          EventBridge.instance.stop!
-          @status = :stopped
+          @launcher = nil
+          @stopping = false
         end
-        true
+        @last_stop
       end
 
-      def stop_engine
-        TaskerCore::FFI.transition_to_graceful_shutdown
-        TaskerCore::FFI.stop_worker
-      rescue TaskerCore::WorkerNotInitializedError
-        nil
-      rescue StandardError => e
-        logger.error("stopping the engine failed", error: e.class.name, message: e.message.to_s)
-      end
-
+      # A forked child inherits this object but not the worker: forget it (its threads do not
+      # exist here, and the engine's handle is the parent's), run nothing. Called with @mutex held.
       def forget_inherited_worker
-        @mutex.synchronize do
-          @status = :stopped
-          @pool = nil
-          @subscription = nil
-          @owner_pid = nil
-        end
-        false
-      end
+        return if @launcher.nil? || @launcher.owned?
 
-      def dispatch(bridge, event)
-        bridge.dispatch_step_execution(event)
-      rescue SignalException, SystemExit
-        raise
-      rescue Exception => e # rubocop:disable Lint/RescueException
-        # A listener raised: report it and keep the thread (the step itself was completed or times out).
-        logger.error("subscriber raised", error: e.class.name, message: e.message.to_s)
-        bridge.publish_bridge_error(e, event_id: event[:event_id])
+        @launcher.forget
+        @launcher = nil
+        @stopping = false
       end
 
       def run_shutdown_handlers
@@ -196,20 +162,14 @@ module TaskerCore
       end
 
       def install_hooks
-        return if @hooks_installed
+        flag = @config.fetch(:install_signal_handlers) { @config["install_signal_handlers"] }
+        SignalHandlers.install(self) unless flag == false
+        return if @at_exit_installed
 
-        @hooks_installed = true
-        SIGNALS.each do |signal|
-          # Trap context may not take a Mutex: shut down on a thread, then exit from the main thread.
-          Signal.trap(signal) do
-            Thread.new do
-              shutdown!
-              Thread.main.raise(SystemExit.new(0, "tasker_core: exiting after SIG#{signal}"))
-            end
-          end
-        end
-        # Only in the process that started the worker: a forked child that exits has no worker to stop.
-        at_exit { shutdown! if @owner_pid == Process.pid }
+        @at_exit_installed = true
+        # Only in the process that started the worker: a forked child that exits has no worker to
+        # stop (own_launcher is nil there unless the child started its own).
+        at_exit { shutdown! if own_launcher }
       end
     end
   end

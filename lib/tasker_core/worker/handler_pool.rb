@@ -9,8 +9,9 @@ module TaskerCore
     #   at error with the exception and replaced;
     # - #retire(thread) stops reusing a thread after its current step and starts its replacement at
     #   once (for a handler that will not stop: its thread must not take another step);
-    # - #stop(deadline) lets every thread leave (the engine must be stopping: next_step_event then
-    #   returns nil), kills those still busy at the deadline, and never raises.
+    # - #stop(deadline) lets every thread leave (the engine must be draining: next_step_event then
+    #   returns nil); past the deadline it hands their steps back and raises TaskerCore::Shutdown
+    #   into the handlers still running (never Thread#kill), and never raises.
     #
     # Interrupts: a thread runs with every interrupt deferred (Thread.handle_interrupt) except at two
     # points: between steps, where nothing is held, and around the handler itself (see
@@ -81,18 +82,35 @@ module TaskerCore
         end
       end
 
-      # Let the threads leave, waiting until `deadline` (Process::CLOCK_MONOTONIC seconds); threads still
-      # running then are killed. Returns the number of threads that had to be killed. Never raises.
-      def stop(deadline)
+      # Steps handed back and handlers that would not stop, at the last #stop.
+      attr_reader :handed_back, :abandoned
+
+      # Let the threads leave (the engine must be draining: next_step_event then returns nil),
+      # waiting until `deadline` (Process::CLOCK_MONOTONIC seconds). Past it, each thread still
+      # running a step has that step handed back to the engine (the attempt does not count; on
+      # PostgreSQL another worker takes it) and TaskerCore::Shutdown raised into its handler,
+      # Sidekiq's way: never Thread#kill, which would let an open transaction commit. Threads
+      # get `grace` seconds more to leave; one still running then is left behind (logged).
+      # Returns the number of threads that had to be interrupted. Never raises.
+      def stop(deadline, grace: 2.0)
         all = @mutex.synchronize do
           @stopping = true
           @threads + @retired
         end
-        all.reject { |thread| join_until(thread, deadline) }.each do |thread|
-          @logger.error("handler thread still busy at the shutdown deadline: killed", thread: thread.name)
-          thread.kill
-          join_until(thread, now + 1)
-        end.size
+        # Idle threads wait in the engine for a step that will not come: wake them (the wait
+        # answers false, and they see the pool stopping). A thread running a step is not woken:
+        # that would cut a `sleep` in its handler short. The drain was requested before this, so
+        # no thread starts a step from now on.
+        all.each { |thread| wake_idle(thread) }
+        busy = all.reject { |thread| join_until(thread, deadline) }
+        @handed_back = busy.count { |thread| interrupt(thread) if thread[:tasker_step] }
+        stubborn = busy.reject { |thread| join_until(thread, now + grace) }
+        stubborn.each do |thread|
+          @logger.error("handler ignored TaskerCore::Shutdown and is still running: left behind",
+                        thread: thread.name, backtrace: Array(thread.backtrace).first(5))
+        end
+        @abandoned = stubborn.size
+        busy.size
       ensure
         @mutex.synchronize do
           @threads.clear
@@ -104,6 +122,37 @@ module TaskerCore
 
       def now
         Process.clock_gettime(Process::CLOCK_MONOTONIC)
+      end
+
+      # The step's name and attempt, from the event Hash (or its wrapper, once published).
+      def step_fields(event)
+        sequence = event && event[:task_sequence_step]
+        step = sequence.respond_to?(:workflow_step) ? sequence.workflow_step : sequence&.dig(:workflow_step)
+        return {} unless step
+
+        step.is_a?(Hash) ? { step: step[:name], attempt: step[:attempts] } : { step: step.name, attempt: step.attempts }
+      end
+
+      def wake_idle(thread)
+        thread.wakeup if thread[:tasker_step].nil? && thread.alive?
+      rescue ThreadError
+        nil # it ended meanwhile
+      end
+
+      # Hand back the step `thread` runs and raise TaskerCore::Shutdown into it. True if a step
+      # was handed back.
+      def interrupt(thread)
+        event = thread[:tasker_step]
+        handed = event ? TaskerCore::FFI.hand_back_step(event[:event_id]) : false
+        step = step_fields(event)
+        @logger.warn("shutdown deadline passed: #{handed ? "step handed back, " : ""}raising TaskerCore::Shutdown " \
+                     "in its handler", thread: thread.name, task_uuid: event&.dig(:task_uuid), **step)
+        thread.raise(TaskerCore::Shutdown, "worker shutting down: step handed back")
+        handed
+      rescue StandardError => e
+        @logger.error("interrupting a handler at shutdown failed", thread: thread.name, error: e.class.name,
+                                                                   message: e.message.to_s)
+        false
       end
 
       # Thread#join re-raises what ended the thread: ours end normally, but never let join raise.
@@ -133,6 +182,9 @@ module TaskerCore
           begin
             work
             left = true
+          rescue TaskerCore::Shutdown
+            # Raised by #stop past the deadline: the step was handed back; leave quietly.
+            left = true
           rescue Exception => e # rubocop:disable Lint/RescueException
             error = e
           ensure
@@ -152,8 +204,16 @@ module TaskerCore
           break if event.nil?
           next unless event
 
-          @dispatch.call(event)
+          run_step(event)
         end
+      end
+
+      # What #stop needs to hand the step back and name it in the log, kept while it runs.
+      def run_step(event)
+        Thread.current[:tasker_step] = event
+        @dispatch.call(event)
+      ensure
+        Thread.current[:tasker_step] = nil
       end
 
       # Every thread passes here on its way out. `left`: it left its loop (worker stopping, retired);

@@ -4,8 +4,10 @@ pub mod memory;
 pub mod postgres;
 
 use crate::engine::EngineMessage;
-use crate::error::EngineResult;
+use crate::error::{EngineError, EngineResult};
 use crate::events::{AttemptOutcome, InFlight, StepExecutionEvent, TaskSnapshot};
+use crate::metrics::Metrics;
+use crate::task_list::{TaskPage, TaskQuery};
 use crate::template::{TaskTemplate, TemplateKey};
 use crossbeam_channel::Sender;
 use serde_json::Value;
@@ -55,7 +57,9 @@ pub trait Backend: Send + 'static {
     /// A step that fails for good stops its task from starting more steps: the steps that have
     /// not started become `skipped`, and the task ends `error` once no attempt of it is out.
     /// Returns the tasks that stopped starting steps in this call, so that the engine withdraws
-    /// their attempts still queued for Ruby (see [`Backend::release`]).
+    /// their attempts still queued for Ruby (see [`Backend::release`]). A backend that writes off
+    /// the engine loop (postgres) returns those its writes halted since the last call, and sends
+    /// [`Notification::TasksHalted`] for those learned in between.
     async fn record(
         &mut self,
         outcomes: Vec<(InFlight, AttemptOutcome)>,
@@ -79,6 +83,9 @@ pub trait Backend: Send + 'static {
     /// engine (postgres claims in its record transactions) releases what it still holds.
     async fn stop_claiming(&mut self) {}
 
+    /// Claim again after `stop_claiming` (the worker was quiet, not stopping).
+    async fn resume_claiming(&mut self) {}
+
     /// When `claim` may find new work without any message arriving (a retry falls due, a poll).
     fn next_wakeup(&self) -> Option<Instant>;
 
@@ -93,10 +100,36 @@ pub trait Backend: Send + 'static {
         false
     }
 
+    /// Queue depth and tasks by status for the metrics endpoint, when this process holds them
+    /// (in-process backends). A database backend returns `None`: the web server reads them from
+    /// the database itself, so that any one process reports the whole system.
+    fn gauges(&self) -> Option<BackendGauges> {
+        None
+    }
+
+    /// One page of tasks, newest first (see [`TaskQuery`]).
+    async fn list_tasks(&mut self, _query: TaskQuery) -> EngineResult<TaskPage> {
+        Err(EngineError::Internal(
+            "this backend cannot list tasks".into(),
+        ))
+    }
+
+    /// Where the backend reports what only it can time (database transactions).
+    fn set_metrics(&mut self, _metrics: Arc<Metrics>) {}
+
     /// Connection pool (size, idle); (0, 0) without a database.
     fn pool_stats(&self) -> (u32, u32) {
         (0, 0)
     }
+}
+
+/// Counts by namespace, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct BackendGauges {
+    /// (namespace, task status, count).
+    pub tasks: Vec<(String, &'static str, u64)>,
+    /// (namespace, steps ready to be claimed, steps waiting for a retry's backoff).
+    pub steps: Vec<(String, u64, u64)>,
 }
 
 /// Wake-ups from outside the engine thread.

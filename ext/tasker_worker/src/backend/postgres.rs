@@ -43,6 +43,8 @@ use crate::events::{
     AttemptOutcome, InFlight, StepExecutionEvent, StepSnapshot, StepStatus, TaskInfo, TaskSnapshot,
     TaskStatus,
 };
+use crate::metrics::Metrics;
+use crate::task_list::{TaskPage, TaskQuery};
 use crate::template::{TaskTemplate, TemplateKey, TemplateRegistry};
 use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow};
@@ -229,6 +231,8 @@ pub struct PostgresBackend {
     /// claim of a worker that died expires), and shortly after a claim that failed. Not a poll:
     /// a wake-up at a time the table (or the failure) names.
     wake_claim_at: Option<Instant>,
+    /// Where write transactions' durations go (`tasker_backend_commit_duration_seconds`).
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl PostgresBackend {
@@ -273,6 +277,7 @@ impl PostgresBackend {
             next_renewal: now + first_renewal,
             renewal: None,
             wake_claim_at: Some(now),
+            metrics: None,
         }
     }
 
@@ -837,8 +842,13 @@ impl PostgresBackend {
         };
         let scope = Arc::clone(&self.scope);
         let results = self.write_results_sender.clone();
+        let metrics = self.metrics.clone();
         tokio::spawn(async move {
+            let began = Instant::now();
             let done = write_outcomes(pool, scope, entries, claim, locking).await;
+            if let Some(metrics) = metrics {
+                metrics.observe_commit(began.elapsed());
+            }
             if results.send(done).is_ok() {
                 let _ = wake.send(EngineMessage::Notify(Notification::BackendWorkDone));
             }
@@ -1246,18 +1256,29 @@ impl Backend for PostgresBackend {
         .execute(&mut *tx)
         .await
         .map_err(db)?;
+        // A cancelled task whose every step completed anyway (successes that came after the
+        // cancel) has nothing left to run: it is complete at once.
+        let nothing_left = again.is_empty();
         sqlx::query(
-            "UPDATE tasker_tasks SET status = 'in_progress', ending = NULL, finished_at = NULL WHERE task_uuid = $1",
+            "UPDATE tasker_tasks
+             SET status = CASE WHEN $2 THEN 'complete' ELSE 'in_progress' END, ending = NULL,
+                 finished_at = CASE WHEN $2 THEN now() END
+             WHERE task_uuid = $1",
         )
         .bind(task_uuid)
+        .bind(nothing_left)
         .execute(&mut *tx)
         .await
         .map_err(db)?;
-        sqlx::query("SELECT pg_notify($1, '')")
-            .bind(STEPS_READY)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
+        if nothing_left {
+            notify_finished(&mut tx, &[task_uuid]).await.map_err(db)?;
+        } else {
+            sqlx::query("SELECT pg_notify($1, '')")
+                .bind(STEPS_READY)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
         tx.commit().await.map_err(db)?;
         self.maybe_ready = true;
         Ok(())
@@ -1372,6 +1393,12 @@ impl Backend for PostgresBackend {
         self.release_attempts(tasks, steps, attempts).await;
     }
 
+    async fn resume_claiming(&mut self) {
+        self.stopping = false;
+        // Steps may have become ready while nothing was claimed: look at once.
+        self.maybe_ready = true;
+    }
+
     fn next_wakeup(&self) -> Option<Instant> {
         let poll = if self.polls() { self.next_poll } else { None };
         let waiters = self.checks_waiters().then_some(self.next_housekeeping);
@@ -1408,6 +1435,14 @@ impl Backend for PostgresBackend {
             // Taken on the next tick.
             Notification::BackendWorkDone => {}
         }
+    }
+
+    async fn list_tasks(&mut self, query: TaskQuery) -> EngineResult<TaskPage> {
+        crate::task_list::postgres_page(self.pool()?, &query).await
+    }
+
+    fn set_metrics(&mut self, metrics: Arc<Metrics>) {
+        self.metrics = Some(metrics);
     }
 
     fn pool_stats(&self) -> (u32, u32) {

@@ -13,10 +13,11 @@ mod table;
 
 pub use table::{GroupWait, NewTask, TaskTable};
 
-use super::{Backend, SnapshotReply};
+use super::{Backend, BackendGauges, SnapshotReply};
 use crate::engine::EngineMessage;
 use crate::error::EngineResult;
 use crate::events::{AttemptOutcome, InFlight, StepExecutionEvent, TaskSnapshot};
+use crate::task_list::{TaskPage, TaskQuery};
 use crate::template::{TaskTemplate, TemplateKey};
 use crossbeam_channel::Sender;
 use serde_json::Value;
@@ -105,6 +106,13 @@ pub struct MemoryBackend {
     tasks: Arc<LocalTasks>,
 }
 
+impl Drop for MemoryBackend {
+    /// The engine has stopped (or panicked): waiters of unfinished tasks are let go.
+    fn drop(&mut self) {
+        self.tasks.access(TaskTable::close);
+    }
+}
+
 impl MemoryBackend {
     pub fn new(tasks: Arc<LocalTasks>) -> Self {
         Self { tasks }
@@ -183,6 +191,14 @@ impl Backend for MemoryBackend {
 
     async fn stop_claiming(&mut self) {
         self.tasks.access(TaskTable::stop_accepting);
+    }
+
+    async fn list_tasks(&mut self, query: TaskQuery) -> EngineResult<TaskPage> {
+        Ok(self.tasks.access(|table| table.list_tasks(query)))
+    }
+
+    fn gauges(&self) -> Option<BackendGauges> {
+        Some(self.tasks.access(|table| table.gauges()))
     }
 
     fn in_process(&self) -> bool {

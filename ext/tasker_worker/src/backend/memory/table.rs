@@ -11,13 +11,14 @@
 //! bounded by both numbers, whatever the number of tasks run.
 
 use super::index::FinalStatusIndex;
-use crate::backend::SnapshotReply;
+use crate::backend::{BackendGauges, SnapshotReply};
 use crate::bootstrap::MAX_RETRY_AFTER;
 use crate::error::{EngineError, EngineResult};
 use crate::events::{
     unix_ns, AttemptOutcome, InFlight, StepExecutionCompletionEvent, StepExecutionEvent,
     StepSnapshot, StepStatus, TaskInfo, TaskSnapshot, TaskStatus,
 };
+use crate::task_list::{TaskPage, TaskQuery, TaskSummary};
 use crate::template::TaskTemplate;
 use crossbeam_channel::{Receiver, Sender};
 use serde_json::Value;
@@ -115,6 +116,13 @@ pub enum Waiter {
 }
 
 impl Waiter {
+    /// The engine stopped before the task finished: the waiter's wait ends with the engine gone.
+    fn close(self) {
+        if let Waiter::Group(group) = self {
+            group.close();
+        }
+    }
+
     pub(super) fn deliver(self, snapshot: &TaskSnapshot) {
         match self {
             Waiter::One(reply) => {
@@ -129,18 +137,22 @@ impl Waiter {
 /// caller is woken once, when the last one arrives, rather than once per task.
 pub struct GroupWait {
     answers: Mutex<Vec<TaskSnapshot>>,
+    /// Dropped (the caller's wait then ends with the engine gone) when the engine stops first.
+    closer: Mutex<Option<Sender<()>>>,
     /// Answers still expected, plus one until the caller has registered them all
     /// ([`Self::registered`]), so that the count cannot reach zero half-way.
     left: AtomicUsize,
-    done: (Sender<()>, Receiver<()>),
+    done: Receiver<()>,
 }
 
 impl GroupWait {
     pub fn new() -> Arc<Self> {
+        let (done, wait) = crossbeam_channel::bounded(1);
         Arc::new(Self {
             answers: Mutex::new(Vec::new()),
+            closer: Mutex::new(Some(done)),
             left: AtomicUsize::new(1),
-            done: crossbeam_channel::bounded(1),
+            done: wait,
         })
     }
 
@@ -163,13 +175,19 @@ impl GroupWait {
 
     fn count_down(&self) {
         if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let _ = self.done.0.try_send(());
+            if let Some(done) = &*self.closer.lock().unwrap_or_else(|e| e.into_inner()) {
+                let _ = done.try_send(());
+            }
         }
     }
 
-    /// Receives once every task registered has answered.
+    /// Receives once every task registered has answered; disconnects if the engine stopped first.
     pub fn done(&self) -> &Receiver<()> {
-        &self.done.1
+        &self.done
+    }
+
+    fn close(&self) {
+        self.closer.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 
     /// The final statuses gathered so far, in the order the tasks finished.
@@ -204,6 +222,8 @@ pub struct TaskTable {
     halted: Vec<Uuid>,
     /// False once the worker shuts down: no task is created any more.
     accepting: bool,
+    /// True once the engine has stopped: nothing will finish any more.
+    closed: bool,
     /// Whether finished tasks are announced (someone subscribes to task events).
     pub(super) announce_ends: bool,
     /// Filled by `settle`, sent by [`super::LocalTasks`] after the lock is released.
@@ -222,6 +242,7 @@ impl TaskTable {
             index: FinalStatusIndex::new(index_retention),
             halted: Vec::new(),
             accepting: true,
+            closed: false,
             announce_ends: false,
             deliveries: Vec::new(),
         }
@@ -530,6 +551,9 @@ impl TaskTable {
         reply: &SnapshotReply,
     ) -> Option<EngineResult<TaskSnapshot>> {
         match self.tasks.get_mut(&task_uuid) {
+            Some(task) if !task.status.is_finished() && self.closed => {
+                Some(Err(EngineError::NotInitialized))
+            }
             Some(task) if !task.status.is_finished() => {
                 task.waiters.push(Waiter::One(reply.clone()));
                 None
@@ -562,6 +586,9 @@ impl TaskTable {
         group: &Arc<GroupWait>,
     ) -> Option<EngineResult<TaskSnapshot>> {
         match self.tasks.get_mut(&task_uuid) {
+            Some(task) if !task.status.is_finished() && self.closed => {
+                Some(Err(EngineError::NotInitialized))
+            }
             Some(task) if !task.status.is_finished() => {
                 group.expect_one();
                 task.waiters.push(Waiter::Group(Arc::clone(group)));
@@ -728,6 +755,60 @@ impl TaskTable {
 
     pub(super) fn next_retry(&self) -> Option<Instant> {
         self.retries.peek().map(|Reverse((due, _, _, _))| *due)
+    }
+
+    /// One page of the tasks held whole; those shrunk to a final status (see `FinalStatusIndex`)
+    /// have no creation time to order them by.
+    pub(super) fn list_tasks(&self, query: TaskQuery) -> TaskPage {
+        query.page_of(self.tasks.values().map(|task| TaskSummary {
+            task_uuid: task.info.task_uuid,
+            namespace: task.info.namespace.to_string(),
+            name: task.info.name.to_string(),
+            version: task.info.version.to_string(),
+            status: task.status,
+            created_at_ns: task.created_at_ns,
+            completed_at_ns: task.completed_at_ns,
+        }))
+    }
+
+    /// Tasks by namespace and status, and ready and retry-waiting steps by namespace.
+    pub(super) fn gauges(&self) -> BackendGauges {
+        let mut tasks: HashMap<(&str, &'static str), u64> = HashMap::new();
+        let mut steps: HashMap<&str, (u64, u64)> = HashMap::new();
+        for task in self.tasks.values() {
+            let namespace = &*task.info.namespace;
+            *tasks.entry((namespace, task.status.as_str())).or_default() += 1;
+            let counts = steps.entry(namespace).or_default();
+            for step in &task.steps {
+                match step.status {
+                    StepStatus::Enqueued => counts.0 += 1,
+                    StepStatus::WaitingForRetry => counts.1 += 1,
+                    _ => {}
+                }
+            }
+        }
+        BackendGauges {
+            tasks: tasks
+                .into_iter()
+                .map(|((namespace, status), n)| (namespace.to_string(), status, n))
+                .collect(),
+            steps: steps
+                .into_iter()
+                .map(|(namespace, (ready, waiting))| (namespace.to_string(), ready, waiting))
+                .collect(),
+        }
+    }
+
+    /// The engine stopped: tasks not finished by now never will. Their waiters are let go (their
+    /// waits end with the engine gone), and later waits for them fail at once.
+    pub(super) fn close(&mut self) {
+        self.accepting = false;
+        self.closed = true;
+        for task in self.tasks.values_mut() {
+            for waiter in task.waiters.drain(..) {
+                waiter.close();
+            }
+        }
     }
 
     /// The worker shuts down: refuse new tasks from now on.
