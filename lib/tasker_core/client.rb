@@ -62,5 +62,15 @@ module TaskerCore
       FFI.wait_for_task(task_uuid, timeout) ||
         raise(Timeout::Error, "task #{task_uuid} did not finish within #{timeout}s")
     end
+
+    # Wait (with the GVL released) until every task has finished.
+    # @param task_uuids [Array<String>]
+    # @return [Array<Hash>] the final task statuses, in the order of `task_uuids`
+    # @raise [TaskNotFoundError] for a uuid this worker never created (nothing is waited for)
+    # @raise [Timeout::Error] past `timeout` seconds (nil waits forever)
+    def wait_for_tasks(task_uuids, timeout: 30)
+      FFI.wait_for_tasks(task_uuids, timeout) ||
+        raise(Timeout::Error, "#{task_uuids.size} tasks did not all finish within #{timeout}s")
+    end
   end
 end

@@ -4,11 +4,11 @@
 //! for a clone or a swap, with no Ruby call and no GVL release inside. Since the GVL
 //! serialises those sections, the lock is never contended and never waits.
 
-use crate::convert::{self, fetch};
+use crate::convert;
 use crate::definitions;
 use crate::errors;
 use crate::gvl::{check_interrupts, log_without_gvl, without_gvl, without_gvl_retrying};
-use magnus::{function, prelude::*, Error, RArray, RHash, RModule, RString, Ruby, Value};
+use magnus::{function, prelude::*, Error, RHash, RModule, RString, Ruby, Value};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -52,7 +52,7 @@ extern "C" fn on_fork_child() {
 
 /// The current worker, if one was started by this process. After a fork, the parent's worker
 /// is dropped from the child's slot without touching its threads, which do not exist here.
-fn current() -> Option<Arc<WorkerSystemHandle>> {
+pub(crate) fn current() -> Option<Arc<WorkerSystemHandle>> {
     let mut slot = slot();
     if FORKED.swap(false, Ordering::AcqRel)
         && slot
@@ -89,12 +89,7 @@ pub fn init(ruby: &Ruby, module: RModule) -> Result<(), Error> {
         function!(send_step_completion_event, 1),
     )?;
     ffi.define_singleton_method("next_step_event", function!(next_step_event, -1))?;
-    ffi.define_singleton_method("create_task", function!(create_task, 1))?;
-    ffi.define_singleton_method("create_tasks", function!(create_tasks, 1))?;
-    ffi.define_singleton_method("task_status", function!(task_status, 1))?;
-    ffi.define_singleton_method("wait_for_task", function!(wait_for_task, 2))?;
-    ffi.define_singleton_method("cancel_task", function!(cancel_task, 1))?;
-    ffi.define_singleton_method("retry_task", function!(retry_task, 1))?;
+    crate::tasks::init(ffi)?;
     ffi.define_singleton_method("next_step_interrupt", function!(next_step_interrupt, -1))?;
     ffi.define_singleton_method("quiet_worker", function!(quiet_worker, 0))?;
     ffi.define_singleton_method("resume_worker", function!(resume_worker, 0))?;
@@ -437,7 +432,7 @@ pub const MAX_WAIT: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// A timeout in seconds from Ruby: a non-negative number (NaN and negatives raise
 /// `ArgumentError`), at most [`MAX_WAIT`].
-fn seconds(ruby: &Ruby, value: Value, what: &str) -> Result<Duration, Error> {
+pub(crate) fn seconds(ruby: &Ruby, value: Value, what: &str) -> Result<Duration, Error> {
     convert::seconds_at_most(ruby, value, what, MAX_WAIT)
 }
 
@@ -505,173 +500,6 @@ pub(crate) fn await_reply<T: Send>(
             Some(Reply::Interrupted) | None => check_interrupts(ruby)?,
         }
     }
-}
-
-/// The template a `create_task(s)` request names: (namespace, name, version).
-fn template_of(ruby: &Ruby, request: RHash) -> Result<(String, String, String), Error> {
-    let text = |key: &convert::Key, default: Option<&str>| -> Result<String, Error> {
-        let name = key.name;
-        match fetch(ruby, request, key) {
-            Some(v) => match RString::from_value(v).map(|s| s.to_string()) {
-                Some(Ok(s)) if !s.is_empty() => Ok(s),
-                _ => Err(errors::configuration(
-                    ruby,
-                    format!("{name}: must be a non-empty String"),
-                )),
-            },
-            None => default.map(str::to_owned).ok_or_else(|| {
-                errors::configuration(ruby, format!("{name}: required to create a task"))
-            }),
-        }
-    };
-    Ok((
-        text(&convert::NAMESPACE, None)?,
-        text(&convert::NAME, None)?,
-        text(&convert::VERSION, Some("1.0.0"))?,
-    ))
-}
-
-fn context_of(ruby: &Ruby, value: Option<Value>, what: &str) -> Result<serde_json::Value, Error> {
-    match value {
-        None => Ok(serde_json::Value::Object(Default::default())),
-        Some(v) => {
-            convert::ruby_to_json(ruby, v, what).map_err(|e| errors::as_configuration(ruby, e))
-        }
-    }
-}
-
-/// Hand the request to the engine and wait (GVL released) for the new tasks' uuids.
-fn create(
-    ruby: &Ruby,
-    system: &WorkerSystemHandle,
-    request: RHash,
-    contexts: Vec<serde_json::Value>,
-) -> Result<Vec<Uuid>, Error> {
-    let (namespace, name, version) = template_of(ruby, request)?;
-    let reply = system
-        .request_create_tasks(&namespace, &name, &version, contexts)
-        .map_err(|e| errors::engine(ruby, e))?;
-    match await_reply(ruby, reply, None)? {
-        Some(Ok(uuids)) => Ok(uuids),
-        Some(Err(e)) => Err(errors::engine(ruby, e)),
-        None => unreachable!("no timeout was given"),
-    }
-}
-
-fn create_task(ruby: &Ruby, request: RHash) -> Result<RString, Error> {
-    errors::guard(ruby, || {
-        let system = require_worker(ruby)?;
-        let context = context_of(ruby, fetch(ruby, request, &convert::CONTEXT), "context")?;
-        let uuids = create(ruby, &system, request, vec![context])?;
-        Ok(convert::uuid_str(ruby, uuids[0]))
-    })
-}
-
-/// `create_tasks(namespace:, name:, version:, contexts: [...])`: one task per context, in one
-/// message to the engine (one transaction on postgres); their uuids, in order.
-fn create_tasks(ruby: &Ruby, request: RHash) -> Result<RArray, Error> {
-    errors::guard(ruby, || {
-        let system = require_worker(ruby)?;
-        let list = fetch(ruby, request, &convert::CONTEXTS).ok_or_else(|| {
-            errors::configuration(ruby, "contexts: required (an Array of Hashes)")
-        })?;
-        let list = RArray::from_value(list)
-            .ok_or_else(|| errors::configuration(ruby, "contexts: must be an Array of Hashes"))?;
-        let mut contexts = Vec::with_capacity(list.len());
-        for (i, item) in list.into_iter().enumerate() {
-            contexts.push(context_of(ruby, Some(item), &format!("contexts[{i}]"))?);
-        }
-        let uuids = create(ruby, &system, request, contexts)?;
-        let array = ruby.ary_new_capa(uuids.len());
-        for uuid in uuids {
-            array.push(convert::uuid_str(ruby, uuid))?;
-        }
-        Ok(array)
-    })
-}
-
-fn parse_task_uuid(ruby: &Ruby, value: Value) -> Result<Uuid, Error> {
-    let text = RString::from_value(value)
-        .and_then(|s| s.to_string().ok())
-        .ok_or_else(|| errors::argument(ruby, "task uuid must be a String"))?;
-    // No task was ever created under a name that is not a UUID: as unknown as any other.
-    Uuid::parse_str(&text)
-        .map_err(|_| errors::task_not_found(ruby, format!("unknown task {text:?}: not a UUID")))
-}
-
-fn task_status(ruby: &Ruby, task_uuid: Value) -> Result<RHash, Error> {
-    errors::guard(ruby, || {
-        let system = require_worker(ruby)?;
-        let uuid = parse_task_uuid(ruby, task_uuid)?;
-        let reply = system
-            .request_task_status(uuid)
-            .map_err(|e| errors::engine(ruby, e))?;
-        match await_reply(ruby, reply, None)? {
-            Some(Ok(snapshot)) => convert::snapshot_to_ruby(ruby, &snapshot),
-            Some(Err(e)) => Err(errors::engine(ruby, e)),
-            None => unreachable!("no timeout was given"),
-        }
-    })
-}
-
-/// `wait_for_task(uuid, timeout_seconds_or_nil)`: the final task status Hash, or nil on timeout.
-fn wait_for_task(ruby: &Ruby, task_uuid: Value, timeout: Value) -> Result<Option<RHash>, Error> {
-    errors::guard(ruby, || {
-        let system = require_worker(ruby)?;
-        let uuid = parse_task_uuid(ruby, task_uuid)?;
-        let timeout = if timeout.is_nil() {
-            None
-        } else {
-            Some(seconds(ruby, timeout, "timeout")?)
-        };
-        let ticket = system
-            .request_wait_for_task(uuid)
-            .map_err(|e| errors::engine(ruby, e))?;
-        match await_reply(ruby, ticket.answer.clone(), timeout) {
-            Ok(Some(Ok(snapshot))) => Ok(Some(convert::snapshot_to_ruby(ruby, &snapshot)?)),
-            Ok(Some(Err(e))) => Err(errors::engine(ruby, e)),
-            // Timed out or interrupted: the engine must not keep the reply for a waiter gone.
-            Ok(None) => {
-                system.abandon_wait(ticket);
-                Ok(None)
-            }
-            Err(interrupt) => {
-                system.abandon_wait(ticket);
-                Err(interrupt)
-            }
-        }
-    })
-}
-
-/// `cancel_task(uuid)`: true if the task was unfinished (it is now cancelling), false if it had
-/// already finished.
-fn cancel_task(ruby: &Ruby, task_uuid: Value) -> Result<bool, Error> {
-    errors::guard(ruby, || {
-        let system = require_worker(ruby)?;
-        let uuid = parse_task_uuid(ruby, task_uuid)?;
-        let reply = system
-            .request_cancel_task(uuid)
-            .map_err(|e| errors::engine(ruby, e))?;
-        match await_reply(ruby, reply, None)? {
-            Some(result) => result.map_err(|e| errors::engine(ruby, e)),
-            None => unreachable!("no timeout was given"),
-        }
-    })
-}
-
-/// `retry_task(uuid)`: runs an `error` or `cancelled` task again from its unfinished steps.
-fn retry_task(ruby: &Ruby, task_uuid: Value) -> Result<bool, Error> {
-    errors::guard(ruby, || {
-        let system = require_worker(ruby)?;
-        let uuid = parse_task_uuid(ruby, task_uuid)?;
-        let reply = system
-            .request_retry_task(uuid)
-            .map_err(|e| errors::engine(ruby, e))?;
-        match await_reply(ruby, reply, None)? {
-            Some(result) => result.map(|()| true).map_err(|e| errors::engine(ruby, e)),
-            None => unreachable!("no timeout was given"),
-        }
-    })
 }
 
 /// `next_step_interrupt(timeout = nil)`: the next handler to interrupt (its attempt timed out

@@ -9,6 +9,7 @@ mod gvl;
 mod handlers;
 mod logging;
 mod task_list;
+mod tasks;
 #[cfg(feature = "test-hooks")]
 mod test_hooks;
 mod testing;

@@ -3,9 +3,10 @@
 //! waits on [`WorkerSystemHandle::started`] and [`WorkerSystemHandle::stopped`] however
 //! suits it (the Ruby bridge waits with the GVL released).
 
-use crate::backend::memory::MemoryBackend;
+use crate::backend::memory::NewTask;
+use crate::backend::memory::{LocalTasks, MemoryBackend, TaskTable};
 use crate::backend::postgres::{PostgresBackend, PostgresSettings};
-use crate::backend::Backend;
+use crate::backend::{Backend, Notification};
 use crate::config::{BackendKind, WorkerConfig};
 use crate::dispatch::{self, DispatchPort, InFlightRegistry, InterruptPort};
 use crate::engine::{Engine, EngineMessage};
@@ -13,9 +14,9 @@ use crate::error::{EngineError, EngineResult};
 use crate::events::{AttemptOutcome, Phase, StepExecutionCompletionEvent, TaskSnapshot};
 use crate::status::{Shared, WorkerState, WorkerSystemStatus};
 use crate::task_list::{TaskPage, TaskQuery};
-use crate::template::{HandlerReference, TemplateKey, TemplateRegistry};
+use crate::template::{HandlerReference, TaskTemplate, TemplateKey, TemplateRegistry};
 use crate::web::{BoundListener, WebServer};
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, Select, Sender};
 use serde_json::Value;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -53,11 +54,16 @@ impl WorkerBootstrap {
         shared.web_api_bind = web.as_ref().map(BoundListener::local_addr);
         let shared = Arc::new(shared);
         let database_url = config.database_url.clone();
+        let task_ends = crossbeam_channel::unbounded();
         let handle = match config.backend {
             BackendKind::Memory => {
-                let backend =
-                    MemoryBackend::new(config.task_retention, config.task_index_retention);
-                Self::spawn(backend, config, templates, shared)
+                let local = Arc::new(LocalTasks::new(
+                    config.task_retention,
+                    config.task_index_retention,
+                    task_ends.0.clone(),
+                ));
+                let backend = MemoryBackend::new(Arc::clone(&local));
+                Self::spawn(backend, config, templates, shared, Some(local), task_ends)
             }
             BackendKind::Postgres => {
                 let settings = PostgresSettings {
@@ -72,7 +78,7 @@ impl WorkerBootstrap {
                     max_in_flight: config.concurrency * 2,
                 };
                 let backend = PostgresBackend::new(settings, Arc::clone(&templates));
-                Self::spawn(backend, config, templates, shared)
+                Self::spawn(backend, config, templates, shared, None, task_ends)
             }
         }?;
         if let Some(bound) = web {
@@ -131,6 +137,8 @@ impl WorkerBootstrap {
         config: WorkerConfig,
         templates: Arc<TemplateRegistry>,
         shared: Arc<Shared>,
+        local: Option<Arc<LocalTasks>>,
+        (_task_ends_tx, task_ends): (Sender<TaskSnapshot>, Receiver<TaskSnapshot>),
     ) -> EngineResult<WorkerSystemHandle> {
         // Room for every handler thread to find its next step waiting, and no more: steps
         // stay in the backend (ordered, recallable) until a thread is about to need them.
@@ -196,6 +204,8 @@ impl WorkerBootstrap {
             interrupt_port: InterruptPort::new(interrupts_rx, closed_rx.clone()),
             registry,
             templates,
+            local,
+            task_ends,
             started: started_rx,
             stopped: closed_rx,
             thread: Mutex::new(Some(thread)),
@@ -212,6 +222,17 @@ pub struct WaitTicket {
     reply: crossbeam_channel::Sender<EngineResult<TaskSnapshot>>,
     abandoned: Arc<AtomicBool>,
     pub answer: Receiver<EngineResult<TaskSnapshot>>,
+}
+
+/// What a thread waiting for task ends gets back ([`WorkerSystemHandle::next_task_end`]).
+#[derive(Debug)]
+pub enum TaskEndTake {
+    /// A task finished: its final status.
+    End(Box<TaskSnapshot>),
+    /// The wait timed out or was cut short.
+    Nothing,
+    /// The worker stopped and every end was delivered.
+    Closed,
 }
 
 /// The longest delay a completion's `retry_after` may ask for: one year. Longer ones are cut to
@@ -236,6 +257,10 @@ pub struct WorkerSystemHandle {
     interrupt_port: InterruptPort,
     registry: Arc<InFlightRegistry>,
     templates: Arc<TemplateRegistry>,
+    /// The memory backend's task table, which the task API reads and writes without the engine.
+    local: Option<Arc<LocalTasks>>,
+    /// Finished tasks, while someone observes them ([`Self::announce_task_ends`]).
+    task_ends: Receiver<TaskSnapshot>,
     started: Receiver<EngineResult<()>>,
     stopped: Receiver<()>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -502,6 +527,8 @@ impl WorkerSystemHandle {
 
     /// [`Self::request_create_task`] for many tasks of one template at once: one message, and on
     /// postgres one transaction. The answer lists the new tasks' uuids in the order of `contexts`.
+    /// On the memory backend the tasks are created at once, on this thread, and the answer is
+    /// already there.
     pub fn request_create_tasks(
         &self,
         namespace: &str,
@@ -509,10 +536,14 @@ impl WorkerSystemHandle {
         version: &str,
         contexts: Vec<Value>,
     ) -> EngineResult<Receiver<EngineResult<Vec<Uuid>>>> {
-        if let Some(i) = contexts.iter().position(|c| !c.is_object()) {
-            return Err(EngineError::config(format!(
-                "contexts[{i}]: must be a Hash"
-            )));
+        Self::check_contexts(&contexts)?;
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        if let Some(local) = &self.local {
+            let template = self.local_template(namespace, name, version)?;
+            let prepared = Self::prepare_tasks(&template, contexts);
+            let _ = reply.try_send(local.access(|table| table.insert(prepared)));
+            self.tasks_inserted();
+            return Ok(answer);
         }
         let key = TemplateKey {
             namespace: namespace.into(),
@@ -520,22 +551,6 @@ impl WorkerSystemHandle {
             version: version.into(),
         };
         let template = self.templates.get(namespace, name, version).map(Arc::clone);
-        if self.shared.backend == BackendKind::Memory {
-            if template.is_none() {
-                return Err(EngineError::config(format!(
-                    "unknown template {key} (known: {})",
-                    self.templates.describe_known()
-                )));
-            }
-            // In one process, a task of a namespace nobody runs would wait forever.
-            if !self.shared.namespaces.iter().any(|n| n == namespace) {
-                return Err(EngineError::config(format!(
-                    "namespace {namespace:?} is not handled by this worker (namespaces: {:?})",
-                    self.shared.namespaces
-                )));
-            }
-        }
-        let (reply, answer) = crossbeam_channel::bounded(1);
         if contexts.is_empty() {
             let _ = reply.try_send(Ok(Vec::new()));
             return Ok(answer);
@@ -547,6 +562,66 @@ impl WorkerSystemHandle {
             reply,
         })?;
         Ok(answer)
+    }
+
+    pub fn check_contexts(contexts: &[Value]) -> EngineResult<()> {
+        match contexts.iter().position(|c| !c.is_object()) {
+            Some(i) => Err(EngineError::config(format!(
+                "contexts[{i}]: must be a Hash"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// The memory backend's task table, which callers use directly (no engine round trip):
+    /// `None` on a database backend.
+    pub fn local_tasks(&self) -> Option<&LocalTasks> {
+        self.local.as_deref()
+    }
+
+    /// The template a new task of the memory backend runs, checked the way creation checks it:
+    /// known, and of a namespace this worker runs (templates do not change while a worker runs,
+    /// so this holds until the task is inserted).
+    pub fn local_template(
+        &self,
+        namespace: &str,
+        name: &str,
+        version: &str,
+    ) -> EngineResult<Arc<TaskTemplate>> {
+        let Some(template) = self.templates.get(namespace, name, version) else {
+            return Err(EngineError::config(format!(
+                "unknown template {namespace}/{name}@{version} (known: {})",
+                self.templates.describe_known()
+            )));
+        };
+        // In one process, a task of a namespace nobody runs would wait forever.
+        if !self.shared.namespaces.iter().any(|n| n == namespace) {
+            return Err(EngineError::config(format!(
+                "namespace {namespace:?} is not handled by this worker (namespaces: {:?})",
+                self.shared.namespaces
+            )));
+        }
+        if self.is_draining() {
+            return Err(EngineError::ShuttingDown);
+        }
+        Ok(Arc::clone(template))
+    }
+
+    /// New memory-backend tasks, built outside the table's lock (checked by
+    /// [`Self::check_contexts`] first).
+    pub fn prepare_tasks(template: &Arc<TaskTemplate>, contexts: Vec<Value>) -> Vec<NewTask> {
+        contexts
+            .into_iter()
+            .map(|context| TaskTable::prepare(template, context))
+            .collect()
+    }
+
+    /// Memory-backend tasks were inserted into the table: wake the engine to claim their steps,
+    /// unless a wake is already on its way.
+    pub fn tasks_inserted(&self) {
+        if self.local.as_ref().is_some_and(|local| local.needs_wake()) {
+            let _ = self.send(EngineMessage::Notify(Notification::StepsReady));
+        }
     }
 
     /// One page of tasks, newest first (see [`TaskQuery`]).
@@ -564,6 +639,10 @@ impl WorkerSystemHandle {
         task_uuid: Uuid,
     ) -> EngineResult<Receiver<EngineResult<TaskSnapshot>>> {
         let (reply, answer) = crossbeam_channel::bounded(1);
+        if let Some(local) = &self.local {
+            let _ = reply.try_send(local.access(|table| table.snapshot(task_uuid)));
+            return Ok(answer);
+        }
         self.send(EngineMessage::TaskStatus { task_uuid, reply })?;
         Ok(answer)
     }
@@ -573,6 +652,17 @@ impl WorkerSystemHandle {
     pub fn request_wait_for_task(&self, task_uuid: Uuid) -> EngineResult<WaitTicket> {
         let (reply, answer) = crossbeam_channel::bounded(1);
         let abandoned = Arc::new(AtomicBool::new(false));
+        if let Some(local) = &self.local {
+            if let Some(now) = local.access(|table| table.wait(task_uuid, &reply)) {
+                let _ = reply.try_send(now);
+            }
+            return Ok(WaitTicket {
+                task_uuid,
+                reply,
+                abandoned,
+                answer,
+            });
+        }
         self.send(EngineMessage::WaitForTask {
             task_uuid,
             reply: reply.clone(),
@@ -586,8 +676,62 @@ impl WorkerSystemHandle {
         })
     }
 
+    /// Announce finished tasks to [`Self::next_task_end`] from now on (`true`), or stop. Memory
+    /// backend only; a database backend has no task ends to announce yet (`false` returned).
+    pub fn announce_task_ends(&self, announce: bool) -> bool {
+        match &self.local {
+            Some(local) => {
+                local.set_announce_ends(announce);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Block until a task announced as finished arrives (see [`Self::announce_task_ends`]), the
+    /// worker stops with none left, `cancel` receives, or `timeout` passes.
+    pub fn next_task_end(&self, cancel: &Receiver<()>, timeout: Option<Duration>) -> TaskEndTake {
+        if let Ok(snapshot) = self.task_ends.try_recv() {
+            return TaskEndTake::End(Box::new(snapshot));
+        }
+        let mut select = Select::new();
+        // A backend that never announces dropped its sender: wait for the others only.
+        let ends = self.local.is_some().then(|| select.recv(&self.task_ends));
+        let closed = select.recv(&self.stopped);
+        select.recv(cancel);
+        let op = match timeout {
+            Some(t) => match select.select_timeout(t) {
+                Ok(op) => op,
+                Err(_) => return TaskEndTake::Nothing,
+            },
+            None => select.select(),
+        };
+        match op.index() {
+            i if Some(i) == ends => match op.recv(&self.task_ends) {
+                Ok(snapshot) => TaskEndTake::End(Box::new(snapshot)),
+                Err(_) => TaskEndTake::Closed,
+            },
+            i if i == closed => {
+                let _ = op.recv(&self.stopped);
+                // Ends announced before the stop are still delivered.
+                match self.task_ends.try_recv() {
+                    Ok(snapshot) => TaskEndTake::End(Box::new(snapshot)),
+                    Err(_) => TaskEndTake::Closed,
+                }
+            }
+            _ => {
+                let _ = op.recv(cancel);
+                TaskEndTake::Nothing
+            }
+        }
+    }
+
     /// The waiter gave up: the engine forgets it.
     pub fn abandon_wait(&self, ticket: WaitTicket) {
+        if let Some(local) = &self.local {
+            local.access(|table| table.forget_waiter(ticket.task_uuid, &ticket.reply));
+            return;
+        }
         ticket.abandoned.store(true, Ordering::Release);
         let _ = self.send(EngineMessage::ForgetWaiter {
             task_uuid: ticket.task_uuid,

@@ -158,10 +158,6 @@ struct LoopState {
     stop_by: Option<Instant>,
     next_sweep: Option<Instant>,
     outcomes: Vec<(InFlight, AttemptOutcome)>,
-    /// `create_task` answers held until the new task's first steps are dispatched (in-process
-    /// backends): the handler thread is woken before the caller, and does not wait for the
-    /// GVL while the caller, woken first, holds it.
-    created: Vec<(CreatedReply, EngineResult<Vec<Uuid>>)>,
 }
 
 impl<B: Backend> Engine<B> {
@@ -187,7 +183,6 @@ impl<B: Backend> Engine<B> {
             stop_by: None,
             next_sweep: None,
             outcomes: Vec::new(),
-            created: Vec::new(),
         };
         let mut spinner = Spinner::new(self.backend.in_process());
 
@@ -225,9 +220,6 @@ impl<B: Backend> Engine<B> {
             self.flush(&mut st).await;
             if st.accepting && !st.quiet {
                 self.fill(&mut st).await;
-            }
-            for (reply, result) in st.created.drain(..) {
-                let _ = reply.try_send(result);
             }
             if let Some(stop_by) = st.stop_by {
                 let in_flight = self.shared.in_flight.load(Ordering::Acquire);
@@ -282,11 +274,8 @@ impl<B: Backend> Engine<B> {
                 } else {
                     Err(EngineError::ShuttingDown)
                 };
-                if self.backend.in_process() {
-                    st.created.push((reply, result));
-                } else {
-                    let _ = reply.try_send(result);
-                }
+                // (The memory backend's tasks are created by the caller, without this message.)
+                let _ = reply.try_send(result);
             }
             EngineMessage::TaskStatus { task_uuid, reply } => {
                 let _ = reply.try_send(self.backend.task_status(task_uuid).await);

@@ -18,8 +18,10 @@ pub mod task_list;
 pub mod template;
 pub mod web;
 
+pub use backend::memory::{GroupWait, LocalTasks, NewTask, TaskTable};
 pub use bootstrap::{
-    CompletionVerdict, WaitTicket, WorkerBootstrap, WorkerSystemHandle, MAX_RETRY_AFTER,
+    CompletionVerdict, TaskEndTake, WaitTicket, WorkerBootstrap, WorkerSystemHandle,
+    MAX_RETRY_AFTER,
 };
 pub use config::{BackendKind, DeploymentMode, LogLevel, WorkerConfig};
 pub use dispatch::{DispatchPort, InterruptPort, InterruptTake, Reply, Take};

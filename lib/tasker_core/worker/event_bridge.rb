@@ -8,6 +8,12 @@ module TaskerCore
     #                            ready_at_ns: (when the engine made it ready; CLOCK_REALTIME ns)}
     #   step.completion.sent     a completion handed to the engine: the completion plus `accepted:`
     #   bridge.error             a subscriber raised while handling an event: {error:, event_id:}
+    #   task.completed           a task finished: its final status, as `TaskerCore.task_status` gives it
+    #   task.failed              a task ended in error: its final status
+    #   task.cancelled           a task was cancelled (and none of its handlers runs any more): its final status
+    #
+    # Task events are delivered on one thread of the worker (`TaskEndRelay`), in the order the tasks
+    # finished. The engine builds them only while something subscribes to one of them. Memory backend.
     class EventBridge
       include Singleton
       include TaskerCore::Events::Publisher
@@ -15,13 +21,51 @@ module TaskerCore
       STEP_EXECUTION = "step.execution.received"
       STEP_COMPLETION = "step.completion.sent"
       BRIDGE_ERROR = "bridge.error"
+      TASK_COMPLETED = "task.completed"
+      TASK_FAILED = "task.failed"
+      TASK_CANCELLED = "task.cancelled"
+      # A final task status => the event that announces it.
+      TASK_EVENTS = { "complete" => TASK_COMPLETED, "error" => TASK_FAILED, "cancelled" => TASK_CANCELLED }.freeze
       REQUIRED_COMPLETION_FIELDS = %i[event_id task_uuid step_uuid success].freeze
 
       def initialize
         @active = true
-        register_event(STEP_EXECUTION)
-        register_event(STEP_COMPLETION)
-        register_event(BRIDGE_ERROR)
+        [STEP_EXECUTION, STEP_COMPLETION, BRIDGE_ERROR, *TASK_EVENTS.values].each { |id| register_event(id) }
+      end
+
+      # Publisher#subscribe; the engine is told when task events gain their first subscriber.
+      def subscribe(event_id_or_listener, filter = Events::EMPTY_HASH, &)
+        super
+        announce_task_ends
+        self
+      end
+
+      # Publisher#unsubscribe; the engine stops building task events once nobody subscribes.
+      def unsubscribe(listener)
+        super
+        announce_task_ends
+        self
+      end
+
+      # Whether anything subscribes to task.completed, task.failed or task.cancelled.
+      def task_events_observed?
+        TASK_EVENTS.each_value.any? { |id| subscribers?(id) }
+      end
+
+      # @api private Tells the running worker (if any) whether to announce finished tasks.
+      # @return [Boolean] whether a running worker announces them now
+      def announce_task_ends
+        TaskerCore::FFI.announce_task_ends(task_events_observed?)
+      end
+
+      # @api private Publishes the task event of a final task status (from TaskEndRelay).
+      # @return [String, nil] the event published, nil when the bridge is stopped
+      def publish_task_end(status)
+        return unless @active
+
+        event = TASK_EVENTS[status[:status]]
+        publish(event, status) if event
+        event
       end
 
       def active?

@@ -39,6 +39,7 @@ module TaskerCore
         end
         @pool.start
         interrupter.start
+        start_task_end_relay
         self
       end
 
@@ -90,6 +91,7 @@ module TaskerCore
         interrupted = @pool ? @pool.stop(deadline, grace: HARD_STOP_GRACE) : 0
         stop_engine
         interrupter.stop
+        @task_end_relay&.stop
         { interrupted: interrupted, handed_back: @pool&.handed_back || 0, abandoned: @pool&.abandoned || 0 }
       ensure
         @pool = nil
@@ -130,6 +132,13 @@ module TaskerCore
 
       def interrupter
         @interrupter ||= StepInterrupter.new(logger: logger, on_runaway: method(:retire_thread))
+      end
+
+      # Task events (task.completed ...) reach EventBridge subscribers through this thread; the
+      # engine announces task ends only while something subscribes to them.
+      def start_task_end_relay
+        @task_end_relay = TaskEndRelay.new(logger: logger).start
+        EventBridge.instance.announce_task_ends
       end
 
       # One subscription at most, whatever happened to the last one: a start after a stop that

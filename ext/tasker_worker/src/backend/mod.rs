@@ -94,9 +94,8 @@ pub trait Backend: Send + 'static {
 
     /// Whether claiming and recording happen in this process, without I/O. The engine then
     /// tunes for microsecond hand-offs: it polls its inbox briefly before it sleeps (see
-    /// `engine::Spinner`), and dispatches the steps a new task made ready before it answers
-    /// `create_task`. A database backend shares its cores with the database and other workers,
-    /// and a claim there is a query, so it does neither.
+    /// `engine::Spinner`). A database backend shares its cores with the database and other
+    /// workers, so it does not.
     fn in_process(&self) -> bool {
         false
     }

@@ -1,26 +1,32 @@
-//! The embedded backend: everything in one process, owned by the engine thread (no locks).
+//! The memory backend's tasks and steps, and every rule that changes them. One [`TaskTable`]
+//! per worker, behind the lock of [`super::LocalTasks`]: the engine thread claims and records
+//! through it, and callers' threads create tasks, read them and register waiters through it
+//! directly, without a round trip to the engine. Each change a reader could see (a task created,
+//! a step claimed, one outcome recorded, a cancel, a retry) is made within one lock section, so
+//! a reader sees a task before or after it, never half of it.
 //!
 //! Retention: the last `task_retention` finished tasks are kept whole (steps, results, errors);
 //! older ones shrink to their final status in a [`FinalStatusIndex`] of `task_index_retention`
 //! more, so `wait_for_task` on a task created long ago still answers with how it ended. Memory is
 //! bounded by both numbers, whatever the number of tasks run.
 
-use super::{Backend, BackendGauges, SnapshotReply};
+use super::index::FinalStatusIndex;
+use crate::backend::{BackendGauges, SnapshotReply};
 use crate::bootstrap::MAX_RETRY_AFTER;
-use crate::engine::EngineMessage;
 use crate::error::{EngineError, EngineResult};
 use crate::events::{
     unix_ns, AttemptOutcome, InFlight, StepExecutionCompletionEvent, StepExecutionEvent,
     StepSnapshot, StepStatus, TaskInfo, TaskSnapshot, TaskStatus,
 };
 use crate::task_list::{TaskPage, TaskQuery, TaskSummary};
-use crate::template::{TaskTemplate, TemplateKey};
+use crate::template::TaskTemplate;
+use crossbeam_channel::{Receiver, Sender};
 use serde_json::Value;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, warn};
 use uuid::Uuid;
 
@@ -41,10 +47,10 @@ struct Step {
     completed_at_ns: Option<u64>,
 }
 
-struct Task {
-    info: Arc<TaskInfo>,
-    template: Arc<TaskTemplate>,
-    status: TaskStatus,
+pub(super) struct Task {
+    pub(super) info: Arc<TaskInfo>,
+    pub(super) template: Arc<TaskTemplate>,
+    pub(super) status: TaskStatus,
     steps: Vec<Step>,
     /// Steps not complete.
     incomplete: usize,
@@ -57,7 +63,7 @@ struct Task {
     completed_at_ns: Option<u64>,
     /// Bumped each time the task finishes, so a retried task is not evicted by an old entry.
     finish_seq: u64,
-    waiters: Vec<SnapshotReply>,
+    waiters: Vec<Waiter>,
 }
 
 impl Task {
@@ -103,88 +109,105 @@ impl Task {
     }
 }
 
-/// Final statuses of tasks whose full records were dropped: two generations of at most
-/// `capacity / 2` entries each, the older dropped whole when the newer fills up (no per-entry
-/// bookkeeping). Between `capacity / 2` and `capacity` of the most recent are known.
-struct FinalStatusIndex {
-    current: HashMap<Uuid, CompactFinal>,
-    previous: HashMap<Uuid, CompactFinal>,
-    generation: usize,
-    /// Templates by id, so an entry is 3 bytes beside its key.
-    templates: Vec<Arc<TaskTemplate>>,
-    template_ids: HashMap<usize, u16>,
+/// Someone waiting for a task to finish.
+pub enum Waiter {
+    One(SnapshotReply),
+    Group(Arc<GroupWait>),
 }
 
-#[derive(Clone, Copy)]
-struct CompactFinal {
-    template: u16,
-    status: u8,
-}
-
-impl FinalStatusIndex {
-    fn new(capacity: usize) -> Self {
-        Self {
-            current: HashMap::new(),
-            previous: HashMap::new(),
-            generation: capacity / 2,
-            templates: Vec::new(),
-            template_ids: HashMap::new(),
+impl Waiter {
+    /// The engine stopped before the task finished: the waiter's wait ends with the engine gone.
+    fn close(self) {
+        if let Waiter::Group(group) = self {
+            group.close();
         }
     }
 
-    fn insert(&mut self, task: &Task) {
-        if self.generation == 0 {
-            return;
-        }
-        let key = Arc::as_ptr(&task.template) as usize;
-        let template = match self.template_ids.get(&key) {
-            Some(&id) => id,
-            None => {
-                let Ok(id) = u16::try_from(self.templates.len()) else {
-                    return;
-                };
-                self.templates.push(Arc::clone(&task.template));
-                self.template_ids.insert(key, id);
-                id
+    pub(super) fn deliver(self, snapshot: &TaskSnapshot) {
+        match self {
+            Waiter::One(reply) => {
+                let _ = reply.try_send(Ok(snapshot.clone()));
             }
-        };
-        if self.current.len() >= self.generation {
-            self.previous = std::mem::take(&mut self.current);
+            Waiter::Group(group) => group.deliver(snapshot.clone()),
         }
-        let status = match task.status {
-            TaskStatus::Complete => 0,
-            TaskStatus::Error => 1,
-            _ => 2,
-        };
-        self.current
-            .insert(task.info.task_uuid, CompactFinal { template, status });
     }
+}
 
-    fn get(&self, task_uuid: Uuid) -> Option<TaskSnapshot> {
-        let entry = self
-            .current
-            .get(&task_uuid)
-            .or_else(|| self.previous.get(&task_uuid))?;
-        let template = &self.templates[entry.template as usize];
-        Some(TaskSnapshot {
-            task_uuid,
-            namespace: template.namespace.clone(),
-            name: template.name.clone(),
-            version: template.version.clone(),
-            status: match entry.status {
-                0 => TaskStatus::Complete,
-                1 => TaskStatus::Error,
-                _ => TaskStatus::Cancelled,
-            },
-            created_at_ns: None,
-            completed_at_ns: None,
-            steps: Vec::new(),
-            steps_retained: false,
+/// One caller waiting for many tasks (`wait_for_tasks`): the final statuses gather here, and the
+/// caller is woken once, when the last one arrives, rather than once per task.
+pub struct GroupWait {
+    answers: Mutex<Vec<TaskSnapshot>>,
+    /// Dropped (the caller's wait then ends with the engine gone) when the engine stops first.
+    closer: Mutex<Option<Sender<()>>>,
+    /// Answers still expected, plus one until the caller has registered them all
+    /// ([`Self::registered`]), so that the count cannot reach zero half-way.
+    left: AtomicUsize,
+    done: Receiver<()>,
+}
+
+impl GroupWait {
+    pub fn new() -> Arc<Self> {
+        let (done, wait) = crossbeam_channel::bounded(1);
+        Arc::new(Self {
+            answers: Mutex::new(Vec::new()),
+            closer: Mutex::new(Some(done)),
+            left: AtomicUsize::new(1),
+            done: wait,
         })
     }
+
+    fn expect_one(&self) {
+        self.left.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Every task is registered: [`Self::done`] receives once all of them have answered.
+    pub fn registered(&self) {
+        self.count_down();
+    }
+
+    fn deliver(&self, snapshot: TaskSnapshot) {
+        self.answers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(snapshot);
+        self.count_down();
+    }
+
+    fn count_down(&self) {
+        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            if let Some(done) = &*self.closer.lock().unwrap_or_else(|e| e.into_inner()) {
+                let _ = done.try_send(());
+            }
+        }
+    }
+
+    /// Receives once every task registered has answered; disconnects if the engine stopped first.
+    pub fn done(&self) -> &Receiver<()> {
+        &self.done
+    }
+
+    fn close(&self) {
+        self.closer.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
+    /// The final statuses gathered so far, in the order the tasks finished.
+    pub fn take_answers(&self) -> Vec<TaskSnapshot> {
+        std::mem::take(&mut *self.answers.lock().unwrap_or_else(|e| e.into_inner()))
+    }
 }
 
-pub struct MemoryBackend {
+/// A task made outside the lock, ready to be inserted ([`TaskTable::prepare`]).
+pub struct NewTask(Task);
+
+/// What a lock section leaves to send once the lock is released: a finished task's waiters and,
+/// when someone observes task ends, the task end itself.
+pub(super) struct Delivery {
+    pub waiters: Vec<Waiter>,
+    pub snapshot: TaskSnapshot,
+    pub announce: bool,
+}
+
+pub struct TaskTable {
     tasks: HashMap<Uuid, Task>,
     ready: VecDeque<(Uuid, usize)>,
     /// Steps waiting out their backoff: (due, tie-breaker, task, step).
@@ -197,9 +220,17 @@ pub struct MemoryBackend {
     index: FinalStatusIndex,
     /// Tasks that stopped starting steps during the current `record` call.
     halted: Vec<Uuid>,
+    /// False once the worker shuts down: no task is created any more.
+    accepting: bool,
+    /// True once the engine has stopped: nothing will finish any more.
+    closed: bool,
+    /// Whether finished tasks are announced (someone subscribes to task events).
+    pub(super) announce_ends: bool,
+    /// Filled by `settle`, sent by [`super::LocalTasks`] after the lock is released.
+    pub(super) deliveries: Vec<Delivery>,
 }
 
-impl MemoryBackend {
+impl TaskTable {
     pub fn new(retention: usize, index_retention: usize) -> Self {
         Self {
             tasks: HashMap::new(),
@@ -210,10 +241,15 @@ impl MemoryBackend {
             retention,
             index: FinalStatusIndex::new(index_retention),
             halted: Vec::new(),
+            accepting: true,
+            closed: false,
+            announce_ends: false,
+            deliveries: Vec::new(),
         }
     }
 
-    fn create_one(&mut self, template: &Arc<TaskTemplate>, context: Value) -> Uuid {
+    /// Build a task of `template`, outside the lock: everything but inserting it.
+    pub fn prepare(template: &Arc<TaskTemplate>, context: Value) -> NewTask {
         let task_uuid = Uuid::new_v4();
         let info = Arc::new(TaskInfo {
             task_uuid,
@@ -244,29 +280,44 @@ impl MemoryBackend {
                 completed_at_ns: None,
             })
             .collect();
-        for (i, step) in steps.iter().enumerate() {
-            if step.waiting_on == 0 {
-                self.ready.push_back((task_uuid, i));
-            }
-        }
         let incomplete = steps.len();
-        self.tasks.insert(
-            task_uuid,
-            Task {
-                info,
-                template: Arc::clone(template),
-                status: TaskStatus::Pending,
-                steps,
-                incomplete,
-                running: 0,
-                ending: None,
-                created_at_ns: now_ns,
-                completed_at_ns: None,
-                finish_seq: 0,
-                waiters: Vec::new(),
-            },
-        );
-        task_uuid
+        NewTask(Task {
+            info,
+            template: Arc::clone(template),
+            status: TaskStatus::Pending,
+            steps,
+            incomplete,
+            running: 0,
+            ending: None,
+            created_at_ns: now_ns,
+            completed_at_ns: None,
+            finish_seq: 0,
+            waiters: Vec::new(),
+        })
+    }
+
+    /// Add prepared tasks, all or none; their uuids in order. Refused once the worker shuts down.
+    pub fn insert(&mut self, tasks: Vec<NewTask>) -> EngineResult<Vec<Uuid>> {
+        if !self.accepting {
+            return Err(EngineError::ShuttingDown);
+        }
+        let mut uuids = Vec::with_capacity(tasks.len());
+        for NewTask(task) in tasks {
+            let task_uuid = task.info.task_uuid;
+            for (i, step) in task.steps.iter().enumerate() {
+                if step.waiting_on == 0 {
+                    self.ready.push_back((task_uuid, i));
+                }
+            }
+            self.tasks.insert(task_uuid, task);
+            uuids.push(task_uuid);
+        }
+        Ok(uuids)
+    }
+
+    /// Whether steps are ready to be claimed now.
+    pub fn has_ready(&self) -> bool {
+        !self.ready.is_empty()
     }
 
     fn unknown(task_uuid: Uuid) -> EngineError {
@@ -293,11 +344,12 @@ impl MemoryBackend {
         task.status = status;
         task.completed_at_ns = Some(unix_ns());
         task.finish_seq += 1;
-        if !task.waiters.is_empty() {
-            let snapshot = task.snapshot();
-            for waiter in task.waiters.drain(..) {
-                let _ = waiter.try_send(Ok(snapshot.clone()));
-            }
+        if !task.waiters.is_empty() || self.announce_ends {
+            self.deliveries.push(Delivery {
+                waiters: std::mem::take(&mut task.waiters),
+                snapshot: task.snapshot(),
+                announce: self.announce_ends,
+            });
         }
         self.finished.push_back((task_uuid, task.finish_seq));
         while self.finished.len() > self.retention {
@@ -338,7 +390,7 @@ impl MemoryBackend {
         }
     }
 
-    fn record_one(&mut self, flight: InFlight, outcome: AttemptOutcome, now: Instant) {
+    pub(super) fn record_one(&mut self, flight: InFlight, outcome: AttemptOutcome, now: Instant) {
         let Some(task) = self.tasks.get_mut(&flight.task_uuid) else {
             debug!(task_uuid = %flight.task_uuid, step = %flight.step_name, "outcome for a task no longer retained");
             return;
@@ -475,7 +527,9 @@ impl MemoryBackend {
         }
     }
 
-    fn snapshot_of(&self, task_uuid: Uuid) -> EngineResult<TaskSnapshot> {
+    /// The task and all of its steps as they are now; for a task only the final-status index
+    /// still knows, its final status.
+    pub fn snapshot(&self, task_uuid: Uuid) -> EngineResult<TaskSnapshot> {
         match self.tasks.get(&task_uuid) {
             Some(task) => Ok(task.snapshot()),
             None => self
@@ -486,90 +540,78 @@ impl MemoryBackend {
     }
 }
 
-impl Backend for MemoryBackend {
-    async fn start(&mut self, _inbox: UnboundedSender<EngineMessage>) -> EngineResult<()> {
-        Ok(())
-    }
-
-    async fn create_tasks(
+/// What the engine thread does (claims, outcomes, releases, cancels, retries), and the waiters
+/// callers register.
+impl TaskTable {
+    /// A finished (or unknown) task's answer at once; otherwise `reply` is registered to receive
+    /// the task's final status, and `None` is returned.
+    pub fn wait(
         &mut self,
-        key: TemplateKey,
-        template: Option<Arc<TaskTemplate>>,
-        contexts: Vec<Value>,
-    ) -> EngineResult<Vec<Uuid>> {
-        let template =
-            template.ok_or_else(|| EngineError::config(format!("unknown template {key}")))?;
-        Ok(contexts
-            .into_iter()
-            .map(|context| self.create_one(&template, context))
-            .collect())
-    }
-
-    async fn task_status(&mut self, task_uuid: Uuid) -> EngineResult<TaskSnapshot> {
-        self.snapshot_of(task_uuid)
-    }
-
-    async fn wait_for_task(&mut self, task_uuid: Uuid, reply: SnapshotReply) {
+        task_uuid: Uuid,
+        reply: &SnapshotReply,
+    ) -> Option<EngineResult<TaskSnapshot>> {
         match self.tasks.get_mut(&task_uuid) {
-            Some(task) if !task.status.is_finished() => task.waiters.push(reply),
-            _ => {
-                let _ = reply.try_send(self.snapshot_of(task_uuid));
+            Some(task) if !task.status.is_finished() && self.closed => {
+                Some(Err(EngineError::NotInitialized))
             }
+            Some(task) if !task.status.is_finished() => {
+                task.waiters.push(Waiter::One(reply.clone()));
+                None
+            }
+            _ => Some(self.snapshot(task_uuid)),
         }
     }
 
-    fn forget_waiter(&mut self, task_uuid: Uuid, reply: &SnapshotReply) {
+    /// The caller of [`Self::wait`] stopped waiting.
+    pub fn forget_waiter(&mut self, task_uuid: Uuid, reply: &SnapshotReply) {
         if let Some(task) = self.tasks.get_mut(&task_uuid) {
-            task.waiters.retain(|w| !w.same_channel(reply));
+            task.waiters
+                .retain(|w| !matches!(w, Waiter::One(r) if r.same_channel(reply)));
         }
     }
 
-    async fn list_tasks(&mut self, query: TaskQuery) -> EngineResult<TaskPage> {
-        // The tasks held whole; those shrunk to a final status (see `FinalStatusIndex`) have no
-        // creation time to order them by.
-        Ok(query.page_of(self.tasks.values().map(|task| TaskSummary {
-            task_uuid: task.info.task_uuid,
-            namespace: task.info.namespace.to_string(),
-            name: task.info.name.to_string(),
-            version: task.info.version.to_string(),
-            status: task.status,
-            created_at_ns: task.created_at_ns,
-            completed_at_ns: task.completed_at_ns,
-        })))
+    /// A finished (or unknown) task's answer; `None` while it runs.
+    pub fn snapshot_if_finished(&self, task_uuid: Uuid) -> Option<EngineResult<TaskSnapshot>> {
+        match self.tasks.get(&task_uuid) {
+            Some(task) if !task.status.is_finished() => None,
+            _ => Some(self.snapshot(task_uuid)),
+        }
     }
 
-    fn gauges(&self) -> Option<BackendGauges> {
-        let mut tasks: HashMap<(&str, &'static str), u64> = HashMap::new();
-        let mut steps: HashMap<&str, (u64, u64)> = HashMap::new();
-        for task in self.tasks.values() {
-            let namespace = &*task.info.namespace;
-            *tasks.entry((namespace, task.status.as_str())).or_default() += 1;
-            let counts = steps.entry(namespace).or_default();
-            for step in &task.steps {
-                match step.status {
-                    StepStatus::Enqueued => counts.0 += 1,
-                    StepStatus::WaitingForRetry => counts.1 += 1,
-                    _ => {}
-                }
+    /// [`Self::wait`] for a task among many: its final status goes to `group`, which counts it as
+    /// expected until then.
+    pub fn wait_in_group(
+        &mut self,
+        task_uuid: Uuid,
+        group: &Arc<GroupWait>,
+    ) -> Option<EngineResult<TaskSnapshot>> {
+        match self.tasks.get_mut(&task_uuid) {
+            Some(task) if !task.status.is_finished() && self.closed => {
+                Some(Err(EngineError::NotInitialized))
             }
+            Some(task) if !task.status.is_finished() => {
+                group.expect_one();
+                task.waiters.push(Waiter::Group(Arc::clone(group)));
+                None
+            }
+            _ => Some(self.snapshot(task_uuid)),
         }
-        Some(BackendGauges {
-            tasks: tasks
-                .into_iter()
-                .map(|((namespace, status), n)| (namespace.to_string(), status, n))
-                .collect(),
-            steps: steps
-                .into_iter()
-                .map(|(namespace, (ready, waiting))| (namespace.to_string(), ready, waiting))
-                .collect(),
-        })
     }
 
-    async fn claim(
+    /// The caller of [`Self::wait_in_group`] stopped waiting.
+    pub fn forget_group(&mut self, task_uuid: Uuid, group: &Arc<GroupWait>) {
+        if let Some(task) = self.tasks.get_mut(&task_uuid) {
+            task.waiters
+                .retain(|w| !matches!(w, Waiter::Group(g) if Arc::ptr_eq(g, group)));
+        }
+    }
+
+    /// Up to `max` ready attempts, marked in progress.
+    pub(super) fn claim(
         &mut self,
         max: usize,
         now: Instant,
-    ) -> EngineResult<Vec<(StepExecutionEvent, InFlight)>> {
+    ) -> Vec<(StepExecutionEvent, InFlight)> {
         self.promote_due_retries(now);
         let mut claimed = Vec::with_capacity(max.min(self.ready.len()));
         let now_ns = unix_ns();
@@ -616,21 +658,15 @@ impl Backend for MemoryBackend {
             };
             claimed.push((event, flight));
         }
-        Ok(claimed)
+        claimed
     }
 
-    async fn record(
-        &mut self,
-        outcomes: Vec<(InFlight, AttemptOutcome)>,
-        now: Instant,
-    ) -> EngineResult<Vec<Uuid>> {
-        for (flight, outcome) in outcomes {
-            self.record_one(flight, outcome, now);
-        }
-        Ok(std::mem::take(&mut self.halted))
+    /// The tasks that stopped starting steps since the last call.
+    pub(super) fn take_halted(&mut self) -> Vec<Uuid> {
+        std::mem::take(&mut self.halted)
     }
 
-    async fn release(&mut self, unstarted: Vec<InFlight>) {
+    pub(super) fn release(&mut self, unstarted: Vec<InFlight>) {
         let mut touched = Vec::new();
         for flight in unstarted {
             let Some(task) = self.tasks.get_mut(&flight.task_uuid) else {
@@ -659,7 +695,7 @@ impl Backend for MemoryBackend {
         }
     }
 
-    async fn cancel_task(&mut self, task_uuid: Uuid) -> EngineResult<bool> {
+    pub(super) fn cancel_task(&mut self, task_uuid: Uuid) -> EngineResult<bool> {
         match self.tasks.get(&task_uuid) {
             None if self.index.get(task_uuid).is_some() => return Ok(false),
             None => return Err(Self::unknown(task_uuid)),
@@ -671,7 +707,7 @@ impl Backend for MemoryBackend {
         Ok(true)
     }
 
-    async fn retry_task(&mut self, task_uuid: Uuid) -> EngineResult<()> {
+    pub(super) fn retry_task(&mut self, task_uuid: Uuid) -> EngineResult<()> {
         let Some(task) = self.tasks.get_mut(&task_uuid) else {
             return Err(match self.index.get(task_uuid) {
                 Some(_) => EngineError::config(format!(
@@ -714,17 +750,70 @@ impl Backend for MemoryBackend {
                 step.status = StepStatus::Pending;
             }
         }
-        // A cancelled task whose every step completed anyway has nothing left to run.
-        self.settle(task_uuid);
         Ok(())
     }
 
-    fn in_process(&self) -> bool {
-        true
+    pub(super) fn next_retry(&self) -> Option<Instant> {
+        self.retries.peek().map(|Reverse((due, _, _, _))| *due)
     }
 
-    fn next_wakeup(&self) -> Option<Instant> {
-        self.retries.peek().map(|Reverse((due, _, _, _))| *due)
+    /// One page of the tasks held whole; those shrunk to a final status (see `FinalStatusIndex`)
+    /// have no creation time to order them by.
+    pub(super) fn list_tasks(&self, query: TaskQuery) -> TaskPage {
+        query.page_of(self.tasks.values().map(|task| TaskSummary {
+            task_uuid: task.info.task_uuid,
+            namespace: task.info.namespace.to_string(),
+            name: task.info.name.to_string(),
+            version: task.info.version.to_string(),
+            status: task.status,
+            created_at_ns: task.created_at_ns,
+            completed_at_ns: task.completed_at_ns,
+        }))
+    }
+
+    /// Tasks by namespace and status, and ready and retry-waiting steps by namespace.
+    pub(super) fn gauges(&self) -> BackendGauges {
+        let mut tasks: HashMap<(&str, &'static str), u64> = HashMap::new();
+        let mut steps: HashMap<&str, (u64, u64)> = HashMap::new();
+        for task in self.tasks.values() {
+            let namespace = &*task.info.namespace;
+            *tasks.entry((namespace, task.status.as_str())).or_default() += 1;
+            let counts = steps.entry(namespace).or_default();
+            for step in &task.steps {
+                match step.status {
+                    StepStatus::Enqueued => counts.0 += 1,
+                    StepStatus::WaitingForRetry => counts.1 += 1,
+                    _ => {}
+                }
+            }
+        }
+        BackendGauges {
+            tasks: tasks
+                .into_iter()
+                .map(|((namespace, status), n)| (namespace.to_string(), status, n))
+                .collect(),
+            steps: steps
+                .into_iter()
+                .map(|(namespace, (ready, waiting))| (namespace.to_string(), ready, waiting))
+                .collect(),
+        }
+    }
+
+    /// The engine stopped: tasks not finished by now never will. Their waiters are let go (their
+    /// waits end with the engine gone), and later waits for them fail at once.
+    pub(super) fn close(&mut self) {
+        self.accepting = false;
+        self.closed = true;
+        for task in self.tasks.values_mut() {
+            for waiter in task.waiters.drain(..) {
+                waiter.close();
+            }
+        }
+    }
+
+    /// The worker shuts down: refuse new tasks from now on.
+    pub(super) fn stop_accepting(&mut self) {
+        self.accepting = false;
     }
 }
 
@@ -736,10 +825,11 @@ mod tests {
     fn the_final_status_index_keeps_between_half_and_all_of_its_capacity() {
         let yaml = "namespace: n\nname: t\nversion: 1.0.0\nsteps:\n  - { name: a, handler: { callable: A } }\n";
         let template = Arc::new(TaskTemplate::from_yaml(yaml, "t.yml".as_ref()).unwrap());
-        let mut backend = MemoryBackend::new(0, 1000);
+        let mut backend = TaskTable::new(0, 1000);
         let uuids: Vec<Uuid> = (0..5000)
             .map(|_| {
-                let uuid = backend.create_one(&template, Value::Null);
+                let new = TaskTable::prepare(&template, Value::Null);
+                let uuid = backend.insert(vec![new]).unwrap()[0];
                 let task = backend.tasks.get_mut(&uuid).unwrap();
                 task.ending = Some(TaskStatus::Error);
                 backend.settle(uuid);
