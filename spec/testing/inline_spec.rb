@@ -213,15 +213,31 @@ RSpec.describe "TaskerCore::Testing.inline!" do
   end
 
   it "retries a failed task from its failed step, attempts going on counting" do
-    uuid = create_workflow_task("chain", "plan" => { "second" => { "raise" => "permanent" } })
-    expect(TaskerCore.task_status(uuid)[:status]).to eq("error")
-    WorkflowRecorder.reset!
-    # The plan is in the context: the retry fails the same way unless the handler changes its mind.
-    stub_const("WorkflowHandlers::Scripted", Class.new(WorkflowHandlers::Scripted) do
+    stub_const("TestModeHandlers::Declines", Class.new(TaskerCore::StepHandler::Base) do
+      class << self
+        attr_accessor :declining
+      end
+
       def call(_task, sequence, step)
+        raise TaskerCore::PermanentError, "declined" if self.class.declining
+
         { "retried" => step.attempts, "from" => sequence.dependency_results.keys }
       end
     end)
+    dir = template_dir("retried.yml" => <<~YAML)
+      namespace: testmode
+      name: retried
+      version: 1.0.0
+      steps:
+        - { name: first, handler: { callable: TestHandlers::Noop } }
+        - { name: second, dependencies: [first], handler: { callable: TestModeHandlers::Declines } }
+        - { name: third, dependencies: [second], handler: { callable: TestHandlers::Noop } }
+    YAML
+    testing.config = { templates: [dir, File.join(FIXTURES, "templates")] }
+    TestModeHandlers::Declines.declining = true
+    uuid = TaskerCore.create_task(namespace: "testmode", name: "retried")
+    expect(TaskerCore.task_status(uuid)[:steps].map { |s| s[:status] }).to eq(%w[complete error skipped])
+    TestModeHandlers::Declines.declining = false
 
     expect(TaskerCore.retry_task(uuid)).to be(true)
 
