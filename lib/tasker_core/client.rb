@@ -74,3 +74,90 @@ module TaskerCore
     end
   end
 end
+
+module TaskerCore
+  # A process that only creates and follows tasks (a web process, a console, a cron job) while
+  # worker processes elsewhere run them: an engine connected to the workers' PostgreSQL database
+  # that claims no step and starts no handler thread. It needs no template files: every worker
+  # stores its templates in the database, and an unknown template raises as it does in a worker.
+  #
+  #   client = TaskerCore::Client.connect(database_url: ENV.fetch("DATABASE_URL"))
+  #   uuid = client.create_task(namespace: "billing", name: "invoice", context: { id: 7 })
+  #   client.wait_for_task(uuid, timeout: 60)
+  #
+  # One engine serves a process, so a process has one client, or a worker, not both (a worker's
+  # process creates tasks with `TaskerCore.create_task`). After a fork the child connects again.
+  class Client
+    # Settings that belong to a worker (a client runs no step) and are refused here.
+    WORKER_SETTINGS = %i[namespaces templates concurrency validate_handlers install_signal_handlers
+                         enable_web_api web_api_bind web_api_token].freeze
+
+    class << self
+      # @param database_url [String] the workers' database (default: ENV["DATABASE_URL"])
+      # @param options [Hash] engine settings a client may set (database_pool_size, log_level, ...)
+      # @return [Client]
+      # @raise [ConfigurationError] without a database url, or for a worker setting
+      # @raise [WorkerBootstrapError] if this process already runs a worker or a client
+      def connect(database_url: ENV.fetch("DATABASE_URL", nil), **options)
+        if database_url.to_s.empty?
+          raise ConfigurationError,
+                "Client.connect needs database_url: (or DATABASE_URL): a client talks to the workers' PostgreSQL " \
+                "database. On the memory backend tasks live in the worker's own process: call " \
+                "TaskerCore.create_task there, after TaskerCore::Worker::Bootstrap.start!"
+        end
+        refused = options.keys.map(&:to_sym) & (WORKER_SETTINGS + %i[backend])
+        unless refused.empty?
+          raise ConfigurationError,
+                "#{refused.join(", ")}: not a client setting (a client runs no step and uses PostgreSQL); " \
+                "give it to the worker (Worker::Bootstrap.start! or tasker-worker)"
+        end
+        if FFI.worker_status[:running]
+          raise WorkerBootstrapError,
+                "this process already runs a worker or a client (one engine a process): create tasks with " \
+                "TaskerCore.create_task, or close the other client first"
+        end
+        new(database_url, options)
+      end
+    end
+
+    def initialize(database_url, options)
+      FFI.bootstrap_worker({ backend: "postgres", database_url: database_url, namespaces: [], templates: [] }
+                             .merge(options))
+      @pid = Process.pid
+      @open = true
+      at_exit { close }
+    end
+
+    # Stop this client's engine (its database connections close). Idempotent.
+    def close
+      return unless @open && @pid == Process.pid
+
+      @open = false
+      FFI.stop_worker if FFI.worker_status[:running]
+      nil
+    end
+
+    # @return [Boolean] false once closed, and in a child process forked after connect
+    def connected?
+      @open && @pid == Process.pid && FFI.worker_status[:running]
+    end
+
+    # The same task methods as TaskerCore's (see client.rb above for each one's contract).
+    %i[create_task create_tasks task_status wait_for_task wait_for_tasks cancel_task retry_task tasks].each do |name|
+      define_method(name) do |*args, **kwargs|
+        ensure_connected!
+        TaskerCore.public_send(name, *args, **kwargs)
+      end
+    end
+
+    private
+
+    def ensure_connected!
+      return if @open && @pid == Process.pid
+
+      raise WorkerNotInitializedError, "this client was closed" unless @open
+
+      raise WorkerNotInitializedError, "this client was connected in the parent process: connect again after fork"
+    end
+  end
+end
