@@ -209,3 +209,78 @@ impl Backend for MemoryBackend {
         self.tasks.access(|table| table.next_retry())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::EngineError;
+    use crate::events::TaskStatus;
+    use crossbeam_channel::TryRecvError;
+
+    fn new_tasks(local: &LocalTasks, n: usize) -> Vec<Uuid> {
+        let yaml = "namespace: n\nname: t\nversion: 1.0.0\nsteps:\n  - { name: a, handler: { callable: A } }\n";
+        let template = Arc::new(TaskTemplate::from_yaml(yaml, "t.yml".as_ref()).unwrap());
+        let prepared = (0..n)
+            .map(|_| TaskTable::prepare(&template, Value::Object(Default::default())))
+            .collect();
+        local.access(|table| table.insert(prepared)).unwrap()
+    }
+
+    #[test]
+    fn a_group_wait_wakes_once_when_its_last_task_finishes() {
+        let (ends, _) = crossbeam_channel::unbounded();
+        let local = LocalTasks::new(100, 100, ends);
+        let uuids = new_tasks(&local, 2);
+        let group = GroupWait::new();
+        for &uuid in &uuids {
+            assert!(local
+                .access(|table| table.wait_in_group(uuid, &group))
+                .is_none());
+        }
+        group.registered();
+
+        assert_eq!(
+            local.access(|table| table.cancel_task(uuids[0])).ok(),
+            Some(true)
+        );
+        assert_eq!(group.done().try_recv(), Err(TryRecvError::Empty));
+        assert_eq!(
+            local.access(|table| table.cancel_task(uuids[1])).ok(),
+            Some(true)
+        );
+
+        assert_eq!(group.done().try_recv(), Ok(()));
+        let mut answered: Vec<Uuid> = group.take_answers().iter().map(|s| s.task_uuid).collect();
+        answered.sort();
+        let mut expected = uuids.clone();
+        expected.sort();
+        assert_eq!(answered, expected);
+    }
+
+    #[test]
+    fn waiters_are_let_go_when_the_engine_stops_and_later_waits_refused() {
+        let (ends, _) = crossbeam_channel::unbounded();
+        let local = LocalTasks::new(100, 100, ends);
+        let uuid = new_tasks(&local, 1)[0];
+        let group = GroupWait::new();
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        assert!(local
+            .access(|table| table.wait_in_group(uuid, &group))
+            .is_none());
+        assert!(local.access(|table| table.wait(uuid, &reply)).is_none());
+        group.registered();
+        drop(reply);
+
+        local.access(TaskTable::close);
+
+        assert_eq!(group.done().try_recv(), Err(TryRecvError::Disconnected));
+        assert!(matches!(answer.try_recv(), Err(TryRecvError::Disconnected)));
+        let (reply, _answer) = crossbeam_channel::bounded(1);
+        assert!(matches!(
+            local.access(|table| table.wait(uuid, &reply)),
+            Some(Err(EngineError::NotInitialized))
+        ));
+        let status = local.access(|table| table.snapshot(uuid)).unwrap().status;
+        assert_eq!(status, TaskStatus::Pending);
+    }
+}
