@@ -56,6 +56,10 @@ module TaskerCore
       # `bin/rails tasker:worker`: start a worker and keep the process for it until INT or TERM
       # (which shut it down gracefully and exit).
       def run_worker(overrides = {}, out: $stdout)
+        # This process exists for the worker: INT and TERM end it with status 0 once the worker has
+        # drained. Bootstrap's traps start the drain and then call the ones installed before them
+        # (Ruby's default would end the process by the signal), so these only let the loop below end.
+        %w[INT TERM].each { |signal| trap(signal) { nil } }
         bootstrap = start_worker!(overrides)
         status = bootstrap.status
         out.puts "tasker_core worker #{status[:worker_id]} running (#{Rails.env}, backend #{status[:backend]}, " \

@@ -52,14 +52,21 @@ RSpec.describe "the packaged gem", :slow do
         "CARGO_TARGET_DIR" => File.join(root, "target", "gem-install-test"),
         "CARGO_NET_OFFLINE" => "true"
       }
-      output, status = sh(install_env, "gem", "install", "--local", "--no-document", "--install-dir", gem_home,
-                          gem_file, chdir: tmp)
+      output, status = sh(install_env, "gem", "install", "--verbose", "--local", "--no-document", "--install-dir",
+                          gem_home, gem_file, chdir: tmp, timeout: 1500) # a build from scratch
       expect(status).to be_success, output
 
       installed = Dir[File.join(gem_home, "gems", "tasker_core-*")].first
       expect(installed).not_to be_nil, output
       extension = File.join(installed, "lib", "tasker_core", "tasker_core.so")
       expect(File.exist?(extension)).to be(true), "no extension in #{installed}"
+      # Installed once (not also under extensions/), stripped, without debug info.
+      expect(Dir[File.join(gem_home, "**", "*.so")]).to eq([extension])
+      sections, = Open3.capture2("readelf", "-S", "-W", extension)
+      expect(sections).not_to include(".debug_info", ".symtab")
+      expect(File.size(extension)).to be < 12 * 1024 * 1024
+      # --verbose users see what the build will take before cargo starts.
+      expect(output).to match(/compiling the Rust extension with cargo .*takes 3 to 7 minutes/)
 
       code = <<~RUBY
         require "tasker_core"
