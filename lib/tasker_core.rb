@@ -34,3 +34,7 @@ require_relative "tasker_core/railtie" if defined?(Rails::Railtie)
 # see TaskerCore::Worker::Bootstrap.start! and TaskerCore.create_task.
 module TaskerCore
 end
+
+# Log lines are written by a background thread; write out the queued ones before the process ends.
+# Registered first, so it runs after every at_exit registered later (a worker's drain included).
+at_exit { TaskerCore::FFI.flush_logs }

@@ -168,6 +168,7 @@ module TaskerCore
         return nil unless signal == "INT"
 
         @logger.error("second SIGINT: exiting now; steps still running are retried after their timeout")
+        TaskerCore::FFI.flush_logs # exit! skips at_exit, which writes out the queued lines
         $stderr.flush
         exit!(EXIT_CODES[:forced])
       end

@@ -9,6 +9,7 @@ module TaskerCore
   #   logger = TaskerCore::Logger.new
   #   logger.info("charged card") ; logger.warn { "slow: #{ms}ms" }
   #   logger.info("charged", user_id: 7)   # context rendered as fields
+  #   TaskerCore::Logger.new("myapp")       # every line carries progname=myapp
   class Logger < ::Logger
     FFI_METHODS = {
       ::Logger::DEBUG => :log_debug,
@@ -33,7 +34,7 @@ module TaskerCore
       return true unless TaskerCore::FFI.log_enabled?(FFI_LEVELS.fetch(method))
 
       message = resolve_message(message, progname) { yield if block_given? }
-      TaskerCore::FFI.public_send(method, message.to_s, context || {})
+      TaskerCore::FFI.public_send(method, message.to_s, with_progname(context))
       true
     end
     alias log add
@@ -47,10 +48,16 @@ module TaskerCore
 
     # Logger#<< writes raw text: log it at info.
     def <<(message)
-      TaskerCore::FFI.log_info(message.to_s.chomp, {})
+      TaskerCore::FFI.log_info(message.to_s.chomp, with_progname(nil))
     end
 
     private
+
+    def with_progname(context)
+      return context || {} if progname.nil?
+
+      { progname: progname }.merge(context || {})
+    end
 
     def resolve_message(message, progname)
       return message unless message.nil?

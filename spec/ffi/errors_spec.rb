@@ -56,6 +56,7 @@ RSpec.describe "TaskerCore errors across the FFI boundary" do
         begin
           yield
         ensure
+          TaskerCore::FFI.flush_logs # lines are written by a background thread
           $stderr.flush
           $stderr.reopen(saved)
           saved.close

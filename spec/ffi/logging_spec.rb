@@ -158,28 +158,45 @@ RSpec.describe "Logging through the engine's subscriber" do
     end
   end
 
-  describe "a slow stderr" do
-    it "blocks only the thread that logs, never the other Ruby threads (lines are written without the GVL)" do
-      # stderr is a pipe nobody reads: once its buffer is full, every write blocks.
-      code = <<~RUBY
-        require "tasker_core"
-        logger = Thread.new { 5_000.times { TaskerCore::FFI.log_error("x" * 200) } }
-        sleep 0.5
-        $stdout.puts "main thread ran; logging thread blocked: \#{logger.alive?}"
-        $stdout.flush
-        exit!(0)
-      RUBY
+  describe "a stderr nobody reads" do
+    # stderr is a pipe nobody reads: once its buffer is full, every write to it blocks.
+    def run_with_stuck_stderr(code)
       stdout_r, stdout_w = IO.pipe
       stderr_r, stderr_w = IO.pipe
       pid = Process.spawn(RbConfig.ruby, "-I", SpecHelpers::LIB, "-e", code, out: stdout_w, err: stderr_w)
       stdout_w.close
       stderr_w.close
-      line = stdout_r.wait_readable(10) && stdout_r.gets
+      line = stdout_r.wait_readable(20) && stdout_r.gets
       Process.kill("KILL", pid) unless line
       Process.wait(pid)
       stderr_r.close
+      line
+    end
 
-      expect(line).to eq("main thread ran; logging thread blocked: true\n")
+    it "blocks no thread that logs: lines are queued for a writer thread" do
+      line = run_with_stuck_stderr(<<~RUBY)
+        require "tasker_core"
+        logger = Thread.new { 5_000.times { TaskerCore::FFI.log_error("x" * 200) } }
+        $stdout.puts "logging thread finished: \#{!logger.join(10).nil?}"
+        $stdout.flush
+        exit!(0)
+      RUBY
+
+      expect(line).to eq("logging thread finished: true\n")
+    end
+
+    it "drops the lines beyond a full queue and counts them" do
+      line = run_with_stuck_stderr(<<~RUBY)
+        require "tasker_core"
+        200_000.times { TaskerCore::FFI.log_error("x") }
+        $stdout.puts "dropped: \#{TaskerCore::FFI.dropped_log_lines}"
+        $stdout.flush
+        exit!(0)
+      RUBY
+
+      # The queue holds 128,000 lines and the pipe some more: the rest are dropped, none waited for.
+      expect(line).to match(/\Adropped: \d+\n\z/)
+      expect(Integer(line[/\d+/])).to be_between(1, 200_000 - 128_000)
     end
   end
 

@@ -5,7 +5,7 @@ use crate::convert;
 use crate::errors;
 use crate::gvl::without_gvl_retrying;
 use magnus::{function, prelude::*, r_hash::ForEach, Error, RHash, RModule, RString, Ruby, Value};
-use std::fmt::Write;
+use std::fmt::Write as _;
 use tracing::Level;
 
 pub fn init(_ruby: &Ruby, ffi: RModule) -> Result<(), Error> {
@@ -16,6 +16,8 @@ pub fn init(_ruby: &Ruby, ffi: RModule) -> Result<(), Error> {
     ffi.define_singleton_method("log_warn", function!(log_warn, -1))?;
     ffi.define_singleton_method("log_error", function!(log_error, -1))?;
     ffi.define_singleton_method("log_enabled?", function!(log_enabled, 1))?;
+    ffi.define_singleton_method("flush_logs", function!(flush_logs, 0))?;
+    ffi.define_singleton_method("dropped_log_lines", function!(dropped_log_lines, 0))?;
     Ok(())
 }
 
@@ -51,6 +53,22 @@ fn parse_level(ruby: &Ruby, level: &str) -> Result<Level, Error> {
     })
 }
 
+/// Write out every queued line (at exit; a stopping worker flushes by itself). Waits up to about
+/// a second, with the GVL released.
+fn flush_logs(ruby: &Ruby) -> Result<(), Error> {
+    errors::guard(ruby, || {
+        without_gvl_retrying(ruby, |_| {
+            tasker_worker::logging::flush();
+            Some(())
+        })
+    })
+}
+
+/// Lines dropped because the log writer's queue was full (it never blocks the thread that logs).
+fn dropped_log_lines() -> u64 {
+    tasker_worker::logging::dropped_lines()
+}
+
 /// Lets the Ruby Logger skip building messages that would be filtered out.
 fn log_enabled(ruby: &Ruby, level: String) -> Result<bool, Error> {
     let level = parse_level(ruby, &level)?;
@@ -83,23 +101,28 @@ fn log(ruby: &Ruby, level: Level, args: &[Value]) -> Result<(), Error> {
             return Ok(());
         }
         let message: String = message.funcall::<_, _, RString>("to_s", ())?.to_string()?;
-        let context = match context.filter(|c| !c.is_nil()) {
-            None => String::new(),
+        let (progname, fields) = match context.filter(|c| !c.is_nil()) {
+            None => (None, String::new()),
             Some(c) => {
                 let hash = RHash::from_value(c)
                     .ok_or_else(|| errors::argument(ruby, "log context must be a Hash"))?;
                 render_context(ruby, hash)?
             }
         };
+        // Fields are fixed per call site in tracing, hence one event per combination.
         macro_rules! emit {
-            ($($l:ident),*) => { match level { $(Level::$l => if context.is_empty() {
-                tracing::event!(target: "tasker_core::ruby", Level::$l, "{message}")
-            } else {
-                tracing::event!(target: "tasker_core::ruby", Level::$l, context = %context, "{message}")
+            ($($l:ident),*) => { match level { $(Level::$l => match (&progname, fields.is_empty()) {
+                (None, true) => tracing::event!(target: "tasker_core::ruby", Level::$l, "{message}"),
+                (None, false) => tracing::event!(target: "tasker_core::ruby", Level::$l,
+                    ruby_fields = %fields, "{message}"),
+                (Some(progname), true) => tracing::event!(target: "tasker_core::ruby", Level::$l,
+                    progname = %progname, "{message}"),
+                (Some(progname), false) => tracing::event!(target: "tasker_core::ruby", Level::$l,
+                    progname = %progname, ruby_fields = %fields, "{message}"),
             },)* } };
         }
-        // Written with the GVL released: writing takes stderr's lock, which the engine thread may
-        // hold for as long as stderr is slow (a full pipe), and no lock is taken with the GVL held.
+        // Queuing a line takes the subscriber's locks (the output may be swapped meanwhile by a
+        // bootstrap), and no lock is taken with the GVL held.
         without_gvl_retrying(ruby, |_| {
             emit!(TRACE, DEBUG, INFO, WARN, ERROR);
             Some(())
@@ -107,20 +130,37 @@ fn log(ruby: &Ruby, level: Level, args: &[Value]) -> Result<(), Error> {
     })
 }
 
-/// `{user_id: 7, "op" => "x"}` → `user_id=7 op="x"` (values as JSON where possible).
-fn render_context(ruby: &Ruby, hash: RHash) -> Result<String, Error> {
-    let mut out = String::new();
+/// `{progname: "app", user_id: 7, "op" => "x"}` → `(Some("app"), {"op":"x","user_id":7})`: the
+/// Logger's progname as a field of its own (unquoted in text), the rest spread out as fields of the
+/// line by the subscriber's formatter (values as JSON where possible, else their `inspect`).
+fn render_context(ruby: &Ruby, hash: RHash) -> Result<(Option<String>, String), Error> {
+    let mut progname = None;
+    // In the caller's order (a serde_json::Map would sort the keys).
+    let mut fields: Vec<(String, serde_json::Value)> = Vec::new();
     hash.foreach(|k: Value, v: Value| {
         let key = k.funcall::<_, _, RString>("to_s", ())?.to_string()?;
         let value = match convert::ruby_to_json(ruby, v, "log context") {
-            Ok(json) => json.to_string(),
-            Err(_) => v.inspect(),
+            Ok(json) => json,
+            Err(_) => serde_json::Value::String(v.inspect()),
         };
-        if !out.is_empty() {
-            out.push(' ');
+        match value {
+            serde_json::Value::String(name) if key == "progname" => progname = Some(name),
+            value => match fields.iter_mut().find(|(k, _)| *k == key) {
+                // `:a` and `"a"` both name field a: the last one wins, as in a Hash.
+                Some(entry) => entry.1 = value,
+                None => fields.push((key, value)),
+            },
         }
-        let _ = write!(out, "{key}={value}");
         Ok(ForEach::Continue)
     })?;
-    Ok(out)
+    let mut object = String::new();
+    for (key, value) in &fields {
+        object.push(if object.is_empty() { '{' } else { ',' });
+        let _ = write!(object, "{}:{value}", serde_json::Value::String(key.clone()));
+    }
+    if !object.is_empty() {
+        object.push('}');
+    }
+    let fields = object;
+    Ok((progname, fields))
 }

@@ -34,6 +34,7 @@ impl WorkerBootstrap {
         let templates = Arc::new(TemplateRegistry::load(&config.templates)?);
         let namespaces = Self::namespaces(&config, &templates)?;
         // Only once the configuration is known to be good: a refused bootstrap changes nothing.
+        crate::logging::configure(config.log_format, config.log_output.clone())?;
         if let Some(level) = config.log_level {
             crate::logging::set_level(level);
         }
@@ -194,6 +195,8 @@ impl WorkerBootstrap {
                     thread_shared.set_state(WorkerState::Error);
                     tracing::error!("the engine thread panicked; the worker is in state error");
                 }
+                // The worker's last lines are written before its stop returns.
+                crate::logging::flush();
             })
             .map_err(|e| EngineError::Bootstrap(format!("cannot spawn the engine thread: {e}")))?;
 

@@ -71,6 +71,24 @@ impl LogLevel {
     }
 }
 
+/// `log_format`: how each line is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// `2025-01-01T12:00:00.123456Z  INFO target: message key=value`
+    Text,
+    /// One JSON object a line: timestamp, level, target, message and every field as its own key.
+    Json,
+}
+
+/// `log_output`: where lines go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogOutput {
+    Stderr,
+    Stdout,
+    /// Appended to (created if missing).
+    File(PathBuf),
+}
+
 /// Every key `bootstrap_worker` accepts. Anything else is rejected by name.
 pub const CONFIG_KEYS: &[&str] = &[
     "worker_id",
@@ -81,6 +99,8 @@ pub const CONFIG_KEYS: &[&str] = &[
     "concurrency",
     "templates",
     "log_level",
+    "log_format",
+    "log_output",
     "enable_web_api",
     "event_driven_enabled",
     "environment",
@@ -130,6 +150,11 @@ pub struct WorkerConfig {
     pub concurrency: usize,
     pub templates: Vec<PathBuf>,
     pub log_level: Option<LogLevel>,
+    /// `None`: unchanged (text unless an earlier bootstrap said otherwise).
+    pub log_format: Option<LogFormat>,
+    /// `None`: unchanged (stderr unless an earlier bootstrap said otherwise). A file is opened at
+    /// bootstrap, which fails naming `log_output` if it cannot be written.
+    pub log_output: Option<LogOutput>,
     pub event_driven_enabled: bool,
     pub environment: String,
     /// How often the postgres backend claims without a notification (Polling and Hybrid).
@@ -225,6 +250,30 @@ impl WorkerConfig {
                     bad_value("log_level", &s, "trace, debug, info, warn or error")
                 })?)
             }
+            None => None,
+        };
+        let log_format = match get("log_format") {
+            Some(v) => Some(match string("log_format", v)?.as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                other => return Err(bad_value("log_format", other, "text or json")),
+            }),
+            None => None,
+        };
+        let log_output = match get("log_output") {
+            Some(v) => Some(match non_empty_string("log_output", v)?.as_str() {
+                "stderr" => LogOutput::Stderr,
+                "stdout" => LogOutput::Stdout,
+                // Not a file name: the contract reserves it for Rails.logger, not supported yet.
+                "rails" => {
+                    return Err(bad_value(
+                        "log_output",
+                        "rails",
+                        "stderr, stdout or a file path; \"rails\" is not supported yet",
+                    ))
+                }
+                path => LogOutput::File(PathBuf::from(path)),
+            }),
             None => None,
         };
         let web_api = web_api(
@@ -329,6 +378,8 @@ impl WorkerConfig {
             concurrency,
             templates,
             log_level,
+            log_format,
+            log_output,
             event_driven_enabled,
             environment,
             poll_interval,
@@ -519,6 +570,11 @@ mod tests {
     fn bad_values_name_the_key() {
         for (cfg, needle) in [
             (json!({"log_level": "loud"}), "log_level"),
+            (json!({"log_format": "xml"}), "log_format"),
+            (json!({"log_format": 1}), "log_format"),
+            (json!({"log_output": ""}), "log_output"),
+            (json!({"log_output": "rails"}), "log_output"),
+            (json!({"log_output": false}), "log_output"),
             (json!({"concurrency": 0}), "concurrency"),
             (json!({"concurrency": "4"}), "concurrency"),
             (json!({"backend": "redis"}), "backend"),
