@@ -1,7 +1,7 @@
 # frozen_string_literal: true
 
 # Issue F2, defects 4, 6 and 11: connections that die silently, the smallest pool, and URLs in
-# messages and logs.
+# messages and logs; and client calls that meet a connection the server closed.
 RSpec.describe "PostgreSQL backend (adversarial): connections" do
   include_context "postgres database"
 
@@ -67,5 +67,56 @@ RSpec.describe "PostgreSQL backend (adversarial): connections" do
       expect(worker.stderr).not_to include("t0psecret")
       expect(worker.stderr).not_to include("#{PostgresHelpers::PG_PORT}/#{db}")
     end
+  end
+
+  describe "client calls on connections the server closes (pg_terminate_backend while they run)" do
+    # Every 50 ms the client's sessions are terminated, some while a call uses them: each call must
+    # get a new connection and answer, never raise FFIError for a connection that a retry cures.
+    it "create_task, task_status, wait_for_task and cancel_task answer, and no task is created twice" do
+      start_pg_worker(db)
+      start_client(db, worker_id: "terminated-client")
+      stop = false
+      terminated = 0
+      terminator = Thread.new do
+        until stop
+          terminated += Integer(psql(<<~SQL))
+            SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+            WHERE datname = '#{db}' AND application_name = 'tasker terminated-client'
+          SQL
+          sleep 0.05
+        end
+      end
+      errors = []
+      uuids = []
+      cancelled = 0
+      deadline = pg_monotonic + 6
+      while pg_monotonic < deadline
+        begin
+          uuid = create_pg_task("single")
+          uuids << uuid
+          TaskerCore.task_status(uuid)
+          cancelled += 1 if uuids.size % 5 == 1 && TaskerCore.cancel_task(uuid)
+          TaskerCore.wait_for_task(uuid, timeout: 10)
+        rescue TaskerCore::Error => e
+          errors << "#{e.class}: #{e.message}"
+        end
+      end
+      stop = true
+      terminator.join
+
+      expect(terminated).to be > 20
+      expect(errors).to eq([])
+      expect(uuids.size).to be > 20
+      finished = psql_count("SELECT count(*) FROM tasker_tasks WHERE status IN ('complete', 'cancelled')", db: db)
+      expect(finished).to eq(uuids.size) # each created once, each finished
+    end
+  end
+
+  it "logs no routine notice at boot (the schema exists: CREATE ... IF NOT EXISTS answers with a NOTICE)" do
+    start_pg_worker(db).stop # creates the schema
+    worker = start_pg_worker(db, log_level: "info")
+    worker.stop
+    expect(worker.stderr).to include("postgres backend ready")
+    expect(worker.stderr).not_to match(/already exists|NOTICE/i)
   end
 end

@@ -86,7 +86,10 @@ const LISTENER_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(3);
 /// after `idle_in_transaction_session_timeout`; and the server notices a peer that vanished
 /// without a FIN after about `idle + interval × count` seconds of TCP keepalives (or
 /// `tcp_user_timeout` ms of unacknowledged data), instead of the kernel default of two hours.
+/// `client_min_messages = warning` keeps routine notices out of the app's log (every boot's
+/// `CREATE TABLE IF NOT EXISTS _sqlx_migrations` answers "already exists, skipping").
 pub const SESSION_SETTINGS: &[(&str, &str)] = &[
+    ("client_min_messages", "warning"),
     ("lock_timeout", "2s"),
     ("idle_in_transaction_session_timeout", "5s"),
     ("tcp_keepalives_idle", "5"),
@@ -370,53 +373,13 @@ impl PostgresBackend {
 
     async fn snapshot(&mut self, task_uuid: Uuid) -> EngineResult<Option<TaskSnapshot>> {
         let pool = self.pool()?.clone();
-        let Some(task) = sqlx::query(
-            "SELECT namespace, name, version, status,
-                    (extract(epoch FROM created_at) * 1e9)::int8 AS created_at_ns,
-                    (extract(epoch FROM finished_at) * 1e9)::int8 AS completed_at_ns
-             FROM tasker_tasks WHERE task_uuid = $1",
-        )
-        .bind(task_uuid)
-        .fetch_optional(&pool)
-        .await
-        .map_err(db)?
-        else {
-            return Ok(None);
-        };
-        let steps = sqlx::query(
-            "SELECT step_uuid, name, status, attempts, result, metadata, error_message,
-                    (extract(epoch FROM started_at) * 1e9)::int8 AS started_at_ns,
-                    (extract(epoch FROM completed_at) * 1e9)::int8 AS completed_at_ns
-             FROM tasker_steps WHERE task_uuid = $1 ORDER BY step_index",
-        )
-        .bind(task_uuid)
-        .fetch_all(&pool)
-        .await
-        .map_err(db)?;
-        Ok(Some(TaskSnapshot {
-            task_uuid,
-            namespace: task.get("namespace"),
-            name: task.get("name"),
-            version: task.get("version"),
-            status: task_status(task.get("status")),
-            created_at_ns: unix_ns(&task, "created_at_ns"),
-            completed_at_ns: unix_ns(&task, "completed_at_ns"),
-            steps_retained: true,
-            steps: steps
-                .into_iter()
-                .map(|row| StepSnapshot {
-                    step_uuid: row.get("step_uuid"),
-                    name: row.get("name"),
-                    status: step_status(row.get("status")),
-                    attempts: row.get::<i32, _>("attempts") as u32,
-                    result: row.get::<Option<Value>, _>("result").map(Arc::new),
-                    metadata: row.get::<Option<Value>, _>("metadata").map(Arc::new),
-                    error_message: row.get("error_message"),
-                    started_at_ns: unix_ns(&row, "started_at_ns"),
-                    completed_at_ns: unix_ns(&row, "completed_at_ns"),
-                })
-                .collect(),
-        }))
+        let mut retry = ClientRetry::new();
+        loop {
+            match read_snapshot(&pool, task_uuid).await {
+                Err(e) if retry.again(&e, "reading a task").await => continue,
+                read => return read.map_err(db),
+            }
+        }
     }
 
     /// Answer the waiters of tasks that may have finished. A task that is gone was finished
@@ -1061,51 +1024,66 @@ impl Backend for PostgresBackend {
             }
         }
 
-        let mut tx = self.pool()?.begin().await.map_err(db)?;
-        sqlx::query(
-            "INSERT INTO tasker_tasks (task_uuid, namespace, name, version, context, status, incomplete_steps)
-             SELECT u, $3, $4, $5, c, 'pending', $6 FROM unnest($1::uuid[], $2::jsonb[]) AS x(u, c)",
-        )
-        .bind(&task_uuids)
-        .bind(&contexts)
-        .bind(&template.namespace)
-        .bind(&template.name)
-        .bind(&template.version)
-        .bind(n as i32)
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
-        sqlx::query(
-            "INSERT INTO tasker_steps (step_uuid, task_uuid, step_index, name, status, waiting_on, ready_at)
-             SELECT u, t, i, nm, CASE WHEN w = 0 THEN 'enqueued' ELSE 'pending' END, w,
-                    CASE WHEN w = 0 THEN now() END
-             FROM unnest($1::uuid[], $2::uuid[], $3::int4[], $4::text[], $5::int4[]) AS x(u, t, i, nm, w)",
-        )
-        .bind(&step_uuids)
-        .bind(&step_tasks)
-        .bind(&indices)
-        .bind(&names)
-        .bind(&waiting)
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
-        sqlx::query(
-            "INSERT INTO tasker_ready_steps (step_uuid, task_uuid, namespace, timeout_ms)
-             SELECT u, t, $3, ms FROM unnest($1::uuid[], $2::uuid[], $4::int4[]) AS x(u, t, ms)",
-        )
-        .bind(&root_uuids)
-        .bind(&root_tasks)
-        .bind(&template.namespace)
-        .bind(&root_timeouts)
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
-        sqlx::query("SELECT pg_notify($1, '')")
-            .bind(STEPS_READY)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
-        tx.commit().await.map_err(db)?;
+        // A connection the server closed (a terminated session, a restart) fails the transaction
+        // before anything is written, and it is tried again. A failure at COMMIT leaves the outcome
+        // unknown: the next try first looks for the tasks (their uuids were chosen here), so a
+        // task is never created twice.
+        let pool = self.pool()?.clone();
+        let mut retry = ClientRetry::new();
+        let mut look_first = false;
+        loop {
+            let attempt = async {
+                if look_first && tasks_exist(&pool, &task_uuids).await? {
+                    return Ok(());
+                }
+                let mut tx = pool.begin().await?;
+                sqlx::query(
+                    "INSERT INTO tasker_tasks (task_uuid, namespace, name, version, context, status, incomplete_steps)
+                     SELECT u, $3, $4, $5, c, 'pending', $6 FROM unnest($1::uuid[], $2::jsonb[]) AS x(u, c)",
+                )
+                .bind(&task_uuids)
+                .bind(&contexts)
+                .bind(&template.namespace)
+                .bind(&template.name)
+                .bind(&template.version)
+                .bind(n as i32)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "INSERT INTO tasker_steps (step_uuid, task_uuid, step_index, name, status, waiting_on, ready_at)
+                     SELECT u, t, i, nm, CASE WHEN w = 0 THEN 'enqueued' ELSE 'pending' END, w,
+                            CASE WHEN w = 0 THEN now() END
+                     FROM unnest($1::uuid[], $2::uuid[], $3::int4[], $4::text[], $5::int4[]) AS x(u, t, i, nm, w)",
+                )
+                .bind(&step_uuids)
+                .bind(&step_tasks)
+                .bind(&indices)
+                .bind(&names)
+                .bind(&waiting)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "INSERT INTO tasker_ready_steps (step_uuid, task_uuid, namespace, timeout_ms)
+                     SELECT u, t, $3, ms FROM unnest($1::uuid[], $2::uuid[], $4::int4[]) AS x(u, t, ms)",
+                )
+                .bind(&root_uuids)
+                .bind(&root_tasks)
+                .bind(&template.namespace)
+                .bind(&root_timeouts)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query("SELECT pg_notify($1, '')")
+                    .bind(STEPS_READY)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await
+            };
+            match attempt.await {
+                Ok(()) => break,
+                Err(e) if retry.again(&e, "creating tasks").await => look_first = true,
+                Err(e) => return Err(db(e)),
+            }
+        }
         self.maybe_ready = true;
         Ok(task_uuids)
     }
@@ -1142,15 +1120,28 @@ impl Backend for PostgresBackend {
 
     async fn cancel_task(&mut self, task_uuid: Uuid) -> EngineResult<bool> {
         let pool = self.pool()?.clone();
-        let cancelled = tokio::time::timeout(WRITE_TIMEOUT, cancel_transaction(&pool, task_uuid))
-            .await
-            .unwrap_or_else(|_| {
-                Err(sqlx::Error::Io(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "cancelling took longer than 30s",
-                )))
-            })
-            .map_err(db)?;
+        let mut retry = ClientRetry::new();
+        let cancelled = loop {
+            let attempt = tokio::time::timeout(WRITE_TIMEOUT, cancel_transaction(&pool, task_uuid))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(TxFailure::Before(sqlx::Error::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "cancelling took longer than 30s",
+                    ))))
+                });
+            match attempt {
+                Ok(cancel) => break cancel,
+                Err(TxFailure::Before(e)) if retry.again(&e, "cancelling a task").await => {}
+                Err(TxFailure::Before(e)) => return Err(db(e)),
+                Err(TxFailure::AtCommit(e)) => {
+                    return Err(EngineError::Internal(format!(
+                        "postgres: the connection failed while committing the cancel of task {task_uuid}, so \
+                         whether it was cancelled is unknown (task_status tells; cancelling again is safe): {e}"
+                    )))
+                }
+            }
+        };
         match cancelled {
             Cancel::Unknown => Err(deleted_task(task_uuid)),
             Cancel::AlreadyFinished => Ok(false),
@@ -1500,6 +1491,115 @@ async fn delete_expired_tasks(pool: PgPool, ttl_secs: f64) {
             "deleted finished tasks older than finished_task_ttl"
         );
     }
+}
+
+/// How long a client call (create, status, wait, cancel) keeps trying after the connection it
+/// used was closed by the server (a terminated session, a restart, a failover): sqlx drops such a
+/// connection, and the next try gets a new one. A restarting server is back within about this long;
+/// after it the call raises, naming the cause.
+const CLIENT_RETRY_FOR: Duration = Duration::from_secs(3);
+
+/// The pauses between the tries of one client call.
+struct ClientRetry {
+    give_up: Instant,
+    pause: Duration,
+}
+
+impl ClientRetry {
+    fn new() -> Self {
+        Self {
+            give_up: Instant::now() + CLIENT_RETRY_FOR,
+            pause: Duration::from_millis(10),
+        }
+    }
+
+    /// Whether `e` is worth another try (the connection or the server, not the statement), and
+    /// there is time left for one; then waits before it.
+    async fn again(&mut self, e: &sqlx::Error, what: &str) -> bool {
+        if !is_transient(e) || Instant::now() + self.pause > self.give_up {
+            return false;
+        }
+        debug!(error = %e, "{what} failed on a broken connection; trying again");
+        tokio::time::sleep(self.pause).await;
+        self.pause = (self.pause * 2).min(Duration::from_millis(500));
+        true
+    }
+}
+
+/// Where a transaction failed: before COMMIT nothing was written, and it may be tried again; at
+/// COMMIT the server may or may not have committed it.
+enum TxFailure {
+    Before(sqlx::Error),
+    AtCommit(sqlx::Error),
+}
+
+impl From<sqlx::Error> for TxFailure {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Before(e)
+    }
+}
+
+/// Whether the tasks of one `create_tasks` transaction were committed (all or none were).
+async fn tasks_exist(pool: &PgPool, task_uuids: &[Uuid]) -> Result<bool, sqlx::Error> {
+    let Some(first) = task_uuids.first() else {
+        return Ok(false);
+    };
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tasker_tasks WHERE task_uuid = $1)")
+        .bind(first)
+        .fetch_one(pool)
+        .await
+}
+
+/// A task and its steps as the database has them now (`None`: no such task).
+async fn read_snapshot(
+    pool: &PgPool,
+    task_uuid: Uuid,
+) -> Result<Option<TaskSnapshot>, sqlx::Error> {
+    let Some(task) = sqlx::query(
+        "SELECT namespace, name, version, status,
+                (extract(epoch FROM created_at) * 1e9)::int8 AS created_at_ns,
+                (extract(epoch FROM finished_at) * 1e9)::int8 AS completed_at_ns
+         FROM tasker_tasks WHERE task_uuid = $1",
+    )
+    .bind(task_uuid)
+    .fetch_optional(pool)
+    .await?
+    else {
+        return Ok(None);
+    };
+    let steps = sqlx::query(
+        "SELECT step_uuid, name, status, attempts, result, metadata, error_message,
+                (extract(epoch FROM started_at) * 1e9)::int8 AS started_at_ns,
+                (extract(epoch FROM completed_at) * 1e9)::int8 AS completed_at_ns
+         FROM tasker_steps WHERE task_uuid = $1 ORDER BY step_index",
+    )
+    .bind(task_uuid)
+    .fetch_all(pool)
+    .await?;
+    Ok(Some(TaskSnapshot {
+        task_uuid,
+        namespace: task.get("namespace"),
+        name: task.get("name"),
+        version: task.get("version"),
+        status: task_status(task.get("status")),
+        created_at_ns: unix_ns(&task, "created_at_ns"),
+        completed_at_ns: unix_ns(&task, "completed_at_ns"),
+        steps_retained: true,
+        steps: steps
+            .into_iter()
+            .map(|row| StepSnapshot {
+                step_uuid: row.get("step_uuid"),
+                name: row.get("name"),
+                status: step_status(row.get("status")),
+                attempts: row.get::<i32, _>("attempts") as u32,
+                result: row.get::<Option<Value>, _>("result").map(Arc::new),
+                metadata: row.get::<Option<Value>, _>("metadata").map(Arc::new),
+                error_message: row.get("error_message"),
+                started_at_ns: unix_ns(&row, "started_at_ns"),
+                completed_at_ns: unix_ns(&row, "completed_at_ns"),
+            })
+            .collect(),
+    }))
 }
 
 /// The error for a task the database does not have: never created, or finished and deleted.
@@ -2328,7 +2428,7 @@ enum Cancel {
 
 /// Cancel a task in one transaction, its row locked first: a completion of one of its steps is
 /// recorded wholly before or wholly after.
-async fn cancel_transaction(pool: &PgPool, task_uuid: Uuid) -> Result<Cancel, sqlx::Error> {
+async fn cancel_transaction(pool: &PgPool, task_uuid: Uuid) -> Result<Cancel, TxFailure> {
     let mut tx = pool.begin().await?;
     let status: Option<String> =
         sqlx::query_scalar("SELECT status FROM tasker_tasks WHERE task_uuid = $1 FOR UPDATE")
@@ -2348,7 +2448,7 @@ async fn cancel_transaction(pool: &PgPool, task_uuid: Uuid) -> Result<Cancel, sq
         notify_halted(&mut tx, &[task_uuid], true).await?;
     }
     notify_finished(&mut tx, &finished).await?;
-    tx.commit().await?;
+    tx.commit().await.map_err(TxFailure::AtCommit)?;
     Ok(Cancel::Cancelled {
         finished: !finished.is_empty(),
     })
