@@ -56,6 +56,9 @@ impl WorkerBootstrap {
         let shared = Arc::new(shared);
         let database_url = config.database_url.clone();
         let task_ends = crossbeam_channel::unbounded();
+        // Whether the database backend announces the tasks it finishes (the memory backend keeps
+        // its own flag in its task table).
+        let announce_ends = Arc::new(AtomicBool::new(false));
         let handle = match config.backend {
             BackendKind::Memory => {
                 let local = Arc::new(LocalTasks::new(
@@ -77,9 +80,16 @@ impl WorkerBootstrap {
                     finished_task_ttl: config.finished_task_ttl,
                     claim_lease: config.claim_lease,
                     max_in_flight: config.concurrency * 2,
+                    task_ends: task_ends.0.clone(),
+                    announce_ends: Arc::clone(&announce_ends),
                 };
                 let backend = PostgresBackend::new(settings, Arc::clone(&templates));
-                Self::spawn(backend, config, templates, shared, None, task_ends)
+                Self::spawn(backend, config, templates, shared, None, task_ends).map(
+                    |mut handle| {
+                        handle.announce_ends = Some(announce_ends);
+                        handle
+                    },
+                )
             }
         }?;
         if let Some(bound) = web {
@@ -208,6 +218,7 @@ impl WorkerBootstrap {
             registry,
             templates,
             local,
+            announce_ends: None,
             task_ends,
             started: started_rx,
             stopped: closed_rx,
@@ -262,6 +273,8 @@ pub struct WorkerSystemHandle {
     templates: Arc<TemplateRegistry>,
     /// The memory backend's task table, which the task API reads and writes without the engine.
     local: Option<Arc<LocalTasks>>,
+    /// The database backend's switch for announcing the tasks it finishes.
+    announce_ends: Option<Arc<AtomicBool>>,
     /// Finished tasks, while someone observes them ([`Self::announce_task_ends`]).
     task_ends: Receiver<TaskSnapshot>,
     started: Receiver<EngineResult<()>>,
@@ -679,15 +692,20 @@ impl WorkerSystemHandle {
         })
     }
 
-    /// Announce finished tasks to [`Self::next_task_end`] from now on (`true`), or stop. Memory
-    /// backend only; a database backend has no task ends to announce yet (`false` returned).
+    /// Announce finished tasks to [`Self::next_task_end`] from now on (`true`), or stop. The
+    /// memory backend announces every task; PostgreSQL the tasks this process finished (each
+    /// task's end is announced once, by the process whose write finished it).
     pub fn announce_task_ends(&self, announce: bool) -> bool {
-        match &self.local {
-            Some(local) => {
+        match (&self.local, &self.announce_ends) {
+            (Some(local), _) => {
                 local.set_announce_ends(announce);
                 true
             }
-            None => false,
+            (None, Some(flag)) => {
+                flag.store(announce, Ordering::Release);
+                true
+            }
+            (None, None) => false,
         }
     }
 
@@ -699,7 +717,8 @@ impl WorkerSystemHandle {
         }
         let mut select = Select::new();
         // A backend that never announces dropped its sender: wait for the others only.
-        let ends = self.local.is_some().then(|| select.recv(&self.task_ends));
+        let announces = self.local.is_some() || self.announce_ends.is_some();
+        let ends = announces.then(|| select.recv(&self.task_ends));
         let closed = select.recv(&self.stopped);
         select.recv(cancel);
         let op = match timeout {

@@ -51,6 +51,7 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow};
 use sqlx::{PgPool, Postgres, Row, Transaction};
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
@@ -124,6 +125,10 @@ pub struct PostgresSettings {
     /// A claimed attempt's timeout runs from the claim: steps must not wait in this process
     /// longer than they take to run, or they time out unstarted.
     pub max_in_flight: usize,
+    /// Where the tasks this process finishes are announced (`task.completed` and the like),
+    /// while `announce_ends` is set (something observes them).
+    pub task_ends: crossbeam_channel::Sender<TaskSnapshot>,
+    pub announce_ends: Arc<AtomicBool>,
 }
 
 /// What a claim needs, shared with the write tasks.
@@ -659,6 +664,7 @@ impl PostgresBackend {
         });
         match released {
             Ok(finished) => {
+                self.announce_ended(&finished).await;
                 if !finished.is_empty() && !self.waiters.is_empty() {
                     self.answer_waiters(finished).await;
                 }
@@ -940,8 +946,43 @@ impl PostgresBackend {
             }
             self.prefetched.extend(done.claimed);
         }
+        self.announce_ended(&done.finished).await;
         if !self.waiters.is_empty() {
             self.answer_waiters(done.finished).await;
+        }
+    }
+
+    /// Announce the tasks this process just finished (its records, a cancel, a release, a
+    /// retry with nothing left to run) while something observes task ends. Each task's end is
+    /// announced once, by the process whose transaction finished it, in the order they
+    /// finished. The reads run here, on the engine's thread, and only while observed.
+    async fn announce_ended(&self, finished: &[Uuid]) {
+        if finished.is_empty() || !self.settings.announce_ends.load(Ordering::Acquire) {
+            return;
+        }
+        let Ok(pool) = self.pool() else {
+            return;
+        };
+        for &task_uuid in finished {
+            let mut retry = ClientRetry::new();
+            let read = loop {
+                match read_snapshot(pool, task_uuid).await {
+                    Err(e) if retry.again(&e, "reading a finished task").await => continue,
+                    read => break read,
+                }
+            };
+            match read {
+                Ok(Some(snapshot)) => {
+                    let _ = self.settings.task_ends.send(snapshot);
+                }
+                // Deleted already: a finished_task_ttl shorter than this read took.
+                Ok(None) => {}
+                Err(e) => warn!(
+                    task_uuid = %task_uuid,
+                    error = %e,
+                    "reading a finished task failed: its task event is not published"
+                ),
+            }
         }
     }
 
@@ -1148,6 +1189,9 @@ impl Backend for PostgresBackend {
             Cancel::Cancelled { finished } => {
                 // Attempts claimed in a record transaction and not yet handed out go back too.
                 self.halted_prefetched.push(task_uuid);
+                if finished {
+                    self.announce_ended(&[task_uuid]).await;
+                }
                 if finished && self.waiters.contains_key(&task_uuid) {
                     self.answer_waiters(vec![task_uuid]).await;
                 }
@@ -1272,6 +1316,9 @@ impl Backend for PostgresBackend {
         }
         tx.commit().await.map_err(db)?;
         self.maybe_ready = true;
+        if nothing_left {
+            self.announce_ended(&[task_uuid]).await;
+        }
         Ok(())
     }
 
