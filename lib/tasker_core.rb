@@ -11,6 +11,7 @@ require_relative "tasker_core/version"
 require "tasker_core/tasker_core"
 require_relative "tasker_core/errors"
 require_relative "tasker_core/logger"
+require_relative "tasker_core/log_relay"
 require_relative "tasker_core/middleware/chain"
 require_relative "tasker_core/configuration"
 require_relative "tasker_core/events/publisher"
@@ -27,6 +28,7 @@ require_relative "tasker_core/worker/launcher"
 require_relative "tasker_core/worker/signal_handlers"
 require_relative "tasker_core/worker/bootstrap"
 require_relative "tasker_core/client"
+require_relative "tasker_core/client_on_demand"
 # Only inside a Rails app (Rails loaded first, as Bundler.require does).
 require_relative "tasker_core/railtie" if defined?(Rails::Railtie)
 

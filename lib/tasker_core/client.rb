@@ -3,17 +3,35 @@
 # Creating tasks and following them.
 module TaskerCore
   class << self
+    # @param run_at [Time, nil] schedule the task: its first steps become ready at that time, not
+    #   before (nil, or a time already past: now). Until then the task is `pending` (and can be
+    #   cancelled). At most 10 years ahead and a year back.
     # @return [String] the new task's uuid
-    def create_task(namespace:, name:, version: "1.0.0", context: {})
-      FFI.create_task(namespace: namespace, name: name, version: version, context: context)
+    # @raise [ArgumentError] naming run_at when it is not a Time, not finite or too far off
+    def create_task(namespace:, name:, version: "1.0.0", context: {}, run_at: nil)
+      request = { namespace: namespace, name: name, version: version, context: context }
+      request[:run_at] = schedule_time(run_at) unless run_at.nil?
+      FFI.create_task(request)
     end
 
     # Many tasks of one template at once, like Sidekiq's push_bulk: one hand-off to the engine
     # and, on PostgreSQL, one transaction (all are created or none).
     # @param contexts [Array<Hash>] one task per context
+    # @param run_at [Time, nil] as for create_task, for every one of them
     # @return [Array<String>] the new tasks' uuids, in the order of `contexts`
-    def create_tasks(namespace:, name:, contexts:, version: "1.0.0")
-      FFI.create_tasks(namespace: namespace, name: name, version: version, contexts: contexts)
+    def create_tasks(namespace:, name:, contexts:, version: "1.0.0", run_at: nil)
+      request = { namespace: namespace, name: name, version: version, contexts: contexts }
+      request[:run_at] = schedule_time(run_at) unless run_at.nil?
+      FFI.create_tasks(request)
+    end
+
+    # @api private A `run_at` as the engine takes it: a Time (a DateTime or Date becomes one);
+    # anything else goes on unchanged and the engine refuses it, naming run_at.
+    def schedule_time(run_at)
+      return run_at if run_at.is_a?(Time)
+      return run_at.to_time if defined?(::Date) && run_at.is_a?(::Date) # DateTime is a Date
+
+      run_at
     end
 
     # @return [Hash] {task_uuid:, namespace:, name:, version:, status:, steps: [...]}

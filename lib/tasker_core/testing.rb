@@ -135,14 +135,18 @@ module TaskerCore
       # --- what TaskerCore's client methods do while test mode is on (see ClientHook) ---
 
       # @api private
-      def create_task(namespace:, name:, version:, context:)
-        @store.create_tasks({ namespace: namespace, name: name, version: version }, [context],
+      # A `run_at` is checked as the engine checks it and kept (Testing::Task#run_at), but does not
+      # delay anything: inline! runs the task at once, and drain runs it whatever its time (as
+      # Sidekiq::Testing does with perform_in). To test what happens before the time, use fake!
+      # and look at Testing.tasks.
+      def create_task(namespace:, name:, version:, context:, run_at: nil)
+        @store.create_tasks({ namespace: namespace, name: name, version: version, run_at: run_at }, [context],
                             what: "context", run: inline?).first
       end
 
       # @api private
-      def create_tasks(namespace:, name:, version:, contexts:)
-        @store.create_tasks({ namespace: namespace, name: name, version: version }, contexts, run: inline?)
+      def create_tasks(namespace:, name:, version:, contexts:, run_at: nil)
+        @store.create_tasks({ namespace:, name:, version:, run_at: }, contexts, run: inline?)
       end
 
       # @api private
@@ -194,16 +198,18 @@ module TaskerCore
 
     # Sends TaskerCore's client calls to test mode while it is on.
     module ClientHook
-      def create_task(namespace:, name:, version: "1.0.0", context: {})
+      def create_task(namespace:, name:, version: "1.0.0", context: {}, run_at: nil)
         return super unless Testing.enabled?
 
-        Testing.create_task(namespace: namespace, name: name, version: version, context: context)
+        Testing.create_task(namespace: namespace, name: name, version: version, context: context,
+                            run_at: run_at.nil? ? nil : schedule_time(run_at))
       end
 
-      def create_tasks(namespace:, name:, contexts:, version: "1.0.0")
+      def create_tasks(namespace:, name:, contexts:, version: "1.0.0", run_at: nil)
         return super unless Testing.enabled?
 
-        Testing.create_tasks(namespace: namespace, name: name, version: version, contexts: contexts)
+        Testing.create_tasks(namespace: namespace, name: name, version: version, contexts: contexts,
+                             run_at: run_at.nil? ? nil : schedule_time(run_at))
       end
 
       def task_status(task_uuid)

@@ -40,6 +40,13 @@ RSpec.describe "docs/rails.md" do
     expect(out).to eq(files.fetch("script/ship.out"))
   end
 
+  it "has a job script that prints what the doc says (Active Job on tasker_core)" do
+    out, err, status = run_in_app("bin/rails", "runner", "script/jobs.rb")
+
+    expect(status).to be_success, err
+    expect(out).to eq(files.fetch("script/jobs.out"))
+  end
+
   it "has specs that pass as printed" do
     rspec = Gem.bin_path("rspec-core", "rspec")
     examples = files.select { |path, _| path.end_with?("_spec.rb") }.values.sum { |text| text.scan(/^\s+it "/).size }

@@ -20,7 +20,8 @@ RSpec.describe "TaskerCore::Testing.fake!" do
 
     expect(WorkflowRecorder.executions).to be_empty
     expect(testing.tasks.map(&:to_h)).to eq([{ task_uuid: uuid, namespace: "workflow", name: "chain",
-                                               version: "1.0.0", context: { "order_id" => 7 }, status: "pending" }])
+                                               version: "1.0.0", context: { "order_id" => 7 }, status: "pending",
+                                               run_at: nil }])
     status = TaskerCore.task_status(uuid)
     expect(status).to include(status: "pending", completed_at: nil)
     expect(status[:steps].map { |s| [s[:name], s[:status], s[:attempts]] })

@@ -66,7 +66,7 @@ keys! {
     READY_AT_NS = "ready_at_ns", CONTEXTS = "contexts", ON_TIMEOUT = "on_timeout",
     STARTED_AT = "started_at", DURATION_MS = "duration_ms", CREATED_AT = "created_at",
     STEPS_RETAINED = "steps_retained", REASON = "reason", STEP_NAME = "step_name", ATTEMPT = "attempt",
-    QUIET = "quiet",
+    QUIET = "quiet", RUN_AT = "run_at",
 }
 
 const MAX_DEPTH: usize = 128;

@@ -3,9 +3,12 @@
 
 use crate::convert;
 use crate::errors;
-use crate::gvl::without_gvl_retrying;
-use magnus::{function, prelude::*, r_hash::ForEach, Error, RHash, RModule, RString, Ruby, Value};
+use crate::gvl::{check_interrupts, without_gvl, without_gvl_retrying};
+use magnus::{
+    function, prelude::*, r_hash::ForEach, Error, RArray, RHash, RModule, RString, Ruby, Value,
+};
 use std::fmt::Write as _;
+use tasker_worker::logging::RelayTake;
 use tracing::Level;
 
 pub fn init(_ruby: &Ruby, ffi: RModule) -> Result<(), Error> {
@@ -18,6 +21,7 @@ pub fn init(_ruby: &Ruby, ffi: RModule) -> Result<(), Error> {
     ffi.define_singleton_method("log_enabled?", function!(log_enabled, 1))?;
     ffi.define_singleton_method("flush_logs", function!(flush_logs, 0))?;
     ffi.define_singleton_method("dropped_log_lines", function!(dropped_log_lines, 0))?;
+    ffi.define_singleton_method("take_log_lines", function!(take_log_lines, 2))?;
     Ok(())
 }
 
@@ -67,6 +71,33 @@ fn flush_logs(ruby: &Ruby) -> Result<(), Error> {
 /// Lines dropped because the log writer's queue was full (it never blocks the thread that logs).
 fn dropped_log_lines() -> u64 {
     tasker_worker::logging::dropped_lines()
+}
+
+/// `take_log_lines(max, timeout_seconds)`: up to `max` lines written while `log_output` is
+/// "rails", waiting (GVL released) up to `timeout_seconds` for the first; `[]` when none came.
+/// The Ruby thread that calls it writes them to Rails.logger: lines are made on engine threads,
+/// which never call Ruby, and wait for no logger.
+fn take_log_lines(ruby: &Ruby, max: usize, timeout: Value) -> Result<RArray, Error> {
+    errors::guard(ruby, || {
+        let timeout =
+            convert::seconds_at_most(ruby, timeout, "timeout", std::time::Duration::from_secs(60))?;
+        let take = without_gvl(ruby, |cancel| {
+            tasker_worker::logging::take_relayed_lines(max, timeout, cancel)
+        })?;
+        let lines = match take {
+            Some(RelayTake::Lines(lines)) => lines,
+            Some(RelayTake::Nothing) => Vec::new(),
+            Some(RelayTake::Cancelled) | None => {
+                check_interrupts(ruby)?;
+                Vec::new()
+            }
+        };
+        let array = ruby.ary_new_capa(lines.len());
+        for line in lines {
+            array.push(ruby.str_new(&line))?;
+        }
+        Ok(array)
+    })
 }
 
 /// Lets the Ruby Logger skip building messages that would be filtered out.

@@ -14,7 +14,7 @@ use crate::gvl::{check_interrupts, without_gvl, without_gvl_retrying};
 use magnus::{function, prelude::*, Error, RArray, RHash, RModule, RString, Ruby, Value};
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use tasker_worker::{
     GroupWait, LocalTasks, TaskEndTake, TaskSnapshot, TaskTable, WorkerSystemHandle,
 };
@@ -60,10 +60,11 @@ fn create(
     contexts: Vec<serde_json::Value>,
 ) -> Result<Vec<Uuid>, Error> {
     let (namespace, name, version) = template_of(ruby, request)?;
+    let run_at = run_at_of(ruby, request)?;
     if let Some(local) = system.local_tasks() {
         let prepared = WorkerSystemHandle::check_contexts(&contexts)
             .and_then(|()| system.local_template(&namespace, &name, &version))
-            .map(|template| WorkerSystemHandle::prepare_tasks(&template, contexts))
+            .map(|template| WorkerSystemHandle::prepare_tasks(&template, contexts, run_at))
             .map_err(|e| errors::engine(ruby, e))?;
         let uuids = with_table(ruby, local, move |table| table.insert(prepared))?
             .map_err(|e| errors::engine(ruby, e))?;
@@ -71,13 +72,38 @@ fn create(
         return Ok(uuids);
     }
     let reply = system
-        .request_create_tasks(&namespace, &name, &version, contexts)
+        .request_create_tasks(&namespace, &name, &version, contexts, run_at)
         .map_err(|e| errors::engine(ruby, e))?;
     match await_reply(ruby, reply, None)? {
         Some(Ok(uuids)) => Ok(uuids),
         Some(Err(e)) => Err(errors::engine(ruby, e)),
         None => unreachable!("no timeout was given"),
     }
+}
+
+/// When a `create_task(s)` request's tasks start: `run_at:` a Time (or seconds since the epoch),
+/// absent or nil for now. Anything else, or a time not finite or too far off (see
+/// `tasker_worker::schedule_time`), raises ArgumentError naming `run_at`.
+pub(crate) fn run_at_of(ruby: &Ruby, request: RHash) -> Result<Option<SystemTime>, Error> {
+    let Some(value) = fetch(ruby, request, &convert::RUN_AT) else {
+        return Ok(None);
+    };
+    let time_class: Value = ruby.eval("::Time")?;
+    let is_time = value.funcall::<_, _, bool>("is_a?", (time_class,))?;
+    let is_real =
+        value.is_kind_of(ruby.class_numeric()) && value.funcall::<_, _, bool>("real?", ())?;
+    if !is_time && !is_real {
+        let class: String = value.class().inspect();
+        return Err(errors::argument(
+            ruby,
+            format!("run_at: must be a Time (or seconds since the epoch), got a {class}"),
+        ));
+    }
+    // Time#to_f and a real Numeric's to_f never raise.
+    let seconds: f64 = value.funcall("to_f", ())?;
+    tasker_worker::schedule_time(seconds)
+        .map(Some)
+        .map_err(|message| errors::argument(ruby, message))
 }
 
 /// The template a `create_task(s)` request names: (namespace, name, version).

@@ -15,7 +15,20 @@ pub fn init(module: RModule) -> Result<(), Error> {
     ffi.define_singleton_method("testing_templates", function!(testing_templates, -1))?;
     ffi.define_singleton_method("testing_json", function!(testing_json, 2))?;
     ffi.define_singleton_method("testing_completion", function!(testing_completion, 1))?;
+    ffi.define_singleton_method("testing_run_at", function!(testing_run_at, 1))?;
     Ok(())
+}
+
+/// `testing_run_at(request)`: the request's `run_at:` checked as `create_task` checks it, as
+/// seconds since the epoch (nil without one); ArgumentError naming `run_at` otherwise.
+fn testing_run_at(ruby: &Ruby, request: RHash) -> Result<Option<f64>, Error> {
+    errors::guard(ruby, || {
+        Ok(crate::tasks::run_at_of(ruby, request)?.map(|t| {
+            t.duration_since(std::time::SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64()
+        }))
+    })
 }
 
 /// `testing_templates(config = nil)`: `{templates: [{namespace:, name:, version:, source:,

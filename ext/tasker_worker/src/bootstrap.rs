@@ -21,7 +21,7 @@ use serde_json::Value;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 use tracing::warn;
 use uuid::Uuid;
@@ -252,6 +252,40 @@ pub enum TaskEndTake {
 /// The longest delay a completion's `retry_after` may ask for: one year. Longer ones are cut to
 /// it, so that no `Instant + Duration` in either backend can overflow, whatever a handler returns.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// The furthest ahead a task may be scheduled (`run_at`): ten years. Further is taken for a
+/// mistake (seconds given as milliseconds, a sentinel date) and refused by the bridges.
+pub const MAX_SCHEDULE_AHEAD: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// The furthest in the past a `run_at` may be: one year. A time a little past runs at once (a
+/// job's `wait_until` computed a moment ago); one far past is a mistake (the epoch, a year 1).
+pub const MAX_SCHEDULE_BEHIND: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Check a task's `run_at`, given as seconds since the Unix epoch: finite and within
+/// [`MAX_SCHEDULE_BEHIND`] .. [`MAX_SCHEDULE_AHEAD`] of now. The error says what is wrong.
+pub fn schedule_time(epoch_seconds: f64) -> Result<SystemTime, String> {
+    if !epoch_seconds.is_finite() {
+        return Err(format!(
+            "run_at: must be a finite time, got {epoch_seconds}"
+        ));
+    }
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64();
+    if epoch_seconds > now + MAX_SCHEDULE_AHEAD.as_secs_f64() {
+        return Err(format!(
+            "run_at: {epoch_seconds} seconds since the epoch is more than 10 years ahead"
+        ));
+    }
+    if epoch_seconds < now - MAX_SCHEDULE_BEHIND.as_secs_f64() {
+        return Err(format!(
+            "run_at: {epoch_seconds} seconds since the epoch is more than a year in the past"
+        ));
+    }
+    // Within ten years of now: positive and far from any overflow.
+    Ok(SystemTime::UNIX_EPOCH + Duration::from_secs_f64(epoch_seconds))
+}
 
 /// What happened to a completion handed to [`WorkerSystemHandle::complete`].
 #[derive(Debug, PartialEq, Eq)]
@@ -538,7 +572,7 @@ impl WorkerSystemHandle {
         if !context.is_object() {
             return Err(EngineError::config("context: must be a Hash"));
         }
-        self.request_create_tasks(namespace, name, version, vec![context])
+        self.request_create_tasks(namespace, name, version, vec![context], None)
     }
 
     /// [`Self::request_create_task`] for many tasks of one template at once: one message, and on
@@ -551,12 +585,13 @@ impl WorkerSystemHandle {
         name: &str,
         version: &str,
         contexts: Vec<Value>,
+        run_at: Option<SystemTime>,
     ) -> EngineResult<Receiver<EngineResult<Vec<Uuid>>>> {
         Self::check_contexts(&contexts)?;
         let (reply, answer) = crossbeam_channel::bounded(1);
         if let Some(local) = &self.local {
             let template = self.local_template(namespace, name, version)?;
-            let prepared = Self::prepare_tasks(&template, contexts);
+            let prepared = Self::prepare_tasks(&template, contexts, run_at);
             let _ = reply.try_send(local.access(|table| table.insert(prepared)));
             self.tasks_inserted();
             return Ok(answer);
@@ -575,6 +610,7 @@ impl WorkerSystemHandle {
             key,
             template,
             contexts,
+            run_at,
             reply,
         })?;
         Ok(answer)
@@ -625,10 +661,21 @@ impl WorkerSystemHandle {
 
     /// New memory-backend tasks, built outside the table's lock (checked by
     /// [`Self::check_contexts`] first).
-    pub fn prepare_tasks(template: &Arc<TaskTemplate>, contexts: Vec<Value>) -> Vec<NewTask> {
+    /// `run_at`: when their root steps become ready (see [`NewTask::scheduled_for`]).
+    pub fn prepare_tasks(
+        template: &Arc<TaskTemplate>,
+        contexts: Vec<Value>,
+        run_at: Option<SystemTime>,
+    ) -> Vec<NewTask> {
         contexts
             .into_iter()
-            .map(|context| TaskTable::prepare(template, context))
+            .map(|context| {
+                let task = TaskTable::prepare(template, context);
+                match run_at {
+                    Some(run_at) => task.scheduled_for(run_at),
+                    None => task,
+                }
+            })
             .collect()
     }
 

@@ -87,6 +87,9 @@ pub enum LogOutput {
     Stdout,
     /// Appended to (created if missing).
     File(PathBuf),
+    /// `"rails"`: handed to the host language (`logging::take_relayed_lines`), whose own thread
+    /// writes them to its logger (Rails.logger). Never written from an engine thread.
+    Relay,
 }
 
 /// Every key `bootstrap_worker` accepts. Anything else is rejected by name.
@@ -264,14 +267,8 @@ impl WorkerConfig {
             Some(v) => Some(match non_empty_string("log_output", v)?.as_str() {
                 "stderr" => LogOutput::Stderr,
                 "stdout" => LogOutput::Stdout,
-                // Not a file name: the contract reserves it for Rails.logger, not supported yet.
-                "rails" => {
-                    return Err(bad_value(
-                        "log_output",
-                        "rails",
-                        "stderr, stdout or a file path; \"rails\" is not supported yet",
-                    ))
-                }
+                // Not a file name: the contract reserves it for Rails.logger.
+                "rails" => LogOutput::Relay,
                 path => LogOutput::File(PathBuf::from(path)),
             }),
             None => None,

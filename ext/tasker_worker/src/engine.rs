@@ -31,6 +31,8 @@ pub enum EngineMessage {
         key: TemplateKey,
         template: Option<Arc<TaskTemplate>>,
         contexts: Vec<Value>,
+        /// When the tasks' root steps become ready (`None`: now).
+        run_at: Option<std::time::SystemTime>,
         reply: CreatedReply,
     },
     Notify(Notification),
@@ -267,10 +269,13 @@ impl<B: Backend> Engine<B> {
                 key,
                 template,
                 contexts,
+                run_at,
                 reply,
             } => {
                 let result = if st.accepting {
-                    self.backend.create_tasks(key, template, contexts).await
+                    self.backend
+                        .create_tasks(key, template, contexts, run_at)
+                        .await
                 } else {
                     Err(EngineError::ShuttingDown)
                 };

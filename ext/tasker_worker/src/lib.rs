@@ -20,8 +20,8 @@ pub mod web;
 
 pub use backend::memory::{GroupWait, LocalTasks, NewTask, TaskTable};
 pub use bootstrap::{
-    CompletionVerdict, TaskEndTake, WaitTicket, WorkerBootstrap, WorkerSystemHandle,
-    MAX_RETRY_AFTER,
+    schedule_time, CompletionVerdict, TaskEndTake, WaitTicket, WorkerBootstrap, WorkerSystemHandle,
+    MAX_RETRY_AFTER, MAX_SCHEDULE_AHEAD, MAX_SCHEDULE_BEHIND,
 };
 pub use config::{BackendKind, DeploymentMode, LogLevel, WorkerConfig};
 pub use dispatch::{DispatchPort, InterruptPort, InterruptTake, Reply, Take};

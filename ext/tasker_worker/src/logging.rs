@@ -77,14 +77,96 @@ fn open(output: &LogOutput) -> std::io::Result<(NonBlocking, WorkerGuard)> {
                 .append(true)
                 .open(path)?,
         ),
+        LogOutput::Relay => builder.finish(RelayWriter),
     })
+}
+
+/// Lines waiting for the host language's logger thread (`log_output: "rails"`) before new ones
+/// are dropped and counted: the logger may be slow (a remote sink, a lock), and the engine must
+/// never wait for it.
+pub const RELAYED_LINES: usize = 10_000;
+
+struct Relay {
+    lines: crossbeam_channel::Sender<String>,
+    taken: crossbeam_channel::Receiver<String>,
+    dropped: AtomicU64,
+}
+
+fn relay() -> &'static Relay {
+    static RELAY: OnceLock<Relay> = OnceLock::new();
+    RELAY.get_or_init(|| {
+        let (lines, taken) = crossbeam_channel::bounded(RELAYED_LINES);
+        Relay {
+            lines,
+            taken,
+            dropped: AtomicU64::new(0),
+        }
+    })
+}
+
+/// The writer of `LogOutput::Relay`, called by the log writer thread with one formatted line
+/// per write: queues it without waiting (full: dropped and counted).
+struct RelayWriter;
+
+impl std::io::Write for RelayWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let line = String::from_utf8_lossy(buf).trim_end().to_owned();
+        if !line.is_empty() && relay().lines.try_send(line).is_err() {
+            relay().dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What a wait for relayed lines ended with.
+pub enum RelayTake {
+    Lines(Vec<String>),
+    /// `timeout` passed with none.
+    Nothing,
+    /// `cancel` fired (the waiting thread is interrupted).
+    Cancelled,
+}
+
+/// Up to `max` lines relayed for the host's logger (`log_output: "rails"`), waiting up to
+/// `timeout` for the first one. Blocks: never call it with the GVL held.
+pub fn take_relayed_lines(
+    max: usize,
+    timeout: std::time::Duration,
+    cancel: &crossbeam_channel::Receiver<()>,
+) -> RelayTake {
+    let taken = &relay().taken;
+    let first = match taken.try_recv() {
+        Ok(line) => line,
+        Err(_) => {
+            crossbeam_channel::select! {
+                recv(taken) -> line => match line {
+                    Ok(line) => line,
+                    Err(_) => return RelayTake::Nothing,
+                },
+                recv(cancel) -> _ => return RelayTake::Cancelled,
+                default(timeout) => return RelayTake::Nothing,
+            }
+        }
+    };
+    let mut lines = vec![first];
+    while lines.len() < max.max(1) {
+        match taken.try_recv() {
+            Ok(line) => lines.push(line),
+            Err(_) => break,
+        }
+    }
+    RelayTake::Lines(lines)
 }
 
 fn layer(format: LogFormat, output: &LogOutput, writer: NonBlocking) -> OutputLayer {
     let ansi = match output {
         LogOutput::Stderr => std::io::IsTerminal::is_terminal(&std::io::stderr()),
         LogOutput::Stdout => std::io::IsTerminal::is_terminal(&std::io::stdout()),
-        LogOutput::File(_) => false,
+        LogOutput::File(_) | LogOutput::Relay => false,
     };
     match format {
         LogFormat::Text => tfmt::layer()
@@ -213,7 +295,7 @@ pub fn dropped_lines() -> u64 {
         let sink = i.sink.lock().unwrap_or_else(|e| e.into_inner());
         sink.dropped.dropped_lines() as u64
     });
-    DROPPED_BEFORE.load(Ordering::Relaxed) + current
+    DROPPED_BEFORE.load(Ordering::Relaxed) + current + relay().dropped.load(Ordering::Relaxed)
 }
 
 /// Text fields: `name=value`, with Ruby's context spread out as fields of their own.

@@ -179,7 +179,7 @@ fn a_batch_creates_one_task_per_context_in_order_and_runs_them_all() {
     let contexts: Vec<Value> = (0..50).map(|n| json!({ "n": n })).collect();
     let tasks = h
         .system
-        .request_create_tasks("t", "diamond", "1.0.0", contexts)
+        .request_create_tasks("t", "diamond", "1.0.0", contexts, None)
         .unwrap()
         .recv()
         .unwrap()
@@ -195,7 +195,7 @@ fn a_batch_creates_one_task_per_context_in_order_and_runs_them_all() {
 
     let empty = h
         .system
-        .request_create_tasks("t", "diamond", "1.0.0", Vec::new())
+        .request_create_tasks("t", "diamond", "1.0.0", Vec::new(), None)
         .unwrap()
         .recv()
         .unwrap()
@@ -203,7 +203,7 @@ fn a_batch_creates_one_task_per_context_in_order_and_runs_them_all() {
     assert!(empty.is_empty());
     let err = h
         .system
-        .request_create_tasks("t", "diamond", "1.0.0", vec![json!({}), json!(3)])
+        .request_create_tasks("t", "diamond", "1.0.0", vec![json!({}), json!(3)], None)
         .unwrap_err()
         .to_string();
     assert!(err.contains("contexts[1]: must be a Hash"), "{err}");

@@ -50,6 +50,8 @@ module TaskerCore
         @clock = clock
         @concurrency = concurrency
         @attempt = attempt
+        # A scheduled task's time has come when it runs (test mode does not wait for run_at).
+        task.steps.each { |s| s.status = "enqueued" if s.status == "pending" && s.waiting_on.zero? && task.ending.nil? }
         @ready = task.steps.select { |step| step.status == "enqueued" }
         @retries = [] # [due (Clock#monotonic), sequence, step]
         @retry_seq = 0

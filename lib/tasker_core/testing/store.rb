@@ -53,8 +53,10 @@ module TaskerCore
       # @return [Array<String>] the new tasks' uuids
       def create_tasks(request, contexts, run:, what: nil)
         template, converted = validate_request(request, contexts, what)
+        run_at = TaskerCore::FFI.testing_run_at(request)
+        run_at &&= Time.at(run_at).utc
         created = converted.map do |context|
-          remember(Task.new(template: template, context: context, created_at: @clock.time))
+          remember(Task.new(template: template, context: context, created_at: @clock.time, run_at: run_at))
         end
         created.each { |task| run(task) } if run
         created.map(&:task_uuid)

@@ -10,13 +10,15 @@ module TaskerCore
       Step = Struct.new(:uuid, :name, :index, :definition, :status, :attempts, :attempts_base, :waiting_on,
                         :result, :metadata, :error_message, :started_at, :completed_at, keyword_init: true)
 
-      attr_reader :task_uuid, :namespace, :name, :version, :context, :template, :steps, :created_at
+      # run_at: when create_task was asked to start it (nil: at once). Test mode records it only.
+      attr_reader :task_uuid, :namespace, :name, :version, :context, :template, :steps, :created_at, :run_at
       attr_accessor :status, :ending, :completed_at
 
       # @param template [Hash] from FFI.testing_templates
       # @param context [Hash] as the engine stores it (JSON: String keys)
-      def initialize(template:, context:, created_at:)
+      def initialize(template:, context:, created_at:, run_at: nil)
         @task_uuid = SecureRandom.uuid
+        @run_at = run_at
         @template = template
         @namespace = template[:namespace]
         @name = template[:name]
@@ -26,10 +28,12 @@ module TaskerCore
         @status = "pending"
         @ending = nil
         @completed_at = nil
+        # As on a worker, a task scheduled for later has every step pending until it runs.
+        scheduled = run_at && run_at > Time.now
         @steps = template[:steps].each_with_index.map do |definition, index|
           dependencies = definition[:dependencies]
           Step.new(uuid: SecureRandom.uuid, name: definition[:name], index: index, definition: definition,
-                   status: dependencies.empty? ? "enqueued" : "pending", attempts: 0, attempts_base: 0,
+                   status: dependencies.empty? && !scheduled ? "enqueued" : "pending", attempts: 0, attempts_base: 0,
                    waiting_on: dependencies.size, result: nil, metadata: nil, error_message: nil,
                    started_at: nil, completed_at: nil)
         end
@@ -75,7 +79,7 @@ module TaskerCore
       # For `TaskerCore::Testing.tasks` listings and matcher messages.
       def to_h
         { task_uuid: @task_uuid, namespace: @namespace, name: @name, version: @version, context: @context,
-          status: @status }
+          status: @status, run_at: @run_at }
       end
 
       def inspect

@@ -12,7 +12,7 @@ use crate::template::{TaskTemplate, TemplateKey};
 use crossbeam_channel::Sender;
 use serde_json::Value;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 use tokio::sync::mpsc::UnboundedSender;
 use uuid::Uuid;
 
@@ -27,12 +27,14 @@ pub trait Backend: Send + 'static {
 
     /// Create one task per context, all of one template, in order; all or none (one transaction
     /// on a database). `template` is the locally loaded one, if any (a database backend may know
-    /// more). `contexts` is never empty.
+    /// more). `contexts` is never empty. With `run_at`, the root steps become ready at that time,
+    /// not before; until then they are `pending`, and so is the task.
     async fn create_tasks(
         &mut self,
         key: TemplateKey,
         template: Option<Arc<TaskTemplate>>,
         contexts: Vec<Value>,
+        run_at: Option<SystemTime>,
     ) -> EngineResult<Vec<Uuid>>;
 
     async fn task_status(&mut self, task_uuid: Uuid) -> EngineResult<TaskSnapshot>;

@@ -53,7 +53,7 @@ use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
@@ -1028,7 +1028,16 @@ impl Backend for PostgresBackend {
         key: TemplateKey,
         template: Option<Arc<TaskTemplate>>,
         contexts: Vec<Value>,
+        run_at: Option<SystemTime>,
     ) -> EngineResult<Vec<Uuid>> {
+        // Seconds since the epoch, compared with the database's clock: a scheduled root step is
+        // `pending` and hidden in the ready table until then, exactly as a step waiting out a
+        // backoff, so every claim path (polling, NOTIFY, EventDriven's wake) already honours it.
+        let run_at: Option<f64> = run_at.map(|t| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64()
+        });
         let template = match template {
             Some(t) => t,
             None => self.template(&key).await?,
@@ -1092,8 +1101,10 @@ impl Backend for PostgresBackend {
                 .await?;
                 sqlx::query(
                     "INSERT INTO tasker_steps (step_uuid, task_uuid, step_index, name, status, waiting_on, ready_at)
-                     SELECT u, t, i, nm, CASE WHEN w = 0 THEN 'enqueued' ELSE 'pending' END, w,
-                            CASE WHEN w = 0 THEN now() END
+                     SELECT u, t, i, nm,
+                            CASE WHEN w = 0 AND coalesce(to_timestamp($6) <= now(), true) THEN 'enqueued'
+                                 ELSE 'pending' END, w,
+                            CASE WHEN w = 0 THEN greatest(now(), coalesce(to_timestamp($6), now())) END
                      FROM unnest($1::uuid[], $2::uuid[], $3::int4[], $4::text[], $5::int4[]) AS x(u, t, i, nm, w)",
                 )
                 .bind(&step_uuids)
@@ -1101,16 +1112,19 @@ impl Backend for PostgresBackend {
                 .bind(&indices)
                 .bind(&names)
                 .bind(&waiting)
+                .bind(run_at)
                 .execute(&mut *tx)
                 .await?;
                 sqlx::query(
-                    "INSERT INTO tasker_ready_steps (step_uuid, task_uuid, namespace, timeout_ms)
-                     SELECT u, t, $3, ms FROM unnest($1::uuid[], $2::uuid[], $4::int4[]) AS x(u, t, ms)",
+                    "INSERT INTO tasker_ready_steps (step_uuid, task_uuid, namespace, timeout_ms, visible_at)
+                     SELECT u, t, $3, ms, greatest(now(), coalesce(to_timestamp($5), now()))
+                     FROM unnest($1::uuid[], $2::uuid[], $4::int4[]) AS x(u, t, ms)",
                 )
                 .bind(&root_uuids)
                 .bind(&root_tasks)
                 .bind(&template.namespace)
                 .bind(&root_timeouts)
+                .bind(run_at)
                 .execute(&mut *tx)
                 .await?;
                 sqlx::query("SELECT pg_notify($1, '')")

@@ -23,7 +23,7 @@ use crossbeam_channel::Sender;
 use serde_json::Value;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 use tokio::sync::mpsc::UnboundedSender;
 use uuid::Uuid;
 
@@ -129,13 +129,12 @@ impl Backend for MemoryBackend {
         key: TemplateKey,
         template: Option<Arc<TaskTemplate>>,
         contexts: Vec<Value>,
+        run_at: Option<SystemTime>,
     ) -> EngineResult<Vec<Uuid>> {
         let template = template
             .ok_or_else(|| crate::error::EngineError::config(format!("unknown template {key}")))?;
-        let prepared = contexts
-            .into_iter()
-            .map(|context| TaskTable::prepare(&template, context))
-            .collect();
+        let prepared =
+            crate::bootstrap::WorkerSystemHandle::prepare_tasks(&template, contexts, run_at);
         self.tasks.access(|table| table.insert(prepared))
     }
 

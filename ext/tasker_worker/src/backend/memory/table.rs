@@ -26,7 +26,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use tracing::{debug, warn};
 use uuid::Uuid;
 
@@ -197,7 +197,35 @@ impl GroupWait {
 }
 
 /// A task made outside the lock, ready to be inserted ([`TaskTable::prepare`]).
-pub struct NewTask(Task);
+pub struct NewTask(Task, Option<Instant>);
+
+impl NewTask {
+    /// Its root steps become ready at `run_at`, not before (at once if that has passed). Until
+    /// then they are `pending`, and so is the task. The wall-clock time is turned into this
+    /// process's monotonic clock here: a later change of the system clock does not move it.
+    pub fn scheduled_for(mut self, run_at: SystemTime) -> Self {
+        let Ok(ahead) = run_at.duration_since(SystemTime::now()) else {
+            return self;
+        };
+        // Callers bound `run_at` (see `bootstrap::MAX_SCHEDULE_AHEAD`); an unchecked one that
+        // overflows the clock is held back as far as the clock goes, never a panic.
+        let now = Instant::now();
+        let due = now
+            .checked_add(ahead.min(crate::bootstrap::MAX_SCHEDULE_AHEAD))
+            .unwrap_or(now);
+        let run_at_ns = run_at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos().min(u64::MAX as u128) as u64);
+        for step in &mut self.0.steps {
+            if step.waiting_on == 0 {
+                step.status = StepStatus::Pending;
+                step.ready_at_ns = run_at_ns;
+            }
+        }
+        self.1 = Some(due);
+        self
+    }
+}
 
 /// What a lock section leaves to send once the lock is released: a finished task's waiters and,
 /// when someone observes task ends, the task end itself.
@@ -281,19 +309,22 @@ impl TaskTable {
             })
             .collect();
         let incomplete = steps.len();
-        NewTask(Task {
-            info,
-            template: Arc::clone(template),
-            status: TaskStatus::Pending,
-            steps,
-            incomplete,
-            running: 0,
-            ending: None,
-            created_at_ns: now_ns,
-            completed_at_ns: None,
-            finish_seq: 0,
-            waiters: Vec::new(),
-        })
+        NewTask(
+            Task {
+                info,
+                template: Arc::clone(template),
+                status: TaskStatus::Pending,
+                steps,
+                incomplete,
+                running: 0,
+                ending: None,
+                created_at_ns: now_ns,
+                completed_at_ns: None,
+                finish_seq: 0,
+                waiters: Vec::new(),
+            },
+            None,
+        )
     }
 
     /// Add prepared tasks, all or none; their uuids in order. Refused once the worker shuts down.
@@ -302,11 +333,20 @@ impl TaskTable {
             return Err(EngineError::ShuttingDown);
         }
         let mut uuids = Vec::with_capacity(tasks.len());
-        for NewTask(task) in tasks {
+        for NewTask(task, due) in tasks {
             let task_uuid = task.info.task_uuid;
             for (i, step) in task.steps.iter().enumerate() {
                 if step.waiting_on == 0 {
-                    self.ready.push_back((task_uuid, i));
+                    match due {
+                        // Scheduled: waits in the same heap as backoffs (the engine sleeps until
+                        // the earliest of them, see `next_retry`).
+                        Some(due) => {
+                            self.retry_seq += 1;
+                            self.retries
+                                .push(Reverse((due, self.retry_seq, task_uuid, i)));
+                        }
+                        None => self.ready.push_back((task_uuid, i)),
+                    }
                 }
             }
             self.tasks.insert(task_uuid, task);
@@ -517,8 +557,11 @@ impl TaskTable {
             }
             let Reverse((_, _, task_uuid, index)) = self.retries.pop().expect("peeked");
             if let Some(task) = self.tasks.get_mut(&task_uuid) {
-                if task.ending.is_none() && task.steps[index].status == StepStatus::WaitingForRetry
-                {
+                let step = &task.steps[index];
+                // A backoff ran out, or a scheduled root step's time came.
+                let due = step.status == StepStatus::WaitingForRetry
+                    || (step.status == StepStatus::Pending && step.waiting_on == 0);
+                if task.ending.is_none() && due {
                     task.steps[index].status = StepStatus::Enqueued;
                     task.steps[index].ready_at_ns = unix_ns();
                     self.ready.push_back((task_uuid, index));
@@ -820,6 +863,54 @@ impl TaskTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_scheduled_task_stays_pending_until_its_time_then_its_root_steps_are_claimable() {
+        let yaml = "namespace: n\nname: t\nversion: 1.0.0\nsteps:\n  - { name: a, handler: { callable: A } }\n  - { name: b, dependencies: [a], handler: { callable: A } }\n";
+        let template = Arc::new(TaskTemplate::from_yaml(yaml, "t.yml".as_ref()).unwrap());
+        let mut table = TaskTable::new(10, 10);
+        let run_at = SystemTime::now() + Duration::from_secs(60);
+        let new = TaskTable::prepare(&template, Value::Null).scheduled_for(run_at);
+        let uuid = table.insert(vec![new]).unwrap()[0];
+
+        assert!(table.claim(10, Instant::now()).is_empty());
+        let snapshot = table.snapshot(uuid).unwrap();
+        assert_eq!(snapshot.status, TaskStatus::Pending);
+        assert!(snapshot
+            .steps
+            .iter()
+            .all(|s| s.status == StepStatus::Pending));
+        assert_eq!(
+            table.next_retry().map(|due| due > Instant::now()),
+            Some(true)
+        );
+
+        let claimed = table.claim(10, Instant::now() + Duration::from_secs(61));
+        assert_eq!(claimed.len(), 1, "only the root step");
+        assert_eq!(&*claimed[0].0.definition.name, "a");
+        assert_eq!(table.snapshot(uuid).unwrap().status, TaskStatus::InProgress);
+    }
+
+    #[test]
+    fn a_scheduled_task_cancelled_before_its_time_never_runs_and_a_past_time_runs_at_once() {
+        let yaml = "namespace: n\nname: t\nversion: 1.0.0\nsteps:\n  - { name: a, handler: { callable: A } }\n";
+        let template = Arc::new(TaskTemplate::from_yaml(yaml, "t.yml".as_ref()).unwrap());
+        let mut table = TaskTable::new(10, 10);
+        let later = TaskTable::prepare(&template, Value::Null)
+            .scheduled_for(SystemTime::now() + Duration::from_secs(60));
+        let past = TaskTable::prepare(&template, Value::Null)
+            .scheduled_for(SystemTime::now() - Duration::from_secs(60));
+        let uuids = table.insert(vec![later, past]).unwrap();
+
+        assert_eq!(table.cancel_task(uuids[0]).ok(), Some(true));
+        let claimed = table.claim(10, Instant::now() + Duration::from_secs(120));
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(claimed[0].1.task_uuid, uuids[1]);
+        assert_eq!(
+            table.snapshot(uuids[0]).unwrap().status,
+            TaskStatus::Cancelled
+        );
+    }
 
     #[test]
     fn the_final_status_index_keeps_between_half_and_all_of_its_capacity() {
