@@ -51,9 +51,9 @@ begin
       created += counts.sum
       counts.sum / (Bench.now - started)
     end
-    puts format("   %<t>2d thread%<s>s: median %<m>8.0f tasks/s (runs: %<r>s)", t: threads, s: threads == 1 ? " " : "s",
-                                                                             m: Bench.median(rates),
-                                                                             r: rates.map { |r| r.round }.join(", "))
+    runs = rates.map { |rate| rate.round.to_s }.join(", ")
+    puts format("   %<t>2d thread%<s>s: median %<m>8.0f tasks/s (runs: %<r>s)",
+                t: threads, s: threads == 1 ? " " : "s", m: Bench.median(rates), r: runs)
   end
 ensure
   TaskerCore::Worker::Bootstrap.instance.shutdown!

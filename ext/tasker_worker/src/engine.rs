@@ -19,8 +19,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
-/// Where the new tasks' uuids go, in the order of their contexts.
-pub type CreatedReply = Sender<EngineResult<Vec<Uuid>>>;
+pub use crate::backend::CreatedReply;
 
 /// Everything that reaches the engine thread, in the order it was sent.
 pub enum EngineMessage {
@@ -237,6 +236,7 @@ impl<B: Backend> Engine<B> {
                 }
             }
         }
+        self.backend.finish_creating().await;
         self.shared.set_state(WorkerState::Stopped);
         self.closed.take();
         info!(worker_id = %self.shared.worker_id, "worker stopped");
@@ -260,11 +260,9 @@ impl<B: Backend> Engine<B> {
                 self.backend.notify(notification);
                 return;
             }
-            _ => self.flush(st).await,
-        }
-        match message {
-            EngineMessage::Outcome(..) => unreachable!("handled above"),
-            EngineMessage::Notify(..) => unreachable!("handled above"),
+            // Stored off this loop (PostgreSQL commits the calls of many threads together), so
+            // no reason to cut the batch of outcomes short either. (The memory backend's tasks
+            // are created by the caller, without this message.)
             EngineMessage::CreateTasks {
                 key,
                 template,
@@ -272,16 +270,21 @@ impl<B: Backend> Engine<B> {
                 run_at,
                 reply,
             } => {
-                let result = if st.accepting {
+                if st.accepting {
                     self.backend
-                        .create_tasks(key, template, contexts, run_at)
+                        .create_tasks(key, template, contexts, run_at, reply)
                         .await
                 } else {
-                    Err(EngineError::ShuttingDown)
-                };
-                // (The memory backend's tasks are created by the caller, without this message.)
-                let _ = reply.try_send(result);
+                    let _ = reply.try_send(Err(EngineError::ShuttingDown));
+                }
+                return;
             }
+            _ => self.flush(st).await,
+        }
+        match message {
+            EngineMessage::Outcome(..) => unreachable!("handled above"),
+            EngineMessage::Notify(..) => unreachable!("handled above"),
+            EngineMessage::CreateTasks { .. } => unreachable!("handled above"),
             EngineMessage::TaskStatus { task_uuid, reply } => {
                 let _ = reply.try_send(self.backend.task_status(task_uuid).await);
             }

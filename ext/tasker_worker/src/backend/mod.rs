@@ -17,6 +17,8 @@ use tokio::sync::mpsc::UnboundedSender;
 use uuid::Uuid;
 
 pub type SnapshotReply = Sender<EngineResult<TaskSnapshot>>;
+/// Where the new tasks' uuids go, in the order of their contexts.
+pub type CreatedReply = Sender<EngineResult<Vec<Uuid>>>;
 
 /// Storage and scheduling of tasks. Every method runs on the engine thread.
 #[allow(async_fn_in_trait)]
@@ -28,14 +30,20 @@ pub trait Backend: Send + 'static {
     /// Create one task per context, all of one template, in order; all or none (one transaction
     /// on a database). `template` is the locally loaded one, if any (a database backend may know
     /// more). `contexts` is never empty. With `run_at`, the root steps become ready at that time,
-    /// not before; until then they are `pending`, and so is the task.
+    /// not before; until then they are `pending`, and so is the task. `reply` is answered once
+    /// the tasks are stored: a database backend may answer after this returns (the calls of
+    /// many threads share a transaction).
     async fn create_tasks(
         &mut self,
         key: TemplateKey,
         template: Option<Arc<TaskTemplate>>,
         contexts: Vec<Value>,
         run_at: Option<SystemTime>,
-    ) -> EngineResult<Vec<Uuid>>;
+        reply: CreatedReply,
+    );
+
+    /// Answer every `create_tasks` call still being stored; the engine calls it as it stops.
+    async fn finish_creating(&mut self) {}
 
     async fn task_status(&mut self, task_uuid: Uuid) -> EngineResult<TaskSnapshot>;
 

@@ -35,7 +35,7 @@
 //!   its own (not one of the pool's) and is checked with a query whenever it has been quiet
 //!   for a few seconds: a connection that died silently is replaced.
 
-use super::{Backend, Notification, SnapshotReply};
+use super::{Backend, CreatedReply, Notification, SnapshotReply};
 use crate::config::DeploymentMode;
 use crate::engine::EngineMessage;
 use crate::error::{EngineError, EngineResult};
@@ -215,6 +215,9 @@ pub struct PostgresBackend {
     write_results_sender: UnboundedSender<WriteDone>,
     /// Wakes the engine loop when a write task ends.
     wake: Option<UnboundedSender<EngineMessage>>,
+    /// Where `create_tasks` calls go to be committed in groups ([`create_in_groups`]).
+    creator: Option<UnboundedSender<CreateRequest>>,
+    creator_task: Option<JoinHandle<()>>,
     retry_write_at: Option<Instant>,
     next_housekeeping: Instant,
     next_cleanup: Instant,
@@ -271,6 +274,8 @@ impl PostgresBackend {
             write_results,
             write_results_sender,
             wake: None,
+            creator: None,
+            creator_task: None,
             retry_write_at: None,
             next_housekeeping: now + HOUSEKEEPING_EVERY,
             // Right after start: whatever expired while no worker ran goes at once.
@@ -1017,6 +1022,16 @@ impl Backend for PostgresBackend {
         if self.listens() {
             tokio::spawn(listen(options, inbox.clone()));
         }
+        let (creator, requests) = unbounded_channel();
+        self.creator = Some(creator);
+        // A quarter of the pool (1 to 4 connections) commits new tasks; the rest claims and records.
+        let transactions = (self.settings.pool_size as usize / 4).clamp(1, 4);
+        self.creator_task = Some(tokio::spawn(create_in_groups(
+            self.pool()?.clone(),
+            requests,
+            inbox.clone(),
+            transactions,
+        )));
         self.wake = Some(inbox);
         info!(mode = self.settings.mode.as_str(), "postgres backend ready");
         debug!(url = %masked, "postgres backend connected");
@@ -1029,118 +1044,34 @@ impl Backend for PostgresBackend {
         template: Option<Arc<TaskTemplate>>,
         contexts: Vec<Value>,
         run_at: Option<SystemTime>,
-    ) -> EngineResult<Vec<Uuid>> {
-        // Seconds since the epoch, compared with the database's clock: a scheduled root step is
-        // `pending` and hidden in the ready table until then, exactly as a step waiting out a
-        // backoff, so every claim path (polling, NOTIFY, EventDriven's wake) already honours it.
-        let run_at: Option<f64> = run_at.map(|t| {
-            t.duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs_f64()
-        });
+        reply: CreatedReply,
+    ) {
         let template = match template {
             Some(t) => t,
-            None => self.template(&key).await?,
-        };
-        // One row per task, one per step and one per root step, for every task at once: three
-        // statements and one commit, however many tasks.
-        let n = template.steps.len();
-        let task_uuids: Vec<Uuid> = contexts.iter().map(|_| Uuid::new_v4()).collect();
-        let roots: Vec<usize> = (0..n)
-            .filter(|&i| template.dependencies[i].is_empty())
-            .collect();
-        let rows = task_uuids.len() * n;
-        let mut step_uuids = Vec::with_capacity(rows);
-        let mut step_tasks = Vec::with_capacity(rows);
-        let mut indices = Vec::with_capacity(rows);
-        let mut names = Vec::with_capacity(rows);
-        let mut waiting = Vec::with_capacity(rows);
-        let mut root_uuids = Vec::with_capacity(task_uuids.len() * roots.len());
-        let mut root_tasks = Vec::with_capacity(task_uuids.len() * roots.len());
-        let mut root_timeouts = Vec::with_capacity(task_uuids.len() * roots.len());
-        for &task_uuid in &task_uuids {
-            let first = step_uuids.len();
-            for (i, step) in template.steps.iter().enumerate() {
-                step_uuids.push(Uuid::new_v4());
-                step_tasks.push(task_uuid);
-                indices.push(i as i32);
-                names.push(step.name.to_string());
-                waiting.push(template.dependencies[i].len() as i32);
-            }
-            for &i in &roots {
-                root_uuids.push(step_uuids[first + i]);
-                root_tasks.push(task_uuid);
-                root_timeouts.push(ms(template.steps[i].timeout));
-            }
-        }
-
-        // A connection the server closed (a terminated session, a restart) fails the transaction
-        // before anything is written, and it is tried again. A failure at COMMIT leaves the outcome
-        // unknown: the next try first looks for the tasks (their uuids were chosen here), so a
-        // task is never created twice.
-        let pool = self.pool()?.clone();
-        let mut retry = ClientRetry::new();
-        let mut look_first = false;
-        loop {
-            let attempt = async {
-                if look_first && tasks_exist(&pool, &task_uuids).await? {
-                    return Ok(());
+            None => match self.template(&key).await {
+                Ok(t) => t,
+                Err(e) => {
+                    let _ = reply.try_send(Err(e));
+                    return;
                 }
-                let mut tx = pool.begin().await?;
-                sqlx::query(
-                    "INSERT INTO tasker_tasks (task_uuid, namespace, name, version, context, status, incomplete_steps)
-                     SELECT u, $3, $4, $5, c, 'pending', $6 FROM unnest($1::uuid[], $2::jsonb[]) AS x(u, c)",
-                )
-                .bind(&task_uuids)
-                .bind(&contexts)
-                .bind(&template.namespace)
-                .bind(&template.name)
-                .bind(&template.version)
-                .bind(n as i32)
-                .execute(&mut *tx)
-                .await?;
-                sqlx::query(
-                    "INSERT INTO tasker_steps (step_uuid, task_uuid, step_index, name, status, waiting_on, ready_at)
-                     SELECT u, t, i, nm,
-                            CASE WHEN w = 0 AND coalesce(to_timestamp($6) <= now(), true) THEN 'enqueued'
-                                 ELSE 'pending' END, w,
-                            CASE WHEN w = 0 THEN greatest(now(), coalesce(to_timestamp($6), now())) END
-                     FROM unnest($1::uuid[], $2::uuid[], $3::int4[], $4::text[], $5::int4[]) AS x(u, t, i, nm, w)",
-                )
-                .bind(&step_uuids)
-                .bind(&step_tasks)
-                .bind(&indices)
-                .bind(&names)
-                .bind(&waiting)
-                .bind(run_at)
-                .execute(&mut *tx)
-                .await?;
-                sqlx::query(
-                    "INSERT INTO tasker_ready_steps (step_uuid, task_uuid, namespace, timeout_ms, visible_at)
-                     SELECT u, t, $3, ms, greatest(now(), coalesce(to_timestamp($5), now()))
-                     FROM unnest($1::uuid[], $2::uuid[], $4::int4[]) AS x(u, t, ms)",
-                )
-                .bind(&root_uuids)
-                .bind(&root_tasks)
-                .bind(&template.namespace)
-                .bind(&root_timeouts)
-                .bind(run_at)
-                .execute(&mut *tx)
-                .await?;
-                sqlx::query("SELECT pg_notify($1, '')")
-                    .bind(STEPS_READY)
-                    .execute(&mut *tx)
-                    .await?;
-                tx.commit().await
-            };
-            match attempt.await {
-                Ok(()) => break,
-                Err(e) if retry.again(&e, "creating tasks").await => look_first = true,
-                Err(e) => return Err(db(e)),
+            },
+        };
+        let request = CreateRequest {
+            rows: NewTaskRows::new(&template, contexts, run_at),
+            reply,
+        };
+        match &self.creator {
+            Some(creator) => {
+                if let Err(unsent) = creator.send(request) {
+                    let _ = unsent.0.reply.try_send(Err(EngineError::ShuttingDown));
+                }
+            }
+            None => {
+                let _ = request.reply.try_send(Err(EngineError::Internal(
+                    "postgres backend used before start".into(),
+                )));
             }
         }
-        self.maybe_ready = true;
-        Ok(task_uuids)
     }
 
     async fn task_status(&mut self, task_uuid: Uuid) -> EngineResult<TaskSnapshot> {
@@ -1430,6 +1361,14 @@ impl Backend for PostgresBackend {
         let attempts: Vec<i32> = unstarted.iter().map(|f| f.attempt as i32).collect();
         self.release_attempts(tasks, steps, attempts).await;
     }
+    async fn finish_creating(&mut self) {
+        // Every caller sent before the stop is answered: no transaction is cut off by the runtime's end.
+        self.creator = None;
+        if let Some(task) = self.creator_task.take() {
+            let _ = task.await;
+        }
+    }
+
     async fn stop_claiming(&mut self) {
         self.stopping = true;
         // A running write may be claiming: take its rows before handing back what is held.
@@ -1551,6 +1490,265 @@ async fn delete_expired_tasks(pool: PgPool, ttl_secs: f64) {
             seconds = started.elapsed().as_secs_f64(),
             "deleted finished tasks older than finished_task_ttl"
         );
+    }
+}
+
+/// The most tasks one creation transaction takes from the callers waiting for one.
+const CREATE_GROUP_TASKS: usize = 10_000;
+
+/// One `create_tasks` call, waiting for its tasks to be committed.
+struct CreateRequest {
+    rows: NewTaskRows,
+    reply: CreatedReply,
+}
+
+/// The rows of new tasks: one call's, or a group's (appended), inserted with three statements
+/// whatever their number or templates.
+#[derive(Default)]
+struct NewTaskRows {
+    task_uuids: Vec<Uuid>,
+    contexts: Vec<Value>,
+    namespaces: Vec<String>,
+    names: Vec<String>,
+    versions: Vec<String>,
+    step_counts: Vec<i32>,
+    step_uuids: Vec<Uuid>,
+    step_tasks: Vec<Uuid>,
+    step_indices: Vec<i32>,
+    step_names: Vec<String>,
+    step_waiting: Vec<i32>,
+    /// When each step's task may start (seconds since the epoch; `None`: now).
+    step_run_at: Vec<Option<f64>>,
+    root_uuids: Vec<Uuid>,
+    root_tasks: Vec<Uuid>,
+    root_namespaces: Vec<String>,
+    root_timeouts: Vec<i32>,
+    root_run_at: Vec<Option<f64>>,
+}
+
+impl NewTaskRows {
+    /// One task per context of `template`, each with uuids of its own (chosen here, so that a
+    /// retried transaction can tell whether an earlier try committed).
+    fn new(template: &TaskTemplate, contexts: Vec<Value>, run_at: Option<SystemTime>) -> Self {
+        // Seconds since the epoch, compared with the database's clock: a scheduled root step is
+        // `pending` and hidden in the ready table until then, exactly as a step waiting out a
+        // backoff, so every claim path (polling, NOTIFY, EventDriven's wake) already honours it.
+        let run_at: Option<f64> = run_at.map(|t| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64()
+        });
+        let n = template.steps.len();
+        let roots: Vec<usize> = (0..n)
+            .filter(|&i| template.dependencies[i].is_empty())
+            .collect();
+        let tasks = contexts.len();
+        let mut rows = Self {
+            task_uuids: Vec::with_capacity(tasks),
+            namespaces: vec![template.namespace.clone(); tasks],
+            names: vec![template.name.clone(); tasks],
+            versions: vec![template.version.clone(); tasks],
+            step_counts: vec![n as i32; tasks],
+            step_uuids: Vec::with_capacity(tasks * n),
+            step_tasks: Vec::with_capacity(tasks * n),
+            step_indices: Vec::with_capacity(tasks * n),
+            step_names: Vec::with_capacity(tasks * n),
+            step_waiting: Vec::with_capacity(tasks * n),
+            step_run_at: vec![run_at; tasks * n],
+            root_uuids: Vec::with_capacity(tasks * roots.len()),
+            root_tasks: Vec::with_capacity(tasks * roots.len()),
+            root_namespaces: vec![template.namespace.clone(); tasks * roots.len()],
+            root_timeouts: Vec::with_capacity(tasks * roots.len()),
+            root_run_at: vec![run_at; tasks * roots.len()],
+            contexts,
+        };
+        for _ in 0..tasks {
+            let task_uuid = Uuid::new_v4();
+            rows.task_uuids.push(task_uuid);
+            let first = rows.step_uuids.len();
+            for (i, step) in template.steps.iter().enumerate() {
+                rows.step_uuids.push(Uuid::new_v4());
+                rows.step_tasks.push(task_uuid);
+                rows.step_indices.push(i as i32);
+                rows.step_names.push(step.name.to_string());
+                rows.step_waiting
+                    .push(template.dependencies[i].len() as i32);
+            }
+            for &i in &roots {
+                rows.root_uuids.push(rows.step_uuids[first + i]);
+                rows.root_tasks.push(task_uuid);
+                rows.root_timeouts.push(ms(template.steps[i].timeout));
+            }
+        }
+        rows
+    }
+
+    fn append(&mut self, other: &Self) {
+        self.task_uuids.extend_from_slice(&other.task_uuids);
+        self.contexts.extend_from_slice(&other.contexts);
+        self.namespaces.extend_from_slice(&other.namespaces);
+        self.names.extend_from_slice(&other.names);
+        self.versions.extend_from_slice(&other.versions);
+        self.step_counts.extend_from_slice(&other.step_counts);
+        self.step_uuids.extend_from_slice(&other.step_uuids);
+        self.step_tasks.extend_from_slice(&other.step_tasks);
+        self.step_indices.extend_from_slice(&other.step_indices);
+        self.step_names.extend_from_slice(&other.step_names);
+        self.step_waiting.extend_from_slice(&other.step_waiting);
+        self.step_run_at.extend_from_slice(&other.step_run_at);
+        self.root_uuids.extend_from_slice(&other.root_uuids);
+        self.root_tasks.extend_from_slice(&other.root_tasks);
+        self.root_namespaces
+            .extend_from_slice(&other.root_namespaces);
+        self.root_timeouts.extend_from_slice(&other.root_timeouts);
+        self.root_run_at.extend_from_slice(&other.root_run_at);
+    }
+}
+
+/// Creates tasks off the engine loop, in groups: every call waiting when a transaction starts
+/// shares it, so that callers on many threads pay one commit (one WAL flush) between them. Each
+/// caller is answered once its tasks are committed. A group that the database refuses for a
+/// value (not the connection) is split, so that the call that brought the value fails alone.
+async fn create_in_groups(
+    pool: PgPool,
+    mut requests: UnboundedReceiver<CreateRequest>,
+    wake: UnboundedSender<EngineMessage>,
+    transactions: usize,
+) {
+    // Up to `transactions` groups commit at once: while they wait for their commits, the next
+    // callers gather into the next group (and PostgreSQL flushes concurrent commits together).
+    let running = Arc::new(tokio::sync::Semaphore::new(transactions));
+    while let Some(first) = requests.recv().await {
+        let Ok(permit) = Arc::clone(&running).acquire_owned().await else {
+            break;
+        };
+        let mut tasks = first.rows.task_uuids.len();
+        let mut group = vec![first];
+        while tasks < CREATE_GROUP_TASKS {
+            match requests.try_recv() {
+                Ok(request) => {
+                    tasks += request.rows.task_uuids.len();
+                    group.push(request);
+                }
+                Err(_) => break,
+            }
+        }
+        let pool = pool.clone();
+        let wake = wake.clone();
+        tokio::spawn(async move {
+            create_group(&pool, group).await;
+            // Our own enqueues: a claim may find them.
+            let _ = wake.send(EngineMessage::Notify(Notification::StepsReady));
+            drop(permit);
+        });
+    }
+    // Every group started is answered before the engine stops.
+    let _ = running.acquire_many(transactions as u32).await;
+}
+
+/// Commit one group of calls, and answer each.
+async fn create_group(pool: &PgPool, group: Vec<CreateRequest>) {
+    if group.len() == 1 {
+        let result = insert_tasks(pool, &group[0].rows).await;
+        answer_create(&group[0], result);
+        return;
+    }
+    let mut all = NewTaskRows::default();
+    for request in &group {
+        all.append(&request.rows);
+    }
+    match insert_tasks(pool, &all).await {
+        Err(e) if !is_transient(&e) => {
+            for request in &group {
+                let result = insert_tasks(pool, &request.rows).await;
+                answer_create(request, result);
+            }
+        }
+        result => {
+            let result = result.map_err(|e| e.to_string());
+            for request in &group {
+                let _ = request.reply.try_send(match &result {
+                    Ok(()) => Ok(request.rows.task_uuids.clone()),
+                    Err(e) => Err(EngineError::Internal(format!("postgres: {e}"))),
+                });
+            }
+        }
+    }
+}
+
+fn answer_create(request: &CreateRequest, result: Result<(), sqlx::Error>) {
+    let _ = request
+        .reply
+        .try_send(result.map(|()| request.rows.task_uuids.clone()).map_err(db));
+}
+
+/// Insert `rows` in one transaction. A connection the server closed (a terminated session, a
+/// restart) fails the transaction before anything is written, and it is tried again. A failure
+/// at COMMIT leaves the outcome unknown: the next try first looks for the tasks (their uuids were
+/// chosen beforehand), so a task is never created twice.
+async fn insert_tasks(pool: &PgPool, rows: &NewTaskRows) -> Result<(), sqlx::Error> {
+    let mut retry = ClientRetry::new();
+    let mut look_first = false;
+    loop {
+        let attempt = async {
+            if look_first && tasks_exist(pool, &rows.task_uuids).await? {
+                return Ok(());
+            }
+            let mut tx = pool.begin().await?;
+            sqlx::query(
+                "INSERT INTO tasker_tasks (task_uuid, namespace, name, version, context, status, incomplete_steps)
+                 SELECT u, ns, nm, v, c, 'pending', n
+                 FROM unnest($1::uuid[], $2::jsonb[], $3::text[], $4::text[], $5::text[], $6::int4[])
+                      AS x(u, c, ns, nm, v, n)",
+            )
+            .bind(&rows.task_uuids)
+            .bind(&rows.contexts)
+            .bind(&rows.namespaces)
+            .bind(&rows.names)
+            .bind(&rows.versions)
+            .bind(&rows.step_counts)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO tasker_steps (step_uuid, task_uuid, step_index, name, status, waiting_on, ready_at)
+                 SELECT u, t, i, nm,
+                        CASE WHEN w = 0 AND coalesce(to_timestamp(ra) <= now(), true) THEN 'enqueued'
+                             ELSE 'pending' END, w,
+                        CASE WHEN w = 0 THEN greatest(now(), coalesce(to_timestamp(ra), now())) END
+                 FROM unnest($1::uuid[], $2::uuid[], $3::int4[], $4::text[], $5::int4[], $6::float8[])
+                      AS x(u, t, i, nm, w, ra)",
+            )
+            .bind(&rows.step_uuids)
+            .bind(&rows.step_tasks)
+            .bind(&rows.step_indices)
+            .bind(&rows.step_names)
+            .bind(&rows.step_waiting)
+            .bind(&rows.step_run_at)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO tasker_ready_steps (step_uuid, task_uuid, namespace, timeout_ms, visible_at)
+                 SELECT u, t, ns, ms, greatest(now(), coalesce(to_timestamp(ra), now()))
+                 FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int4[], $5::float8[]) AS x(u, t, ns, ms, ra)",
+            )
+            .bind(&rows.root_uuids)
+            .bind(&rows.root_tasks)
+            .bind(&rows.root_namespaces)
+            .bind(&rows.root_timeouts)
+            .bind(&rows.root_run_at)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("SELECT pg_notify($1, '')")
+                .bind(STEPS_READY)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await
+        };
+        match attempt.await {
+            Ok(()) => return Ok(()),
+            Err(e) if retry.again(&e, "creating tasks").await => look_first = true,
+            Err(e) => return Err(e),
+        }
     }
 }
 

@@ -13,7 +13,7 @@ mod table;
 
 pub use table::{GroupWait, NewTask, TaskTable};
 
-use super::{Backend, BackendGauges, SnapshotReply};
+use super::{Backend, BackendGauges, CreatedReply, SnapshotReply};
 use crate::engine::EngineMessage;
 use crate::error::EngineResult;
 use crate::events::{AttemptOutcome, InFlight, StepExecutionEvent, TaskSnapshot};
@@ -130,12 +130,20 @@ impl Backend for MemoryBackend {
         template: Option<Arc<TaskTemplate>>,
         contexts: Vec<Value>,
         run_at: Option<SystemTime>,
-    ) -> EngineResult<Vec<Uuid>> {
-        let template = template
-            .ok_or_else(|| crate::error::EngineError::config(format!("unknown template {key}")))?;
-        let prepared =
-            crate::bootstrap::WorkerSystemHandle::prepare_tasks(&template, contexts, run_at);
-        self.tasks.access(|table| table.insert(prepared))
+        reply: CreatedReply,
+    ) {
+        let result = match template {
+            Some(template) => {
+                let prepared = crate::bootstrap::WorkerSystemHandle::prepare_tasks(
+                    &template, contexts, run_at,
+                );
+                self.tasks.access(|table| table.insert(prepared))
+            }
+            None => Err(crate::error::EngineError::config(format!(
+                "unknown template {key}"
+            ))),
+        };
+        let _ = reply.try_send(result);
     }
 
     async fn task_status(&mut self, task_uuid: Uuid) -> EngineResult<TaskSnapshot> {
