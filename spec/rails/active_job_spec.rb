@@ -90,9 +90,12 @@ RSpec.describe "Active Job adapter :tasker_core (Rails, PostgreSQL)" do
     expect(early["flaky"]).to include("namespace" => "critical")
     expect(early.values_at("later", "until").map { |s| s["status"] }).to eq(%w[pending pending])
 
+    error_tasks = finals.delete("error_tasks")
     expect(finals.transform_values { |f| f["status"] })
       .to eq("now" => "complete", "later" => "complete", "until" => "complete", "flaky" => "complete",
-             "discarded" => "complete", "failing" => "error")
+             "discarded" => "complete", "failing" => "error", "exhausted" => "complete")
+    # Once retry_on's attempts are used up it raises: the last task of the job ends in error.
+    expect(error_tasks).to eq(["ArgumentError: boom from the job", "FlakyError: never works"])
     expect(finals["failing"]["step"]).to include("status" => "error", "attempts" => 1)
     expect(finals["failing"]["step"]["error_message"]).to match(/ArgumentError.*boom from the job|boom from the job/)
 
@@ -121,6 +124,7 @@ RSpec.describe "Active Job adapter :tasker_core (Rails, PostgreSQL)" do
 
     expect(lines.count { |l| l["job"] == "DiscardedJob" }).to eq(1)
     expect(lines.count { |l| l["job"] == "FailingJob" }).to eq(1)
+    expect(lines.select { |l| l["job"] == "ExhaustedJob" }.map { |l| l["executions"] }).to eq([1, 2])
 
     # log_output "rails": the engine's and the handlers' lines are in the Rails log.
     log = File.read(File.join(@app, "log", "app.log"))

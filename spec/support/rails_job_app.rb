@@ -83,6 +83,16 @@ module RailsJobApp
         end
       end
     RUBY
+    "app/jobs/exhausted_job.rb" => <<~RUBY,
+      class ExhaustedJob < ApplicationJob
+        retry_on FlakyError, wait: 0, attempts: 2
+
+        def perform
+          record("started")
+          raise FlakyError, "never works"
+        end
+      end
+    RUBY
     "app/jobs/failing_job.rb" => <<~RUBY
       class FailingJob < ApplicationJob
         def perform
@@ -110,7 +120,8 @@ module RailsJobApp
       "until" => RecordJob.set(wait_until: Time.now + 2).perform_later("until"),
       "flaky" => FlakyJob.perform_later,
       "discarded" => DiscardedJob.perform_later,
-      "failing" => FailingJob.perform_later
+      "failing" => FailingJob.perform_later,
+      "exhausted" => ExhaustedJob.perform_later
     }
     enqueued_at = Time.now.to_f
     statuses = jobs.transform_values { |job| TaskerCore.task_status(job.provider_job_id) }
@@ -123,6 +134,15 @@ module RailsJobApp
         { "status" => final[:status], "step" => step.slice(:status, :attempts, :error_message) }
       end
     end
+    # retry_on's last attempt re-raises: that (second) task of ExhaustedJob ends in error.
+    errors = []
+    60.times do
+      errors = TaskerCore.tasks(status: "error", limit: 10)[:tasks]
+      break if errors.size >= 2
+
+      sleep 0.5
+    end
+    finals["error_tasks"] = errors.map { |t| TaskerCore.task_status(t[:task_uuid])[:steps].first[:error_message] }.sort
     puts JSON.generate(finals)
     worker = TaskerCore::FFI.worker_status
     puts JSON.generate("client" => TaskerCore::ClientOnDemand.client&.connected?,

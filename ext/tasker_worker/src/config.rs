@@ -570,7 +570,7 @@ mod tests {
             (json!({"log_format": "xml"}), "log_format"),
             (json!({"log_format": 1}), "log_format"),
             (json!({"log_output": ""}), "log_output"),
-            (json!({"log_output": "rails"}), "log_output"),
+            (json!({"log_output": 5}), "log_output"),
             (json!({"log_output": false}), "log_output"),
             (json!({"concurrency": 0}), "concurrency"),
             (json!({"concurrency": "4"}), "concurrency"),
@@ -604,6 +604,12 @@ mod tests {
             assert!(matches!(err, EngineError::Configuration(_)));
             assert!(err.to_string().starts_with(needle), "{cfg}: {err}");
         }
+    }
+
+    #[test]
+    fn log_output_rails_is_relayed_to_the_host_not_a_file_named_rails() {
+        let config = parse(json!({"log_output": "rails"})).unwrap();
+        assert_eq!(config.log_output, Some(LogOutput::Relay));
     }
 
     #[test]
