@@ -3,7 +3,7 @@
 
 use crate::errors;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
+use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 use serde_json::{Map, Value as Json};
 use std::time::Duration;
 use tasker_worker::events::{StepInterrupt, StepSnapshot, TaskSnapshot};
@@ -15,12 +15,78 @@ pub fn to_py<'py>(py: Python<'py>, json: &Json) -> PyResult<Bound<'py, PyAny>> {
     pythonize::pythonize(py, json).map_err(|e| errors::value_error(e.to_string()))
 }
 
-/// Python → JSON; anything not JSON-able (a set, an object, NaN...) is a `TypeError` naming
-/// `what`.
+/// Nesting deeper than this is refused (a cycle, or data no step should carry).
+const MAX_DEPTH: usize = 128;
+
+/// Python → JSON, strictly: dict (str keys), list, tuple, str, int (64 bits), finite float, bool,
+/// None. Anything else (a set, bytes, an object, NaN) is a `TypeError` naming `what` and the type,
+/// never converted by a guess (pythonize would turn a set into a list).
 pub fn from_py(value: &Bound<'_, PyAny>, what: &str) -> PyResult<Json> {
-    let json: Json = pythonize::depythonize(value)
-        .map_err(|e| errors::type_error(format!("{what}: not JSON-able: {e}")))?;
-    Ok(json)
+    to_json(value, what, 0)
+}
+
+fn not_jsonable(what: &str, problem: String) -> PyErr {
+    errors::type_error(format!("{what}: not JSON-able: {problem}"))
+}
+
+fn to_json(value: &Bound<'_, PyAny>, what: &str, depth: usize) -> PyResult<Json> {
+    if depth > MAX_DEPTH {
+        return Err(not_jsonable(
+            what,
+            format!("nested more than {MAX_DEPTH} levels (a cycle?)"),
+        ));
+    }
+    if value.is_none() {
+        return Ok(Json::Null);
+    }
+    if let Ok(flag) = value.downcast::<PyBool>() {
+        return Ok(Json::Bool(flag.is_true()));
+    }
+    if let Ok(int) = value.downcast::<PyInt>() {
+        return match int.extract::<i64>() {
+            Ok(n) => Ok(Json::from(n)),
+            Err(_) => int
+                .extract::<u64>()
+                .map(Json::from)
+                .map_err(|_| not_jsonable(what, format!("integer {int} does not fit in 64 bits"))),
+        };
+    }
+    if let Ok(float) = value.downcast::<PyFloat>() {
+        let f = float.value();
+        return serde_json::Number::from_f64(f)
+            .map(Json::Number)
+            .ok_or_else(|| not_jsonable(what, format!("{f} is not a JSON number")));
+    }
+    if let Ok(text) = value.downcast::<PyString>() {
+        return Ok(Json::String(text.to_cow()?.into_owned()));
+    }
+    if let Ok(dict) = value.downcast::<PyDict>() {
+        let mut map = Map::new();
+        for (key, item) in dict.iter() {
+            let Ok(key) = key.downcast::<PyString>() else {
+                return Err(not_jsonable(
+                    what,
+                    format!("dict keys must be str, got {}", key.get_type().name()?),
+                ));
+            };
+            map.insert(key.to_cow()?.into_owned(), to_json(&item, what, depth + 1)?);
+        }
+        return Ok(Json::Object(map));
+    }
+    if value.is_instance_of::<PyList>() || value.is_instance_of::<PyTuple>() {
+        let mut items = Vec::new();
+        for item in value.try_iter()? {
+            items.push(to_json(&item?, what, depth + 1)?);
+        }
+        return Ok(Json::Array(items));
+    }
+    Err(not_jsonable(
+        what,
+        format!(
+            "a {} (use dict, list, tuple, str, int, float, bool or None)",
+            value.get_type().name()?
+        ),
+    ))
 }
 
 /// A Python dict → a JSON object; `what` names it in errors.

@@ -14,6 +14,7 @@ socket read) sees it when that call returns.
 from __future__ import annotations
 
 import ctypes
+import signal
 import threading
 import time
 import traceback
@@ -23,20 +24,27 @@ from tasker_core import _tasker_core
 from tasker_core.errors import PermanentError, RetryableError, Shutdown, StepTimeoutError
 from tasker_core.ffi import bootstrap_worker, worker_status
 from tasker_core.handler import StepResult, StepSequence
-from tasker_core.log import logger, start_log_relay
+from tasker_core.log import log, logger, start_log_relay
 from tasker_core.models import BootstrapConfig, BootstrapResult, WorkerStatus
 from tasker_core.registry import HandlerNotFoundError, HandlerRegistry
 
 __all__ = ["Worker"]
 
-_set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
-_set_async_exc.argtypes = [ctypes.c_ulong, ctypes.py_object]
-_set_async_exc.restype = ctypes.c_int
+# Two prototypes of one C function: an exception class to raise, or NULL to clear a pending one.
+_set_async_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.py_object)(
+    ("PyThreadState_SetAsyncExc", ctypes.pythonapi)
+)
+_clear_async_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)(
+    ("PyThreadState_SetAsyncExc", ctypes.pythonapi)
+)
 
 
 def _raise_in(thread_id: int, exception: Optional[type[BaseException]]) -> None:
     """Raise ``exception`` in the thread at its next bytecode (None: clear one still pending)."""
-    _set_async_exc(thread_id, exception)  # type: ignore[arg-type]
+    if exception is None:
+        _clear_async_exc(thread_id, None)
+    else:
+        _set_async_exc(thread_id, exception)
 
 
 class _Slot:
@@ -111,6 +119,20 @@ class Worker:
     def status(self) -> WorkerStatus:
         return worker_status()
 
+    def run(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
+        """Block the main thread until one of ``signals`` arrives, then stop (draining running steps).
+        For a worker process: ``Worker.start(config).run()``."""
+        received = threading.Event()
+        previous = {number: signal.signal(number, lambda *_: received.set()) for number in signals}
+        try:
+            while not received.wait(0.5):
+                pass
+            log("info", "signal received: stopping the worker", {"worker_id": self.worker_id})
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+            self.stop()
+
     def stop(self, timeout: Optional[float] = None) -> None:
         """Start no new step, let running ones finish (up to ``timeout``, default the config's
         ``shutdown_timeout``), hand back the steps of handlers still running past it and raise
@@ -126,22 +148,24 @@ class Worker:
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         busy = [(slot, thread) for slot, thread in zip(self._slots, self._threads) if thread.is_alive()]
-        for slot, _thread in busy:
+        for slot, thread in busy:
             with slot.lock:
                 if slot.event_id is not None:
                     handed = _tasker_core._hand_back_step(slot.event_id)
-                    logger.warning(
-                        "shutdown deadline passed: %sraising Shutdown in its handler",
-                        "step handed back, " if handed else "",
-                        extra={"tasker_fields": {"event_id": slot.event_id}},
+                    log(
+                        "warn",
+                        f"shutdown deadline passed: {'step handed back, ' if handed else ''}"
+                        "raising Shutdown in its handler",
+                        {"event_id": slot.event_id, "thread": thread.name},
                     )
                     _raise_in(slot.thread_id, Shutdown)
         for _slot, thread in busy:
             thread.join(2.0)
             if thread.is_alive():
-                logger.error(
+                log(
+                    "error",
                     "handler ignored Shutdown and is still running: left behind",
-                    extra={"tasker_fields": {"thread": thread.name}},
+                    {"thread": thread.name},
                 )
         try:
             _tasker_core._stop_worker()
@@ -203,7 +227,7 @@ class Worker:
         except Shutdown:
             raise
         except StepTimeoutError as error:
-            logger.info("step handler interrupted", extra={"tasker_fields": self._fields(event)})
+            log("info", "step handler interrupted", self._fields(event))
             return self._failure(event, error, retryable=True, quiet=True)
         except RetryableError as error:
             return self._failure(event, error, retryable=True, retry_after=error.retry_after)
@@ -247,7 +271,7 @@ class Worker:
         if not quiet:
             fields = self._fields(event)
             fields.update(error=type(error).__name__, message=str(error), retryable=retryable)
-            logger.warning("step failed", extra={"tasker_fields": fields})
+            log("warn", "step failed", fields)
         backtrace = traceback.format_exception(type(error), error, error.__traceback__)
         completion = {
             "event_id": event["event_id"],
