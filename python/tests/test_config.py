@@ -34,7 +34,8 @@ def test_the_engine_names_a_bad_key(templates):
 
 def test_a_ruby_callable_is_not_a_python_class_path(tmp_path):
     (tmp_path / "t.yaml").write_text(
-        "namespace: n\nname: t\nversion: 1\nsteps:\n  - { name: a, handler: { callable: Fulfillment::Ship } }\n"
+        "namespace: n\nname: t\nversion: 1\nsteps:\n"
+        "  - { name: a, handler: { callable: Fulfillment::Ship } }\n"
     )
     expected = r"step `a`: handler.callable .* is not a Python class path"
     with pytest.raises(ConfigurationError, match=expected):
