@@ -80,3 +80,16 @@ class Spin(StepHandler):
 class ReturnsASet(StepHandler):
     def call(self, task, sequence, step):
         return {"not json": {1, 2, 3}}
+
+
+class SpinWhenAsked(StepHandler):
+    """Spins (a step in progress) in a process started with PYK_SPIN=1; returns at once elsewhere."""
+
+    def call(self, task, sequence, step):
+        import os
+
+        if os.environ.get("PYK_SPIN") == "1":
+            print("spinning", task.task_uuid, flush=True)
+            while True:
+                time.sleep(0.01)
+        return {"pid": os.getpid()}
