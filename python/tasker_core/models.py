@@ -54,8 +54,9 @@ class BootstrapConfig(BaseModel):
         if self.config_path is not None:
             merged.update(_tasker_core._load_config_file(self.config_path))
         fields = self.model_dump(exclude={"namespace", "config_path"}, exclude_none=True)
-        if "log_level" not in self.model_fields_set and "log_level" in merged:
-            fields.pop("log_level")
+        # log_level left at its default changes nothing (TASKER_LOG_LEVEL, or the file, decides).
+        if "log_level" not in self.model_fields_set:
+            fields.pop("log_level", None)
         merged.update(fields)
         # `namespace` narrows the worker to one namespace only when given; left at its default the
         # worker runs every namespace its templates name (the Ruby default).
