@@ -21,6 +21,7 @@ __all__ = [
     "PermanentError",
     "RetryableError",
     "Shutdown",
+    "StepCancelledError",
     "StepTimeoutError",
     "TaskNotFoundError",
     "TaskerError",
@@ -43,8 +44,12 @@ class PermanentError(TaskerError):
 
 
 class StepTimeoutError(TaskerError):
-    """Raised inside a running handler by the worker when its attempt outlived ``timeout_seconds``
-    (or its task was cancelled). The attempt is already over: clean up and return."""
+    """Raised inside a running handler by the worker when its attempt outlived ``timeout_seconds``.
+    The attempt is already over: clean up and return."""
+
+
+class StepCancelledError(StepTimeoutError):
+    """Raised inside a running handler whose task was cancelled (``tasker_core.cancel_task``)."""
 
 
 class Shutdown(BaseException):

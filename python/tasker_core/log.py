@@ -120,8 +120,11 @@ def drain_engine_logs() -> None:
         _emit(records)
 
 
+_closing = threading.Event()
+
+
 def _relay_loop() -> None:
-    while True:
+    while not _closing.is_set():
         try:
             records = _tasker_core._next_log_records(None)
         except Exception:  # never lose the relay to one bad record
@@ -140,10 +143,22 @@ def start_log_relay() -> None:
     """Start the thread that carries the engine's lines to ``logging`` (once per process)."""
     global _relay
     with _relay_lock:
-        if _relay is not None and _relay.is_alive():
+        if _closing.is_set() or (_relay is not None and _relay.is_alive()):
             return
         _relay = threading.Thread(target=_relay_loop, name="tasker-core-log-relay", daemon=True)
         _relay.start()
 
 
-atexit.register(drain_engine_logs)
+def _close_at_exit() -> None:
+    # A daemon thread still waiting in Rust when the interpreter finalizes is ended by
+    # pthread_exit, whose forced unwind through Rust frames aborts the process ("exception not
+    # rethrown"): wake the relay and let it leave first, then hand over what is left.
+    _closing.set()
+    _tasker_core._wake_waiters()
+    relay = _relay
+    if relay is not None:
+        relay.join(2.0)
+    drain_engine_logs()
+
+
+atexit.register(_close_at_exit)

@@ -13,15 +13,23 @@ socket read) sees it when that call returns.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import signal
 import threading
 import time
 import traceback
+import weakref
 from typing import Any, Optional, Union
 
 from tasker_core import _tasker_core
-from tasker_core.errors import PermanentError, RetryableError, Shutdown, StepTimeoutError
+from tasker_core.errors import (
+    PermanentError,
+    RetryableError,
+    Shutdown,
+    StepCancelledError,
+    StepTimeoutError,
+)
 from tasker_core.ffi import bootstrap_worker, worker_status
 from tasker_core.handler import StepResult, StepSequence
 from tasker_core.log import log, logger, start_log_relay
@@ -59,8 +67,21 @@ class _Slot:
         self.thread_id = 0
 
 
+_running_workers: weakref.WeakSet[Worker] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_at_exit() -> None:
+    # Handler threads are daemons waiting in Rust; at finalization Python would end them with
+    # pthread_exit, whose forced unwind through Rust frames aborts the process. A worker left
+    # running is stopped here first (draining its steps, as stop() does).
+    for worker in list(_running_workers):
+        worker.stop()
+
+
 class Worker:
-    """A running worker: ``Worker.start(config)``, then ``stop()`` (or use it as a context manager)."""
+    """A running worker: ``Worker.start(config)``, then ``stop()`` (or use it as a context manager).
+    A worker still running when the interpreter exits is stopped then."""
 
     def __init__(
         self, result: BootstrapResult, concurrency: int, registry: HandlerRegistry, shutdown_timeout: float
@@ -101,6 +122,7 @@ class Worker:
             registry or HandlerRegistry.instance(),
             float(engine.get("shutdown_timeout", 30.0)),
         )
+        _running_workers.add(worker)
         for thread in worker._threads:
             thread.start()
         worker._interrupter.start()
@@ -174,6 +196,7 @@ class Worker:
                 raise
         self._interrupter.join(2.0)
         self._stopped = True
+        _running_workers.discard(self)
 
     # -- handler threads ------------------------------------------------------------------------
 
@@ -302,7 +325,8 @@ class Worker:
                 if self._stopped:
                     return
                 continue
+            exception = StepCancelledError if interrupt["reason"] == "cancelled" else StepTimeoutError
             for slot in self._slots:
                 with slot.lock:
                     if slot.event_id == interrupt["event_id"]:
-                        _raise_in(slot.thread_id, StepTimeoutError)
+                        _raise_in(slot.thread_id, exception)

@@ -176,3 +176,28 @@ def test_sigterm_drains_a_running_step_and_exits(templates):
         process.kill()
     assert process.returncode == 0, err
     assert "stopped 1" in out
+
+
+EXIT_SCRIPT = textwrap.dedent(
+    """
+    import logging, sys
+    sys.path.insert(0, {tests!r})
+    logging.basicConfig(level=logging.DEBUG)
+    import tasker_core
+    config = {{"templates": [{templates!r}], "concurrency": 4, "log_level": "debug"}}
+    worker = tasker_core.Worker.start(config)
+    uuid = tasker_core.create_task("python_demo", "diamond")
+    tasker_core.wait_for_task(uuid, timeout=10)
+    print("exiting with the worker running", flush=True)
+    """
+)
+
+
+def test_exiting_with_a_worker_running_stops_it_cleanly(templates):
+    # Daemon threads left waiting in Rust at finalization would abort the process.
+    script = EXIT_SCRIPT.format(tests=os.path.dirname(__file__), templates=templates)
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "exiting with the worker running" in done.stdout
+        assert "FATAL" not in done.stderr

@@ -143,3 +143,16 @@ def test_stop_wakes_idle_handler_threads_at_once(templates):
 def test_the_client_needs_a_worker():
     with pytest.raises(tasker_core.WorkerNotInitializedError, match="bootstrap_worker"):
         tasker_core.create_task("python_demo", "diamond")
+
+
+def test_cancelling_a_task_interrupts_its_running_handler(worker):
+    uuid = tasker_core.create_task("python_failures", "slow", context={"seconds": 0.25})
+    deadline = time.monotonic() + 5
+    while (
+        time.monotonic() < deadline and step(tasker_core.task_status(uuid), "slow")["status"] != "in_progress"
+    ):
+        time.sleep(0.01)
+    assert tasker_core.cancel_task(uuid)
+    status = tasker_core.wait_for_task(uuid, timeout=10)
+    assert status["status"] == "cancelled"
+    assert basic.ATTEMPTS[uuid + ":interrupted"] == ["StepCancelledError"]
