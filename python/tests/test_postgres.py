@@ -79,6 +79,10 @@ WORKER = textwrap.dedent(
 
 
 def test_a_worker_killed_mid_step_loses_nothing(database):
+    # This process creates the tasks (and the schema: two workers migrating one new database at
+    # once would race), then a child process runs them and is killed mid-step.
+    with Worker.start(config(database, concurrency=1, namespaces=["python_demo"])):
+        uuids = tasker_core.create_tasks("python_pg", "long", [{"n": n} for n in range(2)])
     child_config = config(database, claim_lease=1, namespaces=["python_pg"])
     child = subprocess.Popen(
         [sys.executable, "-c", WORKER.format(here=HERE, config=child_config)],
@@ -88,11 +92,11 @@ def test_a_worker_killed_mid_step_loses_nothing(database):
         env={**os.environ, "PYK_SPIN": "1"},
     )
     try:
-        # This process only creates the tasks until the child runs them.
-        with Worker.start(config(database, concurrency=1, namespaces=["python_demo"])):
-            uuids = tasker_core.create_tasks("python_pg", "long", [{"n": n} for n in range(2)])
-        started = [child.stdout.readline().split()[1] for _ in range(2)]
-        assert sorted(started) == sorted(uuids)
+        lines = [child.stdout.readline() for _ in range(2)]
+        if not all(lines):
+            child.kill()
+            pytest.fail(f"the child worker ended early: {child.communicate(timeout=10)[1][-2000:]}")
+        assert sorted(line.split()[1] for line in lines) == sorted(uuids)
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=10)
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -89,7 +90,9 @@ class SpinWhenAsked(StepHandler):
         import os
 
         if os.environ.get("PYK_SPIN") == "1":
-            print("spinning", task.task_uuid, flush=True)
+            # One write per line: print() writes its parts separately, and two threads interleave.
+            sys.stdout.write(f"spinning {task.task_uuid}\n")
+            sys.stdout.flush()
             while True:
                 time.sleep(0.01)
         return {"pid": os.getpid()}
