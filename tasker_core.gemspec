@@ -14,8 +14,11 @@ Gem::Specification.new do |spec|
   spec.authors = ["tasker_core developers"]
   spec.license = "MIT"
   spec.required_ruby_version = ">= 3.1"
+  # python/'s crate is a member of the Cargo workspace: cargo reads its manifest to build the Ruby
+  # extension, so the manifest and sources ship too (they are not built).
   spec.files = Dir["Cargo.toml", "Cargo.lock", "README.md", "lib/**/*.{rb,rake}", "exe/*", "docs/*.md",
-                   "ext/**/*.{rs,toml,rb,sql}"].reject { |f| f.include?("/target") }
+                   "ext/**/*.{rs,toml,rb,sql}", "python/Cargo.toml", "python/src/*.rs"]
+               .reject { |f| f.include?("/target") }
   spec.bindir = "exe"
   spec.executables = ["tasker-worker"]
   spec.require_paths = ["lib"]

@@ -790,7 +790,33 @@ pub fn config_from_args(ruby: &Ruby, args: &[Value]) -> Result<tasker_worker::Wo
             ))
         }
     };
-    let map = config_map(ruby, config)?;
-    tasker_worker::WorkerConfig::from_map(&map, |key| std::env::var(key).ok())
-        .map_err(|e| errors::engine(ruby, e))
+    let mut map = config_map(ruby, config)?;
+    // Rails' and Rack's environment variables are Ruby's: the engine itself reads TASKER_ENV only.
+    if map.get("environment").is_none_or(Json::is_null) {
+        if let Some(environment) = ["TASKER_ENV", "RAILS_ENV", "RACK_ENV"]
+            .iter()
+            .find_map(|key| std::env::var(key).ok().filter(|s| !s.is_empty()))
+        {
+            map.insert("environment".into(), Json::String(environment));
+        }
+    }
+    let mut config = tasker_worker::WorkerConfig::from_map(&map, |key| std::env::var(key).ok())
+        .map_err(|e| errors::engine(ruby, e))?;
+    config.callable_rule = ruby_constant_path;
+    Ok(config)
+}
+
+/// Ruby's rule for `handler.callable`: `Foo`, `Foo::Bar2`, optionally with a leading `::`.
+pub fn ruby_constant_path(callable: &str) -> Result<(), String> {
+    let path = callable.strip_prefix("::").unwrap_or(callable);
+    let valid = path.split("::").all(|part| {
+        let mut chars = part.chars();
+        matches!(chars.next(), Some(c) if c.is_ascii_uppercase())
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+    });
+    if valid {
+        Ok(())
+    } else {
+        Err("is not a Ruby class name (expected e.g. Fulfillment::ValidateOrder)".into())
+    }
 }

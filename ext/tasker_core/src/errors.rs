@@ -96,7 +96,11 @@ pub fn engine(ruby: &Ruby, e: EngineError) -> Error {
     match e {
         EngineError::Configuration(_) => configuration(ruby, message),
         EngineError::Bootstrap(_) => bootstrap(ruby, message),
-        EngineError::NotInitialized | EngineError::ShuttingDown => not_initialized(ruby, message),
+        EngineError::NotInitialized => not_initialized(
+            ruby,
+            "worker not initialized: call TaskerCore::FFI.bootstrap_worker (or Worker::Bootstrap.start!) first",
+        ),
+        EngineError::ShuttingDown => not_initialized(ruby, message),
         EngineError::InvalidArgument(_) => argument(ruby, message),
         EngineError::UnknownTask(_) => task_not_found(ruby, message),
         EngineError::Internal(_) => ffi(ruby, message),

@@ -31,7 +31,10 @@ pub struct WorkerBootstrap;
 impl WorkerBootstrap {
     /// Validate templates and namespaces, then start the engine thread.
     pub fn start(config: WorkerConfig) -> EngineResult<WorkerSystemHandle> {
-        let templates = Arc::new(TemplateRegistry::load(&config.templates)?);
+        let templates = Arc::new(TemplateRegistry::load(
+            &config.templates,
+            config.callable_rule,
+        )?);
         let namespaces = Self::namespaces(&config, &templates)?;
         // Only once the configuration is known to be good: a refused bootstrap changes nothing.
         crate::logging::configure(config.log_format, config.log_output.clone())?;
@@ -109,7 +112,7 @@ impl WorkerBootstrap {
     /// templates in the namespaces it would run. Loads the templates as [`Self::start`] does and
     /// starts nothing, so a caller can check the handlers before starting the worker.
     pub fn handler_references(config: &WorkerConfig) -> EngineResult<Vec<HandlerReference>> {
-        let templates = TemplateRegistry::load(&config.templates)?;
+        let templates = TemplateRegistry::load(&config.templates, config.callable_rule)?;
         let namespaces = Self::namespaces(config, &templates)?;
         Ok(templates.handlers_in(&namespaces))
     }
@@ -117,7 +120,7 @@ impl WorkerBootstrap {
     /// The templates and namespaces a worker started with `config` would run, loaded and
     /// validated as [`Self::start`] does, starting nothing (test mode runs tasks from them).
     pub fn templates(config: &WorkerConfig) -> EngineResult<(TemplateRegistry, Vec<String>)> {
-        let templates = TemplateRegistry::load(&config.templates)?;
+        let templates = TemplateRegistry::load(&config.templates, config.callable_rule)?;
         let namespaces = Self::namespaces(config, &templates)?;
         Ok((templates, namespaces))
     }

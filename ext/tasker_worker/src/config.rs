@@ -180,6 +180,9 @@ pub struct WorkerConfig {
     pub validate_handlers: bool,
     /// `None` unless `enable_web_api: true`.
     pub web_api: Option<WebApiConfig>,
+    /// How a template's `handler.callable` must look: set by the bridge that runs the handlers
+    /// (from `from_map`: any non-empty callable).
+    pub callable_rule: crate::template::CallableRule,
 }
 
 impl WorkerConfig {
@@ -297,9 +300,9 @@ impl WorkerConfig {
         }
         let environment = match get("environment") {
             Some(v) => non_empty_string("environment", v)?,
-            None => ["TASKER_ENV", "RAILS_ENV", "RACK_ENV"]
-                .iter()
-                .find_map(|k| env(k).filter(|s| !s.is_empty()))
+            // A bridge may add its framework's variables (RAILS_ENV...) by setting `environment`.
+            None => env("TASKER_ENV")
+                .filter(|s| !s.is_empty())
                 .unwrap_or_else(|| "development".to_string()),
         };
         let poll_interval = match get("poll_interval") {
@@ -388,6 +391,7 @@ impl WorkerConfig {
             claim_lease,
             validate_handlers,
             web_api,
+            callable_rule: crate::template::any_callable,
         })
     }
 }
@@ -663,15 +667,13 @@ mod tests {
     }
 
     #[test]
-    fn environment_falls_back_through_env_vars() {
+    fn environment_falls_back_to_tasker_env_only() {
+        let c = WorkerConfig::from_map(&Map::new(), |k| Some(format!("from-{k}"))).unwrap();
+        assert_eq!(c.environment, "from-TASKER_ENV");
+        // Framework variables are the bridges' business (the Ruby one reads RAILS_ENV, RACK_ENV).
         let c =
             WorkerConfig::from_map(&Map::new(), |k| (k == "RACK_ENV").then(|| "staging".into()))
                 .unwrap();
-        assert_eq!(c.environment, "staging");
-        let c = WorkerConfig::from_map(&Map::new(), |k| {
-            (k != "RACK_ENV").then(|| format!("from-{k}"))
-        })
-        .unwrap();
-        assert_eq!(c.environment, "from-TASKER_ENV");
+        assert_eq!(c.environment, "development");
     }
 }

@@ -1,4 +1,5 @@
-//! Engine errors. Each variant maps to one Ruby error class in the bridge.
+//! Engine errors. Each variant maps to one error class in each bridge; messages name no bridge's
+//! API (a bridge that wants to say which call starts a worker says so itself).
 
 use thiserror::Error;
 
@@ -11,7 +12,7 @@ pub enum EngineError {
     #[error("{0}")]
     Bootstrap(String),
     /// A call that needs a running worker was made without one.
-    #[error("worker not initialized: call TaskerCore::FFI.bootstrap_worker (or Worker::Bootstrap.start!) first")]
+    #[error("worker not initialized: no worker is running in this process")]
     NotInitialized,
     /// The worker is shutting down and takes no new tasks.
     #[error("the worker is shutting down: it takes no new tasks (start a worker to create tasks)")]

@@ -183,8 +183,9 @@ fn layer(format: LogFormat, output: &LogOutput, writer: NonBlocking) -> OutputLa
 }
 
 /// Install the subscriber once (text on stderr); the initial level comes from `TASKER_LOG_LEVEL`
-/// (default info). If the host process already installed a global subscriber, ours stays out of
-/// its way.
+/// (default info). Called by a bridge that wants the engine's own output (the Ruby one, at load);
+/// the engine never installs it by itself. If the host process already installed a global
+/// subscriber, ours stays out of its way.
 pub fn init() {
     INSTALLED.get_or_init(|| {
         let level = std::env::var("TASKER_LOG_LEVEL")
@@ -212,8 +213,10 @@ pub fn init() {
     });
 }
 
+/// The subscriber [`init`] installed, if a bridge called it: a bridge that routes the engine's
+/// lines elsewhere (Python's `logging`) installs its own instead, and the engine then leaves level,
+/// format and output to it.
 fn installed() -> Option<&'static Installed> {
-    init();
     INSTALLED.get().and_then(Option::as_ref)
 }
 

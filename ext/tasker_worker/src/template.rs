@@ -118,8 +118,17 @@ impl TaskTemplate {
         }
     }
 
-    /// Parse and validate one template; `source` only labels error messages.
+    /// Parse and validate one template; `source` only labels error messages. Any non-empty
+    /// `handler.callable` is accepted: for templates another process (maybe another language's
+    /// worker) already checked, like those the postgres backend stores.
     pub fn from_yaml(yaml: &str, source: &Path) -> EngineResult<Self> {
+        Self::from_yaml_checked(yaml, source, any_callable)
+    }
+
+    /// [`TaskTemplate::from_yaml`], with each `handler.callable` checked by `rule`: what a
+    /// callable looks like is the business of the bridge whose handlers run it (a Ruby constant
+    /// path, a Python dotted path), not of the engine.
+    pub fn from_yaml_checked(yaml: &str, source: &Path, rule: CallableRule) -> EngineResult<Self> {
         let file = source.display();
         let raw: RawTemplate = serde_norway::from_str(yaml).map_err(|e| {
             EngineError::config(format!(
@@ -160,10 +169,8 @@ impl TaskTemplate {
             if callable.trim().is_empty() {
                 return Err(in_step("handler.callable is missing".into()));
             }
-            if !is_constant_path(&callable) {
-                return Err(in_step(format!(
-                    "handler.callable {callable:?} is not a Ruby class name (expected e.g. Fulfillment::ValidateOrder)"
-                )));
+            if let Err(expected) = rule(&callable) {
+                return Err(in_step(format!("handler.callable {callable:?} {expected}")));
             }
             let initialization = match &step.handler.initialization {
                 None | Some(Value::Null) => Value::Object(Default::default()),
@@ -267,14 +274,13 @@ fn name_step_in_error(yaml: &str, message: &str) -> String {
     }
 }
 
-/// `Foo`, `Foo::Bar2`, optionally with a leading `::`.
-fn is_constant_path(s: &str) -> bool {
-    let s = s.strip_prefix("::").unwrap_or(s);
-    s.split("::").all(|part| {
-        let mut chars = part.chars();
-        matches!(chars.next(), Some(c) if c.is_ascii_uppercase())
-            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-    })
+/// Checks one `handler.callable` (already known to be non-empty): `Err` says what was expected,
+/// as the end of a sentence starting with the callable ("is not a Ruby class name (...)").
+pub type CallableRule = fn(&str) -> Result<(), String>;
+
+/// The engine's own rule: any non-empty callable (the bridge that runs it knows better).
+pub fn any_callable(_: &str) -> Result<(), String> {
+    Ok(())
 }
 
 /// Depth-first search; returns one cycle as a closed path (first == last) if any.
@@ -357,14 +363,15 @@ pub struct TemplateRegistry {
 
 impl TemplateRegistry {
     /// Load every `*.yml`/`*.yaml` under each path (directories recursively, in name order).
-    pub fn load(paths: &[PathBuf]) -> EngineResult<Self> {
+    /// `rule` checks each step's `handler.callable` (see [`CallableRule`]).
+    pub fn load(paths: &[PathBuf], rule: CallableRule) -> EngineResult<Self> {
         let mut registry = Self::default();
         for path in paths {
             for file in yaml_files(path)? {
                 let text = std::fs::read_to_string(&file).map_err(|e| {
                     EngineError::config(format!("templates: cannot read {}: {e}", file.display()))
                 })?;
-                registry.insert(TaskTemplate::from_yaml(&text, &file)?)?;
+                registry.insert(TaskTemplate::from_yaml_checked(&text, &file, rule)?)?;
             }
         }
         Ok(registry)
@@ -679,7 +686,6 @@ steps:
             ("  - { name: a, dependencies: [zzz], handler: { callable: A } }\n", "step `a`: unknown dependency `zzz`"),
             ("  - { name: a, handler: { callable: A } }\n  - { name: a, handler: { callable: B } }\n", "duplicate step name `a`"),
             ("  - { name: a, handler: { initialization: {} } }\n", "step `a`: handler.callable is missing"),
-            ("  - { name: a, handler: { callable: 'not a class' } }\n", "is not a Ruby class name"),
             ("  - { name: a, handler: { callable: A }, retry: { max_attempts: 0 } }\n", "step `a`: retry.max_attempts"),
             ("  - { name: a, handler: { callable: A }, retry: { backoff: sometimes } }\n", "retry.backoff \"sometimes\""),
             ("  - { name: a, handler: { callable: A }, retry: { backoff_base_ms: 50, max_backoff_ms: 10 } }\n", "max_backoff_ms (10)"),
@@ -693,6 +699,27 @@ steps:
             assert!(e.contains(needle), "expected {needle:?} in {e:?}");
         }
         assert!(err("namespace: n\nname: x\nversion: 1\nsteps: []\n").contains("at least one step"));
+    }
+
+    #[test]
+    fn the_bridge_rule_checks_callables_and_names_the_step() {
+        fn dotted(callable: &str) -> Result<(), String> {
+            if callable.contains('.') {
+                Ok(())
+            } else {
+                Err("is not a dotted path".into())
+            }
+        }
+        let yaml = "namespace: n\nname: x\nversion: 1\nsteps:\n  - { name: a, handler: { callable: 'not a class' } }\n";
+        let e = TaskTemplate::from_yaml_checked(yaml, Path::new("t.yml"), dotted)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "template t.yml: step `a`: handler.callable \"not a class\" is not a dotted path"
+        );
+        // The engine alone accepts any non-empty callable.
+        assert!(parse(yaml).is_ok());
     }
 
     #[test]
@@ -747,18 +774,18 @@ steps:
         std::fs::create_dir(dir.path().join("sub")).unwrap();
         std::fs::write(dir.path().join("sub/d.yaml"), DIAMOND).unwrap();
         std::fs::write(dir.path().join("ignored.txt"), "not yaml").unwrap();
-        let reg = TemplateRegistry::load(&[dir.path().to_path_buf()]).unwrap();
+        let reg = TemplateRegistry::load(&[dir.path().to_path_buf()], any_callable).unwrap();
         assert_eq!(reg.len(), 1);
         assert_eq!(reg.namespaces(), vec!["demo".to_string()]);
         assert!(reg.get("demo", "diamond", "1.0.0").is_some());
 
         std::fs::write(dir.path().join("copy.yml"), DIAMOND).unwrap();
-        let e = TemplateRegistry::load(&[dir.path().to_path_buf()])
+        let e = TemplateRegistry::load(&[dir.path().to_path_buf()], any_callable)
             .unwrap_err()
             .to_string();
         assert!(e.contains("already defined"), "{e}");
 
-        let e = TemplateRegistry::load(&[dir.path().join("missing")])
+        let e = TemplateRegistry::load(&[dir.path().join("missing")], any_callable)
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("templates: ") && e.contains("missing"), "{e}");
