@@ -15,7 +15,7 @@ Gem::Specification.new do |spec|
   spec.license = "MIT"
   spec.required_ruby_version = ">= 3.1"
   spec.files = Dir["Cargo.toml", "Cargo.lock", "README.md", "lib/**/*.{rb,rake}", "exe/*", "docs/*.md",
-                   "ext/**/*.{rs,toml,rb,sql}"].reject { |f| f.include?("/target") }
+                   "ext/**/*.{rs,toml,rb,sql,html,css,js}"].reject { |f| f.include?("/target") }
   spec.bindir = "exe"
   spec.executables = ["tasker-worker"]
   spec.require_paths = ["lib"]
