@@ -679,7 +679,9 @@ async fn overview(State(state): State<Arc<WebState>>) -> Response {
     for status in ["pending", "in_progress", "complete", "error", "cancelled"] {
         by_status.insert(status.into(), 0.into());
     }
-    let (mut ready, mut waiting, mut claimed) = (0u64, 0u64, None::<u64>);
+    // Claims exist only on PostgreSQL: null on the memory backend, a count (maybe 0) there.
+    let mut claimed = state.database.as_ref().map(|_| 0u64);
+    let (mut ready, mut waiting) = (0u64, 0u64);
     if let Some(counts) = &counts {
         for (_, status, n) in &counts.tasks {
             let entry = by_status.entry(status.clone()).or_insert(0.into());
