@@ -84,6 +84,23 @@ fn app_for(
     Ok(app)
 }
 
+/// Drop the Rack app's routes of a stopped worker (without the GVL: the runtime's thread is
+/// joined). A request still running elsewhere keeps its own reference until it ends.
+pub(crate) fn unmount(system: &Arc<WorkerSystemHandle>) {
+    let stale = {
+        let mut mounted = MOUNTED.lock().unwrap_or_else(|e| e.into_inner());
+        if mounted
+            .as_ref()
+            .is_some_and(|m| m.pid == std::process::id() && Arc::ptr_eq(&m.system, system))
+        {
+            mounted.take()
+        } else {
+            None
+        }
+    };
+    drop(stale);
+}
+
 /// What `web_call` returns: `[status, [[name, value], ...], body]`.
 type RackTriple = (u16, Vec<(String, String)>, RString);
 
