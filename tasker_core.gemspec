@@ -17,7 +17,7 @@ Gem::Specification.new do |spec|
   # python/'s crate is a member of the Cargo workspace: cargo reads its manifest to build the Ruby
   # extension, so the manifest and sources ship too (they are not built).
   spec.files = Dir["Cargo.toml", "Cargo.lock", "README.md", "lib/**/*.{rb,rake}", "exe/*", "docs/*.md",
-                   "ext/**/*.{rs,toml,rb,sql}", "python/Cargo.toml", "python/src/*.rs"]
+                   "ext/**/*.{rs,toml,rb,sql,html,css,js}", "python/Cargo.toml", "python/src/*.rs"]
                .reject { |f| f.include?("/target") }
   spec.bindir = "exe"
   spec.executables = ["tasker-worker"]

@@ -29,6 +29,7 @@ require_relative "tasker_core/worker/signal_handlers"
 require_relative "tasker_core/worker/bootstrap"
 require_relative "tasker_core/client"
 require_relative "tasker_core/client_on_demand"
+require_relative "tasker_core/web"
 # Only inside a Rails app (Rails loaded first, as Bundler.require does).
 require_relative "tasker_core/railtie" if defined?(Rails::Railtie)
 

@@ -90,7 +90,17 @@ module TaskerCore
       %i[concurrency namespaces templates database_url environment log_level].each do |key|
         config[key] = options[key] if options.key?(key)
       end
-      config
+      config.merge(web_config(options))
+    end
+
+    # --web BIND: the web API and dashboard; the token comes from the environment, never from the
+    # command line (which other users of the host can read in the process list).
+    def web_config(options)
+      return {} unless options[:web]
+
+      token = ENV.fetch("TASKER_WEB_TOKEN", "")
+      { enable_web_api: true, web_api_bind: options[:web].to_s, web_api_actions: options[:web_actions] == true,
+        web_api_token: (token unless token.empty?) }.compact
     end
 
     def report_boot_failure(error)
@@ -201,7 +211,8 @@ module TaskerCore
         database_url: redact(options[:database_url]), concurrency: status[:concurrency],
         namespaces: Array(status[:supported_namespaces]).join(","),
         templates: Array(options[:templates]).join(","), environment: status[:environment],
-        shutdown_timeout: options[:shutdown_timeout], require: options[:require].join(",")
+        shutdown_timeout: options[:shutdown_timeout], require: options[:require].join(","),
+        web: status[:web_api_bind]
       }.compact)
     end
 

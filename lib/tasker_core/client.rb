@@ -55,6 +55,20 @@ module TaskerCore
                      limit: limit, cursor: cursor)
     end
 
+    # A picture of the task: its template's DAG with each step's state (colour, and a label with
+    # its status, attempts and duration). Step names are escaped for the output's syntax.
+    # @param format [Symbol, String] :mermaid, :dot (Graphviz) or :svg (laid out here, no Graphviz)
+    # @return [String]
+    # @raise [ArgumentError] naming format for any other format
+    # @raise [TaskNotFoundError] for a uuid nobody knows
+    def task_graph(task_uuid, format: :svg)
+      unless format.is_a?(Symbol) || format.is_a?(String)
+        raise ArgumentError, "format: #{format.inspect} is not one of :mermaid, :dot, :svg"
+      end
+
+      FFI.task_graph(task_uuid, format.to_s)
+    end
+
     # Stop a task: no step of it starts any more, handlers running its steps are interrupted
     # (`StepCancelledError` is raised in them, unless the step says `on_timeout: "wait"`), the
     # steps that never ran become `cancelled`, and the task becomes `cancelled` once no handler
@@ -108,7 +122,7 @@ module TaskerCore
   class Client
     # Settings that belong to a worker (a client runs no step) and are refused here.
     WORKER_SETTINGS = %i[namespaces templates concurrency validate_handlers install_signal_handlers
-                         enable_web_api web_api_bind web_api_token].freeze
+                         enable_web_api web_api_bind web_api_token web_api_actions].freeze
 
     class << self
       # @param database_url [String] the workers' database (default: ENV["DATABASE_URL"])
@@ -161,7 +175,8 @@ module TaskerCore
     end
 
     # The same task methods as TaskerCore's (see client.rb above for each one's contract).
-    %i[create_task create_tasks task_status wait_for_task wait_for_tasks cancel_task retry_task tasks].each do |name|
+    %i[create_task create_tasks task_status wait_for_task wait_for_tasks cancel_task retry_task tasks
+       task_graph].each do |name|
       define_method(name) do |*args, **kwargs|
         ensure_connected!
         TaskerCore.public_send(name, *args, **kwargs)

@@ -3,6 +3,8 @@
 require "spec_helper"
 require "json"
 require "net/http"
+require "rack"
+require "rack/mock"
 require "securerandom"
 
 RSpec.describe "PostgreSQL backend: the web API reports the whole system" do
@@ -78,6 +80,30 @@ RSpec.describe "PostgreSQL backend: the web API reports the whole system" do
       expect(plan).to include(index), plan
       expect(plan).not_to include("Sort"), plan
     end
+  end
+
+  it "draws a task another process ran, and serves the dashboard's overview from the database" do
+    start_client(db, enable_web_api: true, web_api_bind: "127.0.0.1:0", web_api_actions: true)
+    address = TaskerCore::FFI.worker_status.fetch(:web_api_bind)
+    psql("DELETE FROM tasker_tasks", db: db)
+    uuids = Array.new(3) { create_pg_task("diamond") }
+    start_pg_worker(db)
+    expect(uuids.map { |u| TaskerCore.wait_for_task(u, timeout: 20)[:status] }).to all(eq("complete"))
+
+    mermaid = TaskerCore.task_graph(uuids.first, format: :mermaid)
+    expect(mermaid).to include("s0 --> s1", "s0 --> s2", "s1 --> s3", "s2 --> s3", "class s3 complete")
+    svg = http_get(address, "/api/tasks/#{uuids.first}/graph.svg")
+    expect(svg.code).to eq("200")
+    expect(svg.body.scan('data-status="complete"').size).to eq(4)
+    expect(http_get(address, "/api/tasks/#{SecureRandom.uuid}/graph.svg").code).to eq("404")
+
+    overview = JSON.parse(http_get(address, "/api/overview").body)
+    expect(overview["tasks_by_status"]).to include("complete" => 3)
+    expect(overview["queue"]).to include("ready" => 0, "claimed" => 0)
+    expect(overview["worker"]).to include("backend" => "postgres")
+    rack = Rack::MockRequest.new(TaskerCore::Web)
+    expect(JSON.parse(rack.get("/api/tasks", params: { status: "complete", namespace: "pg" }).body)["tasks"].size)
+      .to eq(3)
   end
 
   it "says not ready when the database is gone" do

@@ -262,6 +262,20 @@ RSpec.describe "Web API (enable_web_api)" do
           expect(OpenMetricsParser.value(metrics, "tasker_steps_succeeded_total", spin)).to eq(0)
         end
       end
+
+      it "answers the dashboard, the task API and the task's picture during #{what}" do
+        run_busy_child(context.merge("seconds" => 4)) do |address|
+          listed, took = timed { json(http_get(address, "/api/tasks")) }
+          expect(took).to be < 1.0
+          uuid = listed["tasks"].first.fetch("task_uuid")
+          ["/", "/api/overview", "/api/tasks/#{uuid}", "/api/tasks/#{uuid}/graph.svg"].each do |path|
+            response, took = timed { http_get(address, path) }
+            expect([path, response.code]).to eq([path, "200"])
+            expect(took).to be < 1.0, "#{path} took #{took}s"
+          end
+          expect(http_get(address, "/api/tasks/#{uuid}/graph.svg").body).to include('data-status="in_progress"')
+        end
+      end
     end
   end
 end

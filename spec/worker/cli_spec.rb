@@ -2,7 +2,9 @@
 
 require "json"
 require "open3"
+require "net/http"
 require "rbconfig"
+require "socket"
 require "tmpdir"
 require "yaml"
 
@@ -135,8 +137,8 @@ RSpec.describe "tasker-worker" do
 
       out, _err, status = run_command("--help")
       expect(status.exitstatus).to eq(0)
-      %w[--require --concurrency --namespaces --templates --backend --database-url --shutdown-timeout
-         --environment --config --version --help TSTP TTIN].each { |option| expect(out).to include(option) }
+      %w[--require --concurrency --namespaces --templates --backend --database-url --shutdown-timeout --environment
+         --config --web --web-actions --version --help TSTP TTIN].each { |option| expect(out).to include(option) }
     end
 
     it "exits 2 naming the problem for a bad option, a bad value or a bad config file" do
@@ -182,6 +184,39 @@ RSpec.describe "tasker-worker" do
       expect(events_of("first").count("done")).to eq(2)
       expect(events_of("second").count("start")).to eq(1)
       expect(worker.stderr).to match(/tasker-worker stopped .*steps_processed=3 .*handed_back=0/)
+    end
+
+    it "serves the web API and dashboard at --web BIND, the token from $TASKER_WEB_TOKEN" do
+      port = TCPServer.new("127.0.0.1", 0).then { |server| server.addr[1].tap { server.close } }
+      worker = start_memory("--web", "127.0.0.1:#{port}", "--web-actions",
+                            contexts: [{ "log" => log }], env: { "TASKER_WEB_TOKEN" => "cli-token" })
+      expect(worker.wait_for(/tasker-worker .* started/)).to include("web=", "127.0.0.1:#{port}")
+      get = lambda do |path, headers = {}|
+        Net::HTTP.start("127.0.0.1", port, open_timeout: 5, read_timeout: 5) do |http|
+          http.request(Net::HTTP::Get.new(path, headers))
+        end
+      end
+      bearer = { "Authorization" => "Bearer cli-token" }
+      expect(get.call("/health").code).to eq("401")
+      expect(get.call("/health", bearer).code).to eq("200")
+      expect(JSON.parse(get.call("/api/session", bearer).body)).to include("actions" => true, "token_required" => true)
+      expect(get.call("/", bearer).body).to include("assets/app.js")
+
+      worker.signal("TERM")
+      expect(worker.exit_status&.exitstatus).to eq(0), worker.stderr
+      expect { TCPSocket.new("127.0.0.1", port).close }.to raise_error(Errno::ECONNREFUSED)
+    end
+
+    it "exits 2 for --web-actions without --web, 1 naming web_api_bind for a bad or open bind" do
+      _out, err, status = run_command("--web-actions")
+      expect([status.exitstatus, err]).to match([2, /--web-actions needs --web BIND/])
+      _out, err, status = run_command("--web", "")
+      expect([status.exitstatus, err]).to match([2, /invalid argument: --web/])
+      _out, err, status = run_command("-r", handlers, "-t", templates, "--web", "somewhere")
+      expect([status.exitstatus, err]).to match([1, /could not start: TaskerCore::ConfigurationError: web_api_bind/])
+      _out, err, status = run_command("-r", handlers, "-t", templates, "--web", "0.0.0.0:0")
+      expect([status.exitstatus, err])
+        .to match([1, /web_api_bind: 0\.0\.0\.0:0 is reachable from other hosts.*web_api_token/])
     end
 
     it "reads its options from -C config.yml; the command line wins" do

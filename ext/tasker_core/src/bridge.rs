@@ -196,6 +196,9 @@ fn discard(ruby: &Ruby, system: &Arc<WorkerSystemHandle>) -> Result<(), Error> {
         match wait_reply(system.stopped(), cancel, None) {
             Reply::EngineGone | Reply::Value(_) => {
                 system.join();
+                // The Rack app's routes for this worker: its runtime thread and its database
+                // connections go with the worker.
+                crate::web::unmount(system);
                 Some(())
             }
             Reply::Interrupted | Reply::TimedOut => None,

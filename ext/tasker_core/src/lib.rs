@@ -13,6 +13,7 @@ mod tasks;
 #[cfg(feature = "test-hooks")]
 mod test_hooks;
 mod testing;
+mod web;
 
 use magnus::{Error, Ruby};
 
@@ -24,5 +25,6 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     bridge::init(ruby, module)?;
     handlers::init(module)?;
     task_list::init(module)?;
+    web::init(module)?;
     testing::init(module)
 }

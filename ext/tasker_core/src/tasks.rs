@@ -214,23 +214,31 @@ fn retry_task(ruby: &Ruby, task_uuid: Value) -> Result<bool, Error> {
 fn task_status(ruby: &Ruby, task_uuid: Value) -> Result<RHash, Error> {
     errors::guard(ruby, || {
         let system = require_worker(ruby)?;
-        let uuid = parse_task_uuid(ruby, task_uuid)?;
-        let snapshot = match system.local_tasks() {
-            Some(local) => with_table(ruby, local, |table| table.snapshot(uuid))?,
-            None => {
-                let reply = system
-                    .request_task_status(uuid)
-                    .map_err(|e| errors::engine(ruby, e))?;
-                match await_reply(ruby, reply, None)? {
-                    Some(result) => result,
-                    None => unreachable!("no timeout was given"),
-                }
-            }
-        };
-        snapshot
-            .map_err(|e| errors::engine(ruby, e))
-            .and_then(|snapshot| convert::snapshot_to_ruby(ruby, &snapshot))
+        let snapshot = snapshot(ruby, &system, task_uuid)?;
+        convert::snapshot_to_ruby(ruby, &snapshot)
     })
+}
+
+/// A task and its steps, as `task_status` reports them (`TaskNotFoundError` for an unknown uuid).
+pub(crate) fn snapshot(
+    ruby: &Ruby,
+    system: &WorkerSystemHandle,
+    task_uuid: Value,
+) -> Result<TaskSnapshot, Error> {
+    let uuid = parse_task_uuid(ruby, task_uuid)?;
+    let snapshot = match system.local_tasks() {
+        Some(local) => with_table(ruby, local, |table| table.snapshot(uuid))?,
+        None => {
+            let reply = system
+                .request_task_status(uuid)
+                .map_err(|e| errors::engine(ruby, e))?;
+            match await_reply(ruby, reply, None)? {
+                Some(result) => result,
+                None => unreachable!("no timeout was given"),
+            }
+        }
+    };
+    snapshot.map_err(|e| errors::engine(ruby, e))
 }
 
 fn timeout_arg(ruby: &Ruby, timeout: Value) -> Result<Option<Duration>, Error> {

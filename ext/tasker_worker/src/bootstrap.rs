@@ -15,7 +15,7 @@ use crate::events::{AttemptOutcome, Phase, StepExecutionCompletionEvent, TaskSna
 use crate::status::{Shared, WorkerState, WorkerSystemStatus};
 use crate::task_list::{TaskPage, TaskQuery};
 use crate::template::{HandlerReference, TaskTemplate, TemplateKey, TemplateRegistry};
-use crate::web::{BoundListener, WebServer};
+use crate::web::{BoundListener, WebApp, WebServer, WebSources};
 use crossbeam_channel::{Receiver, Select, Sender};
 use serde_json::Value;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -57,7 +57,6 @@ impl WorkerBootstrap {
         );
         shared.web_api_bind = web.as_ref().map(BoundListener::local_addr);
         let shared = Arc::new(shared);
-        let database_url = config.database_url.clone();
         let task_ends = crossbeam_channel::unbounded();
         // Whether the database backend announces the tasks it finishes (the memory backend keeps
         // its own flag in its task table).
@@ -96,13 +95,7 @@ impl WorkerBootstrap {
             }
         }?;
         if let Some(bound) = web {
-            let server = WebServer::start(
-                bound,
-                Arc::clone(&handle.shared),
-                Arc::clone(&handle.registry),
-                handle.inbox.clone(),
-                database_url.as_deref(),
-            )?;
+            let server = WebServer::start(bound, handle.web_sources())?;
             *handle.web.lock().unwrap_or_else(|e| e.into_inner()) = Some(server);
         }
         Ok(handle)
@@ -229,6 +222,7 @@ impl WorkerBootstrap {
             pid: std::process::id(),
             draining: AtomicBool::new(false),
             web: Mutex::new(None),
+            database_url: config.database_url.clone(),
         })
     }
 }
@@ -323,6 +317,8 @@ pub struct WorkerSystemHandle {
     draining: AtomicBool,
     /// The HTTP endpoint, if enabled: stopped (its socket closed) by [`Self::join`].
     web: Mutex<Option<WebServer>>,
+    /// For the web routes' own connections (PostgreSQL).
+    database_url: Option<String>,
 }
 
 impl WorkerSystemHandle {
@@ -368,6 +364,22 @@ impl WorkerSystemHandle {
 
     pub fn templates(&self) -> &TemplateRegistry {
         &self.templates
+    }
+
+    fn web_sources(&self) -> WebSources {
+        WebSources {
+            shared: Arc::clone(&self.shared),
+            registry: Arc::clone(&self.registry),
+            inbox: self.inbox.clone(),
+            templates: Arc::clone(&self.templates),
+            database_url: self.database_url.clone(),
+        }
+    }
+
+    /// The web routes (dashboard and API) for requests handed over by a Rack app rather than
+    /// received on `web_api_bind`; `token` and `actions` as `web_api_token` and `web_api_actions`.
+    pub fn web_app(&self, token: Option<String>, actions: bool) -> EngineResult<WebApp> {
+        WebApp::new(self.web_sources(), token, actions)
     }
 
     fn send(&self, message: EngineMessage) -> EngineResult<()> {

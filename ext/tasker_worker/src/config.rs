@@ -118,6 +118,7 @@ pub const CONFIG_KEYS: &[&str] = &[
     "install_signal_handlers",
     "web_api_bind",
     "web_api_token",
+    "web_api_actions",
 ];
 
 /// Where the web API listens unless `web_api_bind` says otherwise: loopback only.
@@ -129,6 +130,8 @@ pub struct WebApiConfig {
     pub bind: SocketAddr,
     /// When set, every request must carry `Authorization: Bearer <token>`.
     pub token: Option<String>,
+    /// `web_api_actions`: the dashboard's cancel and retry (POST) routes answer.
+    pub actions: bool,
 }
 
 impl std::fmt::Debug for WebApiConfig {
@@ -137,6 +140,7 @@ impl std::fmt::Debug for WebApiConfig {
         f.debug_struct("WebApiConfig")
             .field("bind", &self.bind)
             .field("token", &self.token.as_ref().map(|_| "[set]"))
+            .field("actions", &self.actions)
             .finish()
     }
 }
@@ -280,6 +284,7 @@ impl WorkerConfig {
             get("enable_web_api"),
             get("web_api_bind"),
             get("web_api_token"),
+            get("web_api_actions"),
         )?;
         let event_driven_enabled = match get("event_driven_enabled") {
             Some(v) => boolean("event_driven_enabled", v)?,
@@ -400,6 +405,7 @@ fn web_api(
     enable: Option<&Value>,
     bind: Option<&Value>,
     token: Option<&Value>,
+    actions: Option<&Value>,
 ) -> EngineResult<Option<WebApiConfig>> {
     let enabled = enable
         .map(|v| boolean("enable_web_api", v))
@@ -411,12 +417,14 @@ fn web_api(
     let token = token
         .map(|v| non_empty_string("web_api_token", v))
         .transpose()?;
+    let actions = actions.map(|v| boolean("web_api_actions", v)).transpose()?;
     if !enabled {
         // A bind or token without the switch is a half-done configuration: say so rather than
         // leave the operator wondering why nothing listens.
         if let Some(key) = [
             ("web_api_bind", bind.is_some()),
             ("web_api_token", token.is_some()),
+            ("web_api_actions", actions == Some(true)),
         ]
         .into_iter()
         .find_map(|(key, set)| set.then_some(key))
@@ -435,7 +443,11 @@ fn web_api(
              such as {DEFAULT_WEB_API_BIND}"
         )));
     }
-    Ok(Some(WebApiConfig { bind, token }))
+    Ok(Some(WebApiConfig {
+        bind,
+        token,
+        actions: actions.unwrap_or(false),
+    }))
 }
 
 /// `host:port` with an IP address (or `localhost`) and a port; `[::1]:9393` for IPv6. No name

@@ -11,6 +11,7 @@ pub mod dispatch;
 mod engine;
 pub mod error;
 pub mod events;
+pub mod graph;
 pub mod logging;
 pub mod metrics;
 pub mod status;

@@ -27,7 +27,11 @@ module TaskerCore
         [:environment, "-e", "--environment NAME", String, "Environment (sets TASKER_ENV, RAILS_ENV, RACK_ENV)"],
         [:config_file, "-C", "--config FILE", String, "YAML file holding these options (command-line options win)"],
         [:log_level, nil, "--log-level LEVEL", %w[trace debug info warn error],
-         "trace, debug, info (default), warn, error"]
+         "trace, debug, info (default), warn, error"],
+        [:web, nil, "--web BIND", String,
+         "Serve the web API and dashboard at BIND (host:port, e.g. 127.0.0.1:9393); a non-loopback BIND " \
+         "needs $TASKER_WEB_TOKEN"],
+        [:web_actions, nil, "--web-actions", :flag, "Let the dashboard cancel and retry tasks (with --web)"]
       ].freeze
 
       # Options a config file may hold: the long options' names, with underscores.
@@ -63,7 +67,7 @@ module TaskerCore
         OptionParser.new do |o|
           o.banner = "Usage: tasker-worker [options]\n\nRuns tasker_core steps until TERM or INT.\n\n"
           TABLE.each do |key, short, long, type, description|
-            args = [short, long, (type unless type == :append), description].compact
+            args = [short, long, (type unless %i[append flag].include?(type)), description].compact
             o.on(*args) { |v| type == :append ? (opts[key] ||= []) << v : opts[key] = v }
           end
           o.on("-V", "--version", "Print the version and exit") { answer(opts, "tasker-worker #{TaskerCore::VERSION}") }
@@ -105,7 +109,19 @@ module TaskerCore
         seconds(options, :shutdown_timeout)
         options[:shutdown_timeout] ||= 25.0
         backend(options)
+        web(options)
         options
+      end
+
+      # The bind's form is checked by the engine at start (a ConfigurationError naming
+      # web_api_bind); here only what the command line alone can tell.
+      def web(options)
+        if options.key?(:web) && options[:web].to_s.strip.empty?
+          raise UsageError, "--web needs host:port, e.g. 127.0.0.1:9393"
+        end
+        return unless options[:web_actions] && !options[:web]
+
+        raise UsageError, "--web-actions needs --web BIND"
       end
 
       def backend(options)

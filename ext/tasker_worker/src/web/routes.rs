@@ -1,10 +1,12 @@
-//! The routes: `/health`, `/ready`, `/status`, `/metrics`; JSON errors for everything else.
+//! The routes: `/health`, `/ready`, `/status`, `/metrics`, the task API, the dashboard and its
+//! login; JSON errors for everything else.
 
-use super::WebState;
+use super::{assets, WebState};
 use crate::backend::BackendGauges;
 use crate::engine::EngineMessage;
 use crate::error::{EngineError, EngineResult};
 use crate::events::Phase;
+use crate::graph::{self, GraphFormat};
 use crate::metrics::{NamespaceLabels, StateLabels, TaskLabels};
 use crate::status::{WorkerState, WorkerSystemStatus};
 use crate::task_list::{postgres_page, snapshot_json, TaskQuery};
@@ -12,7 +14,7 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -41,6 +43,15 @@ pub(super) fn router(state: Arc<WebState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/tasks", get(list_tasks))
         .route("/api/tasks/{uuid}", get(task_status))
+        .route("/api/tasks/{uuid}/graph.svg", get(task_graph_svg))
+        .route("/api/tasks/{uuid}/cancel", post(cancel_task))
+        .route("/api/tasks/{uuid}/retry", post(retry_task))
+        .route("/api/session", get(session))
+        .route("/api/overview", get(overview))
+        .route("/", get(dashboard))
+        .route("/login", get(login_page).post(login))
+        .route("/logout", post(logout))
+        .route("/assets/{file}", get(asset))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(
@@ -58,8 +69,8 @@ async fn not_found(method: Method, uri: Uri) -> Response {
     error(
         StatusCode::NOT_FOUND,
         format!(
-            "no route for {method} {} (routes: GET /health, /ready, /status, /metrics, /api/tasks, \
-             /api/tasks/<uuid>)",
+            "no route for {method} {} (routes: GET /, /health, /ready, /status, /metrics, /api/tasks, \
+             /api/tasks/<uuid>, /api/tasks/<uuid>/graph.svg, /api/overview)",
             uri.path()
         ),
     )
@@ -68,11 +79,19 @@ async fn not_found(method: Method, uri: Uri) -> Response {
 async fn method_not_allowed(method: Method, uri: Uri) -> Response {
     error(
         StatusCode::METHOD_NOT_ALLOWED,
-        format!("{method} is not allowed on {} (use GET)", uri.path()),
+        format!(
+            "{method} is not allowed on {} (the task actions are POST, everything else GET)",
+            uri.path()
+        ),
     )
 }
 
-/// With `web_api_token`, every route wants `Authorization: Bearer <token>`.
+/// The cookie the login form sets (the token itself, HttpOnly and SameSite=Strict).
+pub(super) const TOKEN_COOKIE: &str = "tasker_web_token";
+
+/// With `web_api_token`, every route wants `Authorization: Bearer <token>` or the login cookie,
+/// except the login form and the static assets (which hold nothing about the workers). A browser
+/// asking for the dashboard without either is sent to the login form.
 async fn require_token(
     State(state): State<Arc<WebState>>,
     request: Request,
@@ -81,20 +100,27 @@ async fn require_token(
     let Some(token) = &state.token else {
         return next.run(request).await;
     };
+    let path = request.uri().path();
+    if path == "/login" || path.starts_with("/assets/") {
+        return next.run(request).await;
+    }
     let presented = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .map(|v| v.trim().to_string())
+        .or_else(|| cookie(request.headers(), TOKEN_COOKIE));
     match presented {
         Some(presented) if constant_time_eq(presented.as_bytes(), token.as_bytes()) => {
             next.run(request).await
         }
+        _ if path == "/" => (StatusCode::SEE_OTHER, [(header::LOCATION, "login")]).into_response(),
         _ => {
             let mut response = error(
                 StatusCode::UNAUTHORIZED,
-                "missing or wrong bearer token (send Authorization: Bearer <web_api_token>)",
+                "missing or wrong bearer token (send Authorization: Bearer <web_api_token>, or log in \
+                 at /login)",
             );
             response
                 .headers_mut()
@@ -102,6 +128,23 @@ async fn require_token(
             response
         }
     }
+}
+
+/// A cookie's value (percent-decoded), if the request has it.
+fn cookie(headers: &axum::http::HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| {
+            form_urlencoded::parse(format!("v={value}").as_bytes())
+                .next()
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_default()
+        })
 }
 
 /// Compares without stopping at the first difference, so timing tells nothing about the token.
@@ -494,6 +537,286 @@ async fn finished_task_counts(state: &WebState, pool: &sqlx::PgPool) -> Vec<(Str
             );
             cached.map(|(_, counts)| counts).unwrap_or_default()
         }
+    }
+}
+
+/// `GET /api/tasks/<uuid>/graph.svg`: the task's DAG with each step's state.
+async fn task_graph_svg(State(state): State<Arc<WebState>>, Path(uuid): Path<String>) -> Response {
+    let snapshot = match snapshot_of(&state, &uuid).await {
+        Ok(snapshot) => snapshot,
+        Err(response) => return response,
+    };
+    let template = state
+        .templates
+        .get(&snapshot.namespace, &snapshot.name, &snapshot.version)
+        .cloned();
+    let svg = graph::render(&snapshot, template.as_deref(), GraphFormat::Svg);
+    (
+        [
+            (header::CONTENT_TYPE, "image/svg+xml; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        svg,
+    )
+        .into_response()
+}
+
+async fn snapshot_of(
+    state: &WebState,
+    uuid: &str,
+) -> Result<crate::events::TaskSnapshot, Response> {
+    let Ok(task_uuid) = Uuid::try_parse(uuid) else {
+        return Err(not_a_uuid(uuid));
+    };
+    ask_engine(state, |reply| EngineMessage::TaskStatus {
+        task_uuid,
+        reply,
+    })
+    .await
+    .map_err(engine_error)
+}
+
+/// A POST that changes something: only with `web_api_actions: true`, and only with the CSRF
+/// token a page of this origin read from `GET /api/session` (another site's form or script can
+/// neither read that answer nor set the header without a CORS preflight, which nothing here allows).
+fn refuse_action(state: &WebState, headers: &axum::http::HeaderMap) -> Option<Response> {
+    if !state.actions {
+        return Some(error(
+            StatusCode::FORBIDDEN,
+            "actions are disabled: start the worker with web_api_actions: true (or mount \
+             TaskerCore::Web with actions: true) to cancel and retry tasks from the web",
+        ));
+    }
+    let presented = headers
+        .get("x-csrf-token")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !constant_time_eq(presented.as_bytes(), state.csrf_token.as_bytes()) {
+        return Some(error(
+            StatusCode::FORBIDDEN,
+            "X-CSRF-Token: missing or wrong (read csrf_token from GET /api/session)",
+        ));
+    }
+    None
+}
+
+fn not_a_uuid(uuid: &str) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        format!("unknown task {uuid:?}: not a UUID"),
+    )
+}
+
+/// `POST /api/tasks/<uuid>/cancel` (`TaskerCore.cancel_task`): `{"cancelled": bool}`.
+async fn cancel_task(
+    State(state): State<Arc<WebState>>,
+    Path(uuid): Path<String>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    if let Some(refusal) = refuse_action(&state, &headers) {
+        return refusal;
+    }
+    let Ok(task_uuid) = Uuid::try_parse(&uuid) else {
+        return not_a_uuid(&uuid);
+    };
+    match ask_engine(&state, |reply| EngineMessage::CancelTask {
+        task_uuid,
+        reply,
+    })
+    .await
+    {
+        Ok(cancelled) => Json(json!({ "cancelled": cancelled })).into_response(),
+        Err(e) => engine_error(e),
+    }
+}
+
+/// `POST /api/tasks/<uuid>/retry` (`TaskerCore.retry_task`): `{"retried": true}`; 400 for a task
+/// still running or complete.
+async fn retry_task(
+    State(state): State<Arc<WebState>>,
+    Path(uuid): Path<String>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    if let Some(refusal) = refuse_action(&state, &headers) {
+        return refusal;
+    }
+    let Ok(task_uuid) = Uuid::try_parse(&uuid) else {
+        return not_a_uuid(&uuid);
+    };
+    match ask_engine(&state, |reply| EngineMessage::RetryTask {
+        task_uuid,
+        reply,
+    })
+    .await
+    {
+        Ok(()) => Json(json!({ "retried": true })).into_response(),
+        Err(e) => engine_error(e),
+    }
+}
+
+/// `GET /api/session`: what the dashboard may show (the action buttons) and the CSRF token its
+/// POSTs send.
+async fn session(State(state): State<Arc<WebState>>) -> Response {
+    let mut body = json!({
+        "actions": state.actions,
+        "token_required": state.token.is_some(),
+    });
+    if state.actions {
+        body["csrf_token"] = state.csrf_token.clone().into();
+    }
+    ([(header::CACHE_CONTROL, "no-store")], Json(body)).into_response()
+}
+
+/// `GET /api/overview`: tasks by status, queue depth, this worker's state and its steps/s over
+/// the last minutes.
+async fn overview(State(state): State<Arc<WebState>>) -> Response {
+    state.sample();
+    let counts = match &state.database {
+        Some(pool) => database_gauges(&state, pool).await.ok(),
+        None => engine_gauges(&state).await,
+    };
+    let mut by_status = serde_json::Map::new();
+    for status in ["pending", "in_progress", "complete", "error", "cancelled"] {
+        by_status.insert(status.into(), 0.into());
+    }
+    // Claims exist only on PostgreSQL: null on the memory backend, a count (maybe 0) there.
+    let mut claimed = state.database.as_ref().map(|_| 0u64);
+    let (mut ready, mut waiting) = (0u64, 0u64);
+    if let Some(counts) = &counts {
+        for (_, status, n) in &counts.tasks {
+            let entry = by_status.entry(status.clone()).or_insert(0.into());
+            *entry = (entry.as_u64().unwrap_or(0) + n).into();
+        }
+        for (_, r, w, c) in &counts.steps {
+            ready += r;
+            waiting += w;
+            if let Some(c) = c {
+                claimed = Some(claimed.unwrap_or(0) + c);
+            }
+        }
+    }
+    let samples: Vec<(u64, u64)> = state
+        .samples
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .copied()
+        .collect();
+    let throughput: Vec<Value> = samples
+        .windows(2)
+        .map(|w| {
+            let (t0, n0) = w[0];
+            let (t1, n1) = w[1];
+            let seconds = t1.saturating_sub(t0).max(1) as f64;
+            json!({ "at": t1, "steps_per_second": n1.saturating_sub(n0) as f64 / seconds })
+        })
+        .collect();
+    let status = state.shared.status();
+    Json(json!({
+        "worker": status_json(&status),
+        "tasks_by_status": by_status,
+        "counts_available": counts.is_some(),
+        "queue": {
+            "ready": ready,
+            "waiting_for_retry": waiting,
+            "claimed": claimed,
+            "in_flight": state.shared.in_flight.load(Ordering::Acquire),
+        },
+        "throughput": throughput,
+        "sample_every_seconds": super::SAMPLE_EVERY.as_secs(),
+    }))
+    .into_response()
+}
+
+async fn dashboard() -> Response {
+    assets::page(assets::INDEX_HTML)
+}
+
+async fn login_page(State(state): State<Arc<WebState>>) -> Response {
+    if state.token.is_none() {
+        return (StatusCode::SEE_OTHER, [(header::LOCATION, "./")]).into_response();
+    }
+    assets::page(assets::LOGIN_HTML)
+}
+
+/// Where the dashboard is mounted (the Rack app says so in `X-Tasker-Script-Name`), so that
+/// the login cookie goes only to it.
+fn cookie_path(headers: &axum::http::HeaderMap) -> String {
+    let mount = headers
+        .get("x-tasker-script-name")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.starts_with('/') && !v.contains([';', ',', ' ']))
+        .unwrap_or("")
+        .trim_end_matches('/');
+    format!("{mount}/")
+}
+
+fn secure_attribute(headers: &axum::http::HeaderMap) -> &'static str {
+    let https = headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("https"));
+    if https {
+        "; Secure"
+    } else {
+        ""
+    }
+}
+
+/// `POST /login` with the form field `token`: sets the login cookie and goes to the dashboard.
+async fn login(
+    State(state): State<Arc<WebState>>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let Some(token) = &state.token else {
+        return (StatusCode::SEE_OTHER, [(header::LOCATION, "./")]).into_response();
+    };
+    let presented = form_urlencoded::parse(&body)
+        .find(|(key, _)| key == "token")
+        .map(|(_, value)| value.into_owned())
+        .unwrap_or_default();
+    if !constant_time_eq(presented.as_bytes(), token.as_bytes()) {
+        let mut response = assets::page(assets::LOGIN_HTML);
+        *response.status_mut() = StatusCode::UNAUTHORIZED;
+        return response;
+    }
+    let value: String = form_urlencoded::byte_serialize(presented.as_bytes()).collect();
+    let cookie = format!(
+        "{TOKEN_COOKIE}={value}; Path={}; HttpOnly; SameSite=Strict{}",
+        cookie_path(&headers),
+        secure_attribute(&headers)
+    );
+    (
+        StatusCode::SEE_OTHER,
+        [
+            (header::LOCATION, "./".to_string()),
+            (header::SET_COOKIE, cookie),
+        ],
+    )
+        .into_response()
+}
+
+/// `POST /logout`: forgets the login cookie.
+async fn logout(headers: axum::http::HeaderMap) -> Response {
+    let cookie = format!(
+        "{TOKEN_COOKIE}=; Path={}; HttpOnly; SameSite=Strict; Max-Age=0",
+        cookie_path(&headers)
+    );
+    (
+        StatusCode::SEE_OTHER,
+        [
+            (header::LOCATION, "login".to_string()),
+            (header::SET_COOKIE, cookie),
+        ],
+    )
+        .into_response()
+}
+
+async fn asset(Path(file): Path<String>) -> Response {
+    match assets::named(&file) {
+        Some(response) => response,
+        None => error(StatusCode::NOT_FOUND, format!("no asset {file:?}")),
     }
 }
 
