@@ -73,8 +73,9 @@ fn _create_tasks(
                 .map_err(|e| errors::ConfigurationError::new_err(e.to_string()))?;
             list.push(serde_json::Value::Object(context));
         }
+        // Scheduled tasks (`run_at`) are not offered to Python yet: the tasks start now.
         let receiver = system
-            .request_create_tasks(namespace, name, version, list)
+            .request_create_tasks(namespace, name, version, list, None)
             .map_err(errors::engine)?;
         let uuids = answer(py, receiver)?;
         Ok(uuids.into_iter().map(convert::uuid_str).collect())
