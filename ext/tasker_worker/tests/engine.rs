@@ -310,10 +310,13 @@ fn a_timed_out_attempt_is_retried_only_after_its_handler_returns() {
                     assert!(system.begin_running(event.event_id));
                     let started = Instant::now();
                     std::thread::sleep(Duration::from_millis(250));
+                    // The handler returns here: the engine may start the next attempt as soon
+                    // as `complete` tells it, before `complete` returns to this thread.
+                    let returned = Instant::now();
                     let verdict = system.complete(completion(&event, Ok(json!({}))));
                     seen.lock()
                         .unwrap()
-                        .push((event.attempt, started, Instant::now(), verdict));
+                        .push((event.attempt, started, returned, verdict));
                 }
             })
         })
@@ -540,10 +543,23 @@ steps:
 fn a_failed_task_ends_only_when_its_running_steps_have_returned() {
     let slow_returned = Arc::new(Mutex::new(None));
     let returned = Arc::clone(&slow_returned);
+    let slow_started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let started = Arc::clone(&slow_started);
     let h = start(BRANCHES, json!({"concurrency": 2}), 2, move |e| {
         match &*e.definition.name {
-            "fails" => Err((false, "no".into())),
+            "fails" => {
+                // Fail only once the other branch runs (on a loaded machine it could otherwise
+                // be skipped before it starts, which is right, but not what this test is about).
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while !started.load(std::sync::atomic::Ordering::Acquire)
+                    && Instant::now() < deadline
+                {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err((false, "no".into()))
+            }
             "slow" => {
+                started.store(true, std::sync::atomic::Ordering::Release);
                 std::thread::sleep(Duration::from_millis(300));
                 *returned.lock().unwrap() = Some(Instant::now());
                 Ok(json!({"slow": true}))
