@@ -14,6 +14,7 @@ use pyo3::types::{PyDict, PyList, PyTuple};
 use serde_json::{Map, Value as Json};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
+use tasker_worker::logging::to_filter;
 use tasker_worker::LogLevel;
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
@@ -102,16 +103,6 @@ impl Visit for Fields {
             self.fields
                 .insert(field.name().into(), Json::from(format!("{value:?}")));
         }
-    }
-}
-
-fn to_filter(level: LogLevel) -> LevelFilter {
-    match level {
-        LogLevel::Trace => LevelFilter::TRACE,
-        LogLevel::Debug => LevelFilter::DEBUG,
-        LogLevel::Info => LevelFilter::INFO,
-        LogLevel::Warn => LevelFilter::WARN,
-        LogLevel::Error => LevelFilter::ERROR,
     }
 }
 

@@ -53,7 +53,8 @@ static INSTALLED: OnceLock<Option<Installed>> = OnceLock::new();
 /// Lines dropped by writers already replaced (the current one counts its own).
 static DROPPED_BEFORE: AtomicU64 = AtomicU64::new(0);
 
-fn to_filter(level: LogLevel) -> LevelFilter {
+/// The tracing filter of a configured level (the bridges that install their own subscriber use it too).
+pub fn to_filter(level: LogLevel) -> LevelFilter {
     match level {
         LogLevel::Trace => LevelFilter::TRACE,
         LogLevel::Debug => LevelFilter::DEBUG,
