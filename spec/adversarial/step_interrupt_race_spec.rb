@@ -25,7 +25,11 @@ RSpec.describe "Step interrupts racing the handler's return" do
     # No step had two attempts running at once.
     WorkflowRecorder.executions.group_by(&:step_uuid).each_value do |runs|
       intervals = runs.map { |r| [r.started_at, r.finished_at || monotonic] }
-      expect(max_overlap(intervals)).to eq(1)
+      expect(max_overlap(intervals)).to eq(1), lambda {
+        "attempts of step #{runs.first.name} overlapped:\n" + runs.map do |r|
+          "  attempt #{r.attempt} on #{r.thread.name}: #{r.started_at}..#{r.finished_at.inspect} (#{r.outcome.inspect})"
+        end.join("\n")
+      }
     end
     expect(run_task("quick")[:status]).to eq("complete")
   end

@@ -51,19 +51,27 @@ module WorkflowHandlers
   #   "until_attempt" raise only on attempts before this one (then succeed)
   #   "retry_after"   seconds, with "raise" => "retryable"
   class Scripted < TaskerCore::StepHandler::Base
+    # The recording runs with interrupts deferred and the plan with them open: a StepTimeoutError
+    # landing inside the recorder's own code (after `start` recorded the execution, before the
+    # ensure set `finished_at`) would leave an execution that seems to run forever. One that
+    # arrives after the plan is done is raised as the recording ends, still inside the handler.
     def call(task, sequence, step)
       plan = config.merge(task.context.fetch("plan", {}).fetch(step.name, {}))
-      execution = WorkflowRecorder.start(task, sequence, step, config)
-      begin
-        pause(plan, step)
-        fail_as_planned(plan, step)
-        execution.outcome = :success
-        { "step" => step.name, "attempt" => step.attempts, "dependencies" => sequence.dependency_results.keys.sort }
-      rescue Exception # rubocop:disable Lint/RescueException
-        execution.outcome = :raised
-        raise
-      ensure
-        execution.finished_at = WorkflowRecorder.now
+      Thread.handle_interrupt(Object => :never) do
+        execution = WorkflowRecorder.start(task, sequence, step, config)
+        begin
+          Thread.handle_interrupt(Object => :immediate) do
+            pause(plan, step)
+            fail_as_planned(plan, step)
+          end
+          execution.outcome = :success
+          { "step" => step.name, "attempt" => step.attempts, "dependencies" => sequence.dependency_results.keys.sort }
+        rescue Exception # rubocop:disable Lint/RescueException
+          execution.outcome = :raised
+          raise
+        ensure
+          execution.finished_at = WorkflowRecorder.now
+        end
       end
     end
 
