@@ -2,7 +2,10 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
+import subprocess
 import sys
+import uuid as uuidlib
 
 import pytest
 
@@ -27,3 +30,31 @@ def no_worker_left():
 @pytest.fixture
 def templates() -> str:
     return str(TEMPLATES)
+
+
+# PostgreSQL for the backend tests: a fresh database per test, dropped after it.
+HOST = os.environ.get("PGHOST", "127.0.0.1")
+PORT = os.environ.get("PGPORT", "5432")
+USER = os.environ.get("PGUSER", "postgres")
+
+
+def psql(sql: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["psql", "-h", HOST, "-p", PORT, "-U", USER, "-d", "postgres", "-tAc", sql],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+@pytest.fixture
+def database():
+    if shutil.which("psql") is None:
+        pytest.skip("psql is not installed: no PostgreSQL to test against")
+    if psql("SELECT 1").returncode != 0:
+        pytest.skip(f"PostgreSQL is not reachable at {HOST}:{PORT}")
+    name = f"pyk_{uuidlib.uuid4().hex[:12]}"
+    created = psql(f"CREATE DATABASE {name}")
+    assert created.returncode == 0, created.stderr
+    yield f"postgres://{USER}@{HOST}:{PORT}/{name}"
+    psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

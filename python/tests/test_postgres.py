@@ -3,46 +3,19 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-import uuid as uuidlib
 
 import pytest
 
 import tasker_core
 from tasker_core import Worker
 
-HOST = os.environ.get("PGHOST", "127.0.0.1")
-PORT = os.environ.get("PGPORT", "5432")
-USER = os.environ.get("PGUSER", "postgres")
 HERE = os.path.dirname(__file__)
 TEMPLATES = os.path.join(HERE, "pg_templates")
-
-
-def psql(sql: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["psql", "-h", HOST, "-p", PORT, "-U", USER, "-d", "postgres", "-tAc", sql],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-
-
-@pytest.fixture
-def database():
-    if shutil.which("psql") is None:
-        pytest.skip("psql is not installed: no PostgreSQL to test against")
-    if psql("SELECT 1").returncode != 0:
-        pytest.skip(f"PostgreSQL is not reachable at {HOST}:{PORT}")
-    name = f"pyk_{uuidlib.uuid4().hex[:12]}"
-    created = psql(f"CREATE DATABASE {name}")
-    assert created.returncode == 0, created.stderr
-    yield f"postgres://{USER}@{HOST}:{PORT}/{name}"
-    psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def config(url: str, **extra) -> dict:

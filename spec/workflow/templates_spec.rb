@@ -185,6 +185,15 @@ module WorkflowTemplatesSpec
       version: 1.0.0
       steps: []
     YAML
+    "an empty step namespace" => [<<~YAML, ["pack", "`namespace` must not be empty"]],
+      namespace: shop
+      name: blank_step_namespace
+      version: 1.0.0
+      steps:
+        - name: pack
+          namespace: ""
+          handler: { callable: WorkflowHandlers::Scripted }
+    YAML
     "malformed YAML" => [<<~YAML, ["line 7"]]
       namespace: shop
       name: broken
@@ -250,6 +259,63 @@ module WorkflowTemplatesSpec
       rotations = ["pack -> ship -> bill -> pack", "ship -> bill -> pack -> ship", "bill -> pack -> ship -> bill"]
       expect { bootstrap.start!(templates: path) }
         .to raise_error(TaskerCore::ConfigurationError, /dependency cycle: (#{rotations.join("|")})\z/)
+    end
+
+    context "with a step in a namespace of its own (a polyglot workflow)" do
+      let(:polyglot) do
+        <<~YAML
+          namespace: shop
+          name: scored
+          version: 1.0.0
+          steps:
+            - name: pack
+              handler: { callable: WorkflowHandlers::Scripted }
+            - name: score
+              namespace: shop_py
+              dependencies: [pack]
+              handler: { callable: shop.scoring.Score }
+        YAML
+      end
+
+      it "a Ruby worker without namespaces: refuses to start, naming the step it could not run" do
+        path = write_template("scored.yml", polyglot)
+
+        expect { bootstrap.start!(templates: path) }.to raise_error(TaskerCore::ConfigurationError) { |error|
+          expect(error.message).to include(path, "step `score`", '"shop.scoring.Score"', "not a Ruby class name")
+        }
+        expect_no_worker
+      end
+
+      it "on the memory backend, refuses namespaces that leave a step of its tasks to nobody" do
+        write_template("scored.yml", polyglot)
+
+        expect { bootstrap.start!(templates: @dir, namespaces: ["shop"]) }
+          .to raise_error(TaskerCore::ConfigurationError) { |error|
+            expect(error.message).to include("step `score`", "shop/scored@1.0.0", '"shop_py"', "memory backend")
+          }
+        expect_no_worker
+      end
+
+      it "runs a Ruby step of another namespace in the same process when the worker runs both" do
+        write_template("split.yml", <<~YAML)
+          namespace: shop
+          name: split
+          version: 1.0.0
+          steps:
+            - name: pack
+              handler: { callable: WorkflowHandlers::Scripted }
+            - name: ship
+              namespace: shop_shipping
+              dependencies: [pack]
+              handler: { callable: WorkflowHandlers::Scripted }
+        YAML
+        bootstrap.start!(templates: @dir, namespaces: %w[shop shop_shipping])
+        uuid = TaskerCore.create_task(namespace: "shop", name: "split", version: "1.0.0", context: {})
+        final = TaskerCore.wait_for_task(uuid, timeout: 10)
+
+        expect(final[:status]).to eq("complete")
+        expect(final[:steps].map { |s| [s[:name], s[:status]] }).to eq([%w[pack complete], %w[ship complete]])
+      end
     end
 
     it "raises ConfigurationError for a templates path that does not exist" do

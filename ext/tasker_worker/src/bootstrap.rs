@@ -31,11 +31,8 @@ pub struct WorkerBootstrap;
 impl WorkerBootstrap {
     /// Validate templates and namespaces, then start the engine thread.
     pub fn start(config: WorkerConfig) -> EngineResult<WorkerSystemHandle> {
-        let templates = Arc::new(TemplateRegistry::load(
-            &config.templates,
-            config.callable_rule,
-        )?);
-        let namespaces = Self::namespaces(&config, &templates)?;
+        let (templates, namespaces) = Self::templates(&config)?;
+        let templates = Arc::new(templates);
         // Only once the configuration is known to be good: a refused bootstrap changes nothing.
         crate::logging::configure(config.log_format, config.log_output.clone())?;
         if let Some(level) = config.log_level {
@@ -105,21 +102,24 @@ impl WorkerBootstrap {
     /// templates in the namespaces it would run. Loads the templates as [`Self::start`] does and
     /// starts nothing, so a caller can check the handlers before starting the worker.
     pub fn handler_references(config: &WorkerConfig) -> EngineResult<Vec<HandlerReference>> {
-        let templates = TemplateRegistry::load(&config.templates, config.callable_rule)?;
-        let namespaces = Self::namespaces(config, &templates)?;
+        let (templates, namespaces) = Self::templates(config)?;
         Ok(templates.handlers_in(&namespaces))
     }
 
     /// The templates and namespaces a worker started with `config` would run, loaded and
     /// validated as [`Self::start`] does, starting nothing (test mode runs tasks from them).
+    /// The callables of the steps it runs are checked by the bridge's rule; the others belong to
+    /// other workers (on PostgreSQL, maybe in another language).
     pub fn templates(config: &WorkerConfig) -> EngineResult<(TemplateRegistry, Vec<String>)> {
-        let templates = TemplateRegistry::load(&config.templates, config.callable_rule)?;
+        let templates = TemplateRegistry::load(&config.templates)?;
         let namespaces = Self::namespaces(config, &templates)?;
+        templates.check_callables(&namespaces, config.callable_rule)?;
         Ok((templates, namespaces))
     }
 
     /// The namespaces the worker runs: the configured ones (on the memory backend each must have a
-    /// template; on postgres other processes may hold them), or every loaded template's.
+    /// template or a step, and every step of the tasks it runs must be in one; on postgres other
+    /// processes may hold them), or every loaded template's and step's.
     fn namespaces(
         config: &WorkerConfig,
         templates: &TemplateRegistry,
@@ -134,6 +134,24 @@ impl WorkerBootstrap {
                     "namespaces: no template in namespace {missing:?} (templates loaded: {})",
                     templates.describe_known()
                 )));
+            }
+            // One process runs every step of its tasks: a step left to other workers would
+            // keep its task waiting forever.
+            let mut runs: Vec<&Arc<TaskTemplate>> = templates
+                .iter()
+                .filter(|t| list.contains(&t.namespace))
+                .collect();
+            runs.sort_by_key(|t| t.key());
+            for template in runs {
+                if let Some(step) = template.steps_outside(list).next() {
+                    return Err(EngineError::config(format!(
+                        "namespaces: step `{}` of {} runs in namespace {:?}, which this worker does not run \
+                         (namespaces: {list:?}); on the memory backend one process runs every step of its tasks",
+                        step.name,
+                        template.key(),
+                        step.namespace
+                    )));
+                }
             }
         }
         Ok(list.clone())

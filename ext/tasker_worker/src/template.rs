@@ -85,6 +85,10 @@ impl RetryPolicy {
 #[derive(Debug)]
 pub struct StepDefinition {
     pub name: Arc<str>,
+    /// The namespace of the workers that run this step: the step's `namespace:`, or its
+    /// template's. A polyglot workflow gives the steps another language's workers run a
+    /// namespace of their own (see docs/templates.md).
+    pub namespace: String,
     pub callable: String,
     /// Always a JSON object.
     pub initialization: Value,
@@ -119,15 +123,14 @@ impl TaskTemplate {
     }
 
     /// Parse and validate one template; `source` only labels error messages. Any non-empty
-    /// `handler.callable` is accepted: for templates another process (maybe another language's
-    /// worker) already checked, like those the postgres backend stores.
+    /// `handler.callable` is accepted here: what a callable looks like is the business of the
+    /// bridge whose handlers run it (a Ruby constant path, a Python dotted path), checked by
+    /// [`Self::check_callables`] for the steps a worker runs.
     pub fn from_yaml(yaml: &str, source: &Path) -> EngineResult<Self> {
         Self::from_yaml_checked(yaml, source, any_callable)
     }
 
-    /// [`TaskTemplate::from_yaml`], with each `handler.callable` checked by `rule`: what a
-    /// callable looks like is the business of the bridge whose handlers run it (a Ruby constant
-    /// path, a Python dotted path), not of the engine.
+    /// [`TaskTemplate::from_yaml`], with every step's `handler.callable` checked by `rule`.
     pub fn from_yaml_checked(yaml: &str, source: &Path, rule: CallableRule) -> EngineResult<Self> {
         let file = source.display();
         let raw: RawTemplate = serde_norway::from_str(yaml).map_err(|e| {
@@ -172,6 +175,11 @@ impl TaskTemplate {
             if let Err(expected) = rule(&callable) {
                 return Err(in_step(format!("handler.callable {callable:?} {expected}")));
             }
+            let namespace = match &step.namespace {
+                None => raw.namespace.clone(),
+                Some(n) if !n.trim().is_empty() => n.clone(),
+                Some(_) => return Err(in_step("`namespace` must not be empty".into())),
+            };
             let initialization = match &step.handler.initialization {
                 None | Some(Value::Null) => Value::Object(Default::default()),
                 Some(v @ Value::Object(_)) => v.clone(),
@@ -216,6 +224,7 @@ impl TaskTemplate {
             dependencies.push(deps);
             steps.push(Arc::new(StepDefinition {
                 name: Arc::from(step.name.as_str()),
+                namespace,
                 callable,
                 initialization,
                 dependencies: step.dependencies.clone(),
@@ -250,6 +259,38 @@ impl TaskTemplate {
 
     pub fn step_index(&self, name: &str) -> Option<usize> {
         self.steps.iter().position(|s| &*s.name == name)
+    }
+
+    /// Check the callables of the steps a worker of `namespaces` runs with its bridge's `rule`
+    /// (the other steps belong to other workers, maybe in another language).
+    pub fn check_callables(&self, namespaces: &[String], rule: CallableRule) -> EngineResult<()> {
+        for step in self
+            .steps
+            .iter()
+            .filter(|s| namespaces.contains(&s.namespace))
+        {
+            if let Err(expected) = rule(&step.callable) {
+                return Err(EngineError::config(format!(
+                    "template {}: step `{}`: handler.callable {:?} {expected}",
+                    self.source.display(),
+                    step.name,
+                    step.callable
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Steps no worker of `namespaces` runs (each with its namespace): in one process (the
+    /// memory backend) a task of this template would wait for them forever.
+    pub fn steps_outside<'a>(
+        &'a self,
+        namespaces: &'a [String],
+    ) -> impl Iterator<Item = &'a StepDefinition> + 'a {
+        self.steps
+            .iter()
+            .map(|s| &**s)
+            .filter(|s| !namespaces.contains(&s.namespace))
     }
 }
 
@@ -363,18 +404,28 @@ pub struct TemplateRegistry {
 
 impl TemplateRegistry {
     /// Load every `*.yml`/`*.yaml` under each path (directories recursively, in name order).
-    /// `rule` checks each step's `handler.callable` (see [`CallableRule`]).
-    pub fn load(paths: &[PathBuf], rule: CallableRule) -> EngineResult<Self> {
+    /// Callables are checked later, for the steps a worker runs ([`Self::check_callables`]).
+    pub fn load(paths: &[PathBuf]) -> EngineResult<Self> {
         let mut registry = Self::default();
         for path in paths {
             for file in yaml_files(path)? {
                 let text = std::fs::read_to_string(&file).map_err(|e| {
                     EngineError::config(format!("templates: cannot read {}: {e}", file.display()))
                 })?;
-                registry.insert(TaskTemplate::from_yaml_checked(&text, &file, rule)?)?;
+                registry.insert(TaskTemplate::from_yaml(&text, &file)?)?;
             }
         }
         Ok(registry)
+    }
+
+    /// Check with the bridge's `rule` the callable of every step a worker of `namespaces` runs,
+    /// in a stable order (the first bad one by template key, then step order).
+    pub fn check_callables(&self, namespaces: &[String], rule: CallableRule) -> EngineResult<()> {
+        let mut templates: Vec<&Arc<TaskTemplate>> = self.templates.values().collect();
+        templates.sort_by_key(|t| t.key());
+        templates
+            .into_iter()
+            .try_for_each(|t| t.check_callables(namespaces, rule))
     }
 
     pub fn insert(&mut self, template: TaskTemplate) -> EngineResult<()> {
@@ -411,35 +462,43 @@ impl TemplateRegistry {
         self.templates.is_empty()
     }
 
-    /// Sorted, de-duplicated namespaces of all templates.
+    /// Sorted, de-duplicated namespaces of all templates and of their steps.
     pub fn namespaces(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.templates.keys().map(|k| k.namespace.clone()).collect();
+        let mut names: Vec<String> = self
+            .templates
+            .values()
+            .flat_map(|t| {
+                std::iter::once(t.namespace.clone())
+                    .chain(t.steps.iter().map(|s| s.namespace.clone()))
+            })
+            .collect();
         names.sort();
         names.dedup();
         names
     }
 
-    /// Every step's handler in the templates of `namespaces`, in a stable order (namespace,
-    /// name, version, then the step's place in its template), for checking them before a start.
+    /// The handler of every step a worker of `namespaces` runs (a step runs in its own
+    /// namespace, by default its template's), in a stable order (namespace, name, version, then
+    /// the step's place in its template), for checking them before a start.
     pub fn handlers_in(&self, namespaces: &[String]) -> Vec<HandlerReference> {
-        let mut templates: Vec<&Arc<TaskTemplate>> = self
-            .templates
-            .values()
-            .filter(|t| namespaces.contains(&t.namespace))
-            .collect();
+        let mut templates: Vec<&Arc<TaskTemplate>> = self.templates.values().collect();
         templates.sort_by(|a, b| {
             (&a.namespace, &a.name, &a.version).cmp(&(&b.namespace, &b.name, &b.version))
         });
         templates
             .into_iter()
             .flat_map(|template| {
-                template.steps.iter().map(move |step| HandlerReference {
-                    namespace: template.namespace.clone(),
-                    name: template.name.clone(),
-                    version: template.version.clone(),
-                    step: step.name.to_string(),
-                    callable: step.callable.clone(),
-                })
+                template
+                    .steps
+                    .iter()
+                    .filter(|step| namespaces.contains(&step.namespace))
+                    .map(move |step| HandlerReference {
+                        namespace: template.namespace.clone(),
+                        name: template.name.clone(),
+                        version: template.version.clone(),
+                        step: step.name.to_string(),
+                        callable: step.callable.clone(),
+                    })
             })
             .collect()
     }
@@ -501,6 +560,8 @@ struct RawTemplate {
 #[serde(deny_unknown_fields)]
 struct RawStep {
     name: String,
+    #[serde(default)]
+    namespace: Option<String>,
     #[serde(default)]
     dependencies: Vec<String>,
     handler: RawHandler,
@@ -768,24 +829,75 @@ steps:
         assert!(reg.handlers_in(&["nobody".to_string()]).is_empty());
     }
 
+    const POLYGLOT: &str = "namespace: orders\nname: score\nversion: 1\nsteps:\n  - { name: fetch, handler: { callable: Orders::Fetch } }\n  - { name: score, namespace: ml, dependencies: [fetch], handler: { callable: ml.steps.Score } }\n  - { name: ship, dependencies: [score], handler: { callable: Orders::Ship } }\n";
+
+    #[test]
+    fn a_step_runs_in_its_own_namespace_or_its_templates() {
+        let template = parse(POLYGLOT).unwrap();
+        let namespaces: Vec<&str> = template
+            .steps
+            .iter()
+            .map(|s| s.namespace.as_str())
+            .collect();
+        assert_eq!(namespaces, ["orders", "ml", "orders"]);
+        let e = err("namespace: n\nname: x\nversion: 1\nsteps:\n  - { name: a, namespace: ' ', handler: { callable: A } }\n");
+        assert!(e.contains("step `a`: `namespace` must not be empty"), "{e}");
+
+        let mut reg = TemplateRegistry::default();
+        reg.insert(template).unwrap();
+        assert_eq!(reg.namespaces(), ["ml", "orders"]);
+        let steps = |ns: &str| -> Vec<String> {
+            reg.handlers_in(&[ns.to_string()])
+                .into_iter()
+                .map(|h| h.step)
+                .collect()
+        };
+        assert_eq!(steps("orders"), ["fetch", "ship"]);
+        assert_eq!(steps("ml"), ["score"]);
+    }
+
+    #[test]
+    fn the_bridge_rule_checks_only_the_steps_its_worker_runs() {
+        fn ruby(callable: &str) -> Result<(), String> {
+            if callable.contains('.') {
+                Err("is not a Ruby class name".into())
+            } else {
+                Ok(())
+            }
+        }
+        let mut reg = TemplateRegistry::default();
+        reg.insert(parse(POLYGLOT).unwrap()).unwrap();
+        // The Ruby worker runs `orders`: the Python step is not its business.
+        reg.check_callables(&["orders".to_string()], ruby).unwrap();
+        // A Ruby worker that also claimed `ml` could not run `score`, and says so.
+        let e = reg
+            .check_callables(&["orders".to_string(), "ml".to_string()], ruby)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "template t.yml: step `score`: handler.callable \"ml.steps.Score\" is not a Ruby class name"
+        );
+    }
+
     #[test]
     fn registry_loads_directories_and_rejects_duplicates() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("sub")).unwrap();
         std::fs::write(dir.path().join("sub/d.yaml"), DIAMOND).unwrap();
         std::fs::write(dir.path().join("ignored.txt"), "not yaml").unwrap();
-        let reg = TemplateRegistry::load(&[dir.path().to_path_buf()], any_callable).unwrap();
+        let reg = TemplateRegistry::load(&[dir.path().to_path_buf()]).unwrap();
         assert_eq!(reg.len(), 1);
         assert_eq!(reg.namespaces(), vec!["demo".to_string()]);
         assert!(reg.get("demo", "diamond", "1.0.0").is_some());
 
         std::fs::write(dir.path().join("copy.yml"), DIAMOND).unwrap();
-        let e = TemplateRegistry::load(&[dir.path().to_path_buf()], any_callable)
+        let e = TemplateRegistry::load(&[dir.path().to_path_buf()])
             .unwrap_err()
             .to_string();
         assert!(e.contains("already defined"), "{e}");
 
-        let e = TemplateRegistry::load(&[dir.path().join("missing")], any_callable)
+        let e = TemplateRegistry::load(&[dir.path().join("missing")])
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("templates: ") && e.contains("missing"), "{e}");

@@ -1191,6 +1191,7 @@ impl Backend for PostgresBackend {
         let mut waiting = Vec::new();
         let mut ready = Vec::new();
         let mut ready_timeouts = Vec::new();
+        let mut ready_namespaces = Vec::new();
         for row in &steps {
             let index = row.get::<i32, _>("step_index") as usize;
             if complete.contains(&index) {
@@ -1209,6 +1210,7 @@ impl Backend for PostgresBackend {
             if waiting_on == 0 {
                 ready.push(step_uuid);
                 ready_timeouts.push(ms(template.steps[index].timeout));
+                ready_namespaces.push(template.steps[index].namespace.as_str());
             }
         }
         // Each step gets its retry budget again, counted from the attempts it has had so far.
@@ -1226,12 +1228,12 @@ impl Backend for PostgresBackend {
         .map_err(db)?;
         sqlx::query(
             "INSERT INTO tasker_ready_steps (step_uuid, task_uuid, namespace, timeout_ms)
-             SELECT u, $2, $3, ms FROM unnest($1::uuid[], $4::int4[]) AS x(u, ms)
+             SELECT u, $2, ns, ms FROM unnest($1::uuid[], $3::text[], $4::int4[]) AS x(u, ns, ms)
              ON CONFLICT (step_uuid) DO UPDATE SET visible_at = now(), claimed_by = NULL",
         )
         .bind(&ready)
         .bind(task_uuid)
-        .bind(&key.namespace)
+        .bind(&ready_namespaces)
         .bind(&ready_timeouts)
         .execute(&mut *tx)
         .await
@@ -1557,7 +1559,7 @@ impl NewTaskRows {
             step_run_at: vec![run_at; tasks * n],
             root_uuids: Vec::with_capacity(tasks * roots.len()),
             root_tasks: Vec::with_capacity(tasks * roots.len()),
-            root_namespaces: vec![template.namespace.clone(); tasks * roots.len()],
+            root_namespaces: Vec::with_capacity(tasks * roots.len()),
             root_timeouts: Vec::with_capacity(tasks * roots.len()),
             root_run_at: vec![run_at; tasks * roots.len()],
             contexts,
@@ -1577,6 +1579,8 @@ impl NewTaskRows {
             for &i in &roots {
                 rows.root_uuids.push(rows.step_uuids[first + i]);
                 rows.root_tasks.push(task_uuid);
+                rows.root_namespaces
+                    .push(template.steps[i].namespace.clone());
                 rows.root_timeouts.push(ms(template.steps[i].timeout));
             }
         }
@@ -2281,7 +2285,8 @@ async fn write_once(
         writing = now;
         written.deferred = later;
     }
-    let (finished, halted, readiness) = write_entries(&mut tx, entries, &writing, &endings).await?;
+    let (finished, halted, readiness) =
+        write_entries(&mut tx, scope, entries, &writing, &endings).await?;
     let claims = claim.room > 0 && (claim.even_if_nothing_readied || readiness.readied);
     let claimed = if claims {
         claim_rows(&mut *tx, scope, claim.room).await?
@@ -2290,7 +2295,8 @@ async fn write_once(
     };
     // Other workers need a NOTIFY only for what this one did not take: a retry falling due
     // later, or ready steps beyond its room. One per batch (NOTIFY takes a global lock at commit).
-    let left_over = readiness.readied && (!claims || claimed.len() == claim.room);
+    let left_over = readiness.readied
+        && (!claims || claimed.len() == claim.room || readiness.foreign_successors);
     if readiness.retried || left_over {
         sqlx::query("SELECT pg_notify($1, '')")
             .bind(STEPS_READY)
@@ -2312,6 +2318,7 @@ async fn write_once(
 /// `endings`. Returns the tasks that finished, and those that a step failing for good halted.
 async fn write_entries(
     tx: &mut Transaction<'static, Postgres>,
+    scope: &ClaimScope,
     entries: &[Entry],
     subset: &[usize],
     endings: &HashMap<Uuid, Option<String>>,
@@ -2338,6 +2345,7 @@ async fn write_entries(
     let mut fail_metadata = Vec::new();
     let mut fail_statuses = Vec::new();
 
+    let mut readiness = Readiness::default();
     for entry in ordered {
         let flight = &entry.flight;
         let ending = endings.get(&flight.task_uuid).and_then(|e| e.as_deref());
@@ -2363,7 +2371,11 @@ async fn write_entries(
                         edges.task.push(flight.task_uuid);
                         edges.index.push(next as i32);
                         edges.timeout.push(ms(template.steps[next].timeout));
-                        edges.namespace.push(template.namespace.clone());
+                        edges.namespace.push(template.steps[next].namespace.clone());
+                        // A successor of another namespace is for other workers: they need the
+                        // NOTIFY even when this one has room to claim.
+                        readiness.foreign_successors |=
+                            !scope.namespaces.contains(&template.steps[next].namespace);
                     }
                 }
             }
@@ -2388,7 +2400,6 @@ async fn write_entries(
     }
 
     let mut finished = Vec::new();
-    let mut readiness = Readiness::default();
 
     if !ok_steps.is_empty() {
         // One statement: results, the hot table, successors (a successor whose last dependency
@@ -3087,6 +3098,9 @@ fn delay_ms(d: Duration) -> i64 {
 struct Readiness {
     /// Successors became ready now.
     readied: bool,
+    /// Some successors counted toward belong to namespaces this worker does not run (a
+    /// polyglot workflow): if any became ready, only a NOTIFY tells their workers at once.
+    foreign_successors: bool,
     /// Steps will be ready again after their backoff.
     retried: bool,
 }
