@@ -7,12 +7,13 @@
 #   several client threads and awaited with wait_for_task;
 # - the same in bulk: create_tasks + wait_for_tasks;
 # - Sidekiq (Debian's ruby-sidekiq, local Redis, concurrency 10): no-op jobs/s, when installed.
-#   rake bench:api            (CLIENTS= client threads, default 4; SIDEKIQ=0 skips Sidekiq)
+#   rake bench:api            (CLIENTS= client threads, default 4; CONCURRENCY= handler threads,
+#                              default 4; SIDEKIQ=0 skips Sidekiq)
 
 require_relative "bench_helper"
 
 module ApiBench
-  CONCURRENCY = 4
+  CONCURRENCY = Integer(ENV.fetch("CONCURRENCY", "4"))
   CLIENTS = Integer(ENV.fetch("CLIENTS", "4"))
   TASK = { namespace: "bench", name: "single" }.freeze
 

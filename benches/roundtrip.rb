@@ -2,7 +2,7 @@
 
 # In-memory round trip with no-op handlers (event out to Ruby, completion back), concurrency 1
 # and 4, beside the baseline: the same per-step Ruby work with no engine.
-#   rake bench:roundtrip
+#   rake bench:roundtrip       (CONCURRENCIES=1,4,16 measures others)
 
 require_relative "bench_helper"
 require_relative "baseline"
@@ -22,7 +22,7 @@ Bench.header("in-memory round trip, no-op handlers", "rake bench:roundtrip")
 baseline = Array.new(Bench::RUNS) { Baseline.steps_per_second(steps_per_run) }
 puts format("   baseline (plain Ruby, no engine): median %d steps/s  runs: %s", Bench.median(baseline),
             baseline.map(&:round).join(", "))
-[1, 4].each do |concurrency|
+ENV.fetch("CONCURRENCIES", "1,4").split(",").map { |c| Integer(c) }.each do |concurrency|
   Bench.start_worker(concurrency: concurrency, task_retention: tasks * 2)
   run_once([tasks / 10, 1].max) # warm-up
   rates = Array.new(Bench::RUNS) { run_once(tasks) }
