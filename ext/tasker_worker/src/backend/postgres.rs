@@ -35,13 +35,12 @@
 //!   its own (not one of the pool's) and is checked with a query whenever it has been quiet
 //!   for a few seconds: a connection that died silently is replaced.
 
-use super::{Backend, CreatedReply, Notification, SnapshotReply};
+use super::{Backend, CreatedReply, Notification, NotificationSender, SnapshotReply};
+use crate::attempt::{AttemptOutcome, InFlight, MAX_RETRY_AFTER};
 use crate::config::DeploymentMode;
-use crate::engine::EngineMessage;
 use crate::error::{EngineError, EngineResult};
 use crate::events::{
-    AttemptOutcome, InFlight, StepExecutionEvent, StepSnapshot, StepStatus, TaskInfo, TaskSnapshot,
-    TaskStatus,
+    StepExecutionEvent, StepSnapshot, StepStatus, TaskInfo, TaskSnapshot, TaskStatus,
 };
 use crate::metrics::Metrics;
 use crate::task_list::{TaskPage, TaskQuery};
@@ -214,7 +213,7 @@ pub struct PostgresBackend {
     write_results: UnboundedReceiver<WriteDone>,
     write_results_sender: UnboundedSender<WriteDone>,
     /// Wakes the engine loop when a write task ends.
-    wake: Option<UnboundedSender<EngineMessage>>,
+    wake: Option<NotificationSender>,
     /// Where `create_tasks` calls go to be committed in groups ([`create_in_groups`]).
     creator: Option<UnboundedSender<CreateRequest>>,
     creator_task: Option<JoinHandle<()>>,
@@ -824,7 +823,7 @@ impl PostgresBackend {
                 metrics.observe_commit(began.elapsed());
             }
             if results.send(done).is_ok() {
-                let _ = wake.send(EngineMessage::Notify(Notification::BackendWorkDone));
+                let _ = wake.send(Notification::BackendWorkDone);
             }
         });
     }
@@ -1003,7 +1002,7 @@ impl PostgresBackend {
 }
 
 impl Backend for PostgresBackend {
-    async fn start(&mut self, inbox: UnboundedSender<EngineMessage>) -> EngineResult<()> {
+    async fn start(&mut self, inbox: NotificationSender) -> EngineResult<()> {
         let masked = mask_url(&self.settings.url);
         let options = connect_options(&self.settings.url, &self.settings.worker_id)
             .map_err(|e| EngineError::Bootstrap(format!("invalid database_url {masked}: {e}")))?;
@@ -1275,10 +1274,10 @@ impl Backend for PostgresBackend {
             // their queued attempts (a NOTIFY does it too, but Polling workers do not listen).
             if let Some(wake) = &self.wake {
                 let tasks = std::mem::take(&mut self.halted);
-                let _ = wake.send(EngineMessage::Notify(Notification::TasksHalted {
+                let _ = wake.send(Notification::TasksHalted {
                     tasks,
                     cancelled: false,
-                }));
+                });
             }
         }
         self.renew_leases(now);
@@ -1612,7 +1611,7 @@ impl NewTaskRows {
 async fn create_in_groups(
     pool: PgPool,
     mut requests: UnboundedReceiver<CreateRequest>,
-    wake: UnboundedSender<EngineMessage>,
+    wake: NotificationSender,
     transactions: usize,
 ) {
     // Up to `transactions` groups commit at once: while they wait for their commits, the next
@@ -1638,7 +1637,7 @@ async fn create_in_groups(
         tokio::spawn(async move {
             create_group(&pool, group).await;
             // Our own enqueues: a claim may find them.
-            let _ = wake.send(EngineMessage::Notify(Notification::StepsReady));
+            let _ = wake.send(Notification::StepsReady);
             drop(permit);
         });
     }
@@ -2721,7 +2720,7 @@ async fn renew_leases(
     attempts: Vec<i32>,
     lease_secs: f64,
     within: Duration,
-    wake: UnboundedSender<EngineMessage>,
+    wake: NotificationSender,
 ) {
     let renewal = sqlx::query_scalar::<_, Uuid>(
         "WITH owned AS (
@@ -2745,10 +2744,10 @@ async fn renew_leases(
     match tokio::time::timeout(within.max(Duration::from_millis(100)), renewal).await {
         Ok(Ok(cancelled)) => {
             if !cancelled.is_empty() {
-                let _ = wake.send(EngineMessage::Notify(Notification::TasksHalted {
+                let _ = wake.send(Notification::TasksHalted {
                     tasks: cancelled,
                     cancelled: true,
-                }));
+                });
             }
         }
         Ok(Err(e)) => {
@@ -2817,7 +2816,7 @@ async fn migrate(pool: &PgPool, masked: &str) -> EngineResult<()> {
 /// `LISTENER_HEARTBEAT_TIMEOUT` died silently (a NAT or firewall dropped it without a FIN) and
 /// is replaced. After a replacement the engine hears `Reconnected`: it claims and checks its
 /// waiters, since notifications may have been missed.
-async fn listen(options: PgConnectOptions, inbox: UnboundedSender<EngineMessage>) {
+async fn listen(options: PgConnectOptions, inbox: NotificationSender) {
     let mut first = true;
     loop {
         let mut listener = match connect_listener(&options).await {
@@ -2828,11 +2827,7 @@ async fn listen(options: PgConnectOptions, inbox: UnboundedSender<EngineMessage>
                 continue;
             }
         };
-        if !first
-            && inbox
-                .send(EngineMessage::Notify(Notification::Reconnected))
-                .is_err()
-        {
+        if !first && inbox.send(Notification::Reconnected).is_err() {
             return;
         }
         first = false;
@@ -2871,7 +2866,7 @@ async fn listen(options: PgConnectOptions, inbox: UnboundedSender<EngineMessage>
                     break;
                 }
             };
-            if inbox.send(EngineMessage::Notify(message)).is_err() {
+            if inbox.send(message).is_err() {
                 return;
             }
         }
@@ -3079,7 +3074,7 @@ fn ms(d: Duration) -> i32 {
 
 /// A retry delay in ms: up to `MAX_RETRY_AFTER` (a year), more than an `int4` of ms holds.
 fn delay_ms(d: Duration) -> i64 {
-    d.min(crate::bootstrap::MAX_RETRY_AFTER).as_millis() as i64
+    d.min(MAX_RETRY_AFTER).as_millis() as i64
 }
 
 /// What a batch of outcomes made claimable.

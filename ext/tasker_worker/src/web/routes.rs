@@ -2,10 +2,10 @@
 //! login; JSON errors for everything else.
 
 use super::{assets, WebState};
+use crate::attempt::Phase;
 use crate::backend::BackendGauges;
 use crate::engine::EngineMessage;
 use crate::error::{EngineError, EngineResult};
-use crate::events::Phase;
 use crate::graph::{self, GraphFormat};
 use crate::metrics::{NamespaceLabels, StateLabels, TaskLabels};
 use crate::status::{WorkerState, WorkerSystemStatus};
