@@ -70,6 +70,7 @@ pub fn engine(e: EngineError) -> PyErr {
         EngineError::InvalidArgument(m) => PyValueError::new_err(m),
         e @ EngineError::UnknownTask(_) => TaskNotFoundError::new_err(e.to_string()),
         EngineError::Internal(m) => FFIError::new_err(m),
+        e @ EngineError::Backend { .. } => FFIError::new_err(e.to_string()),
     }
 }
 

@@ -103,7 +103,7 @@ pub fn engine(ruby: &Ruby, e: EngineError) -> Error {
         EngineError::ShuttingDown => not_initialized(ruby, message),
         EngineError::InvalidArgument(_) => argument(ruby, message),
         EngineError::UnknownTask(_) => task_not_found(ruby, message),
-        EngineError::Internal(_) => ffi(ruby, message),
+        EngineError::Internal(_) | EngineError::Backend { .. } => ffi(ruby, message),
     }
 }
 

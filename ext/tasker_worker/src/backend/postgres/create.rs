@@ -189,11 +189,14 @@ pub(super) async fn create_group(pool: &PgPool, group: Vec<CreateRequest>) {
             }
         }
         result => {
-            let result = result.map_err(|e| e.to_string());
+            let result = result.map_err(Arc::new);
             for request in &group {
                 let _ = request.reply.try_send(match &result {
                     Ok(()) => Ok(request.rows.task_uuids.clone()),
-                    Err(e) => Err(EngineError::Internal(format!("postgres: {e}"))),
+                    Err(e) => Err(EngineError::Backend {
+                        context: "postgres".into(),
+                        source: Arc::clone(e),
+                    }),
                 });
             }
         }

@@ -482,10 +482,13 @@ impl Backend for PostgresBackend {
                 Err(TxFailure::Before(e)) if retry.again(&e, "cancelling a task").await => {}
                 Err(TxFailure::Before(e)) => return Err(db(e)),
                 Err(TxFailure::AtCommit(e)) => {
-                    return Err(EngineError::Internal(format!(
-                        "postgres: the connection failed while committing the cancel of task {task_uuid}, so \
-                         whether it was cancelled is unknown (task_status tells; cancelling again is safe): {e}"
-                    )))
+                    return Err(EngineError::backend(
+                        format!(
+                            "postgres: the connection failed while committing the cancel of task {task_uuid}, so \
+                             whether it was cancelled is unknown (task_status tells; cancelling again is safe)"
+                        ),
+                        e,
+                    ))
                 }
             }
         };
@@ -859,7 +862,7 @@ fn connect_options(url: &str, worker_id: &str) -> Result<PgConnectOptions, sqlx:
 }
 
 fn db(e: sqlx::Error) -> EngineError {
-    EngineError::Internal(format!("postgres: {e}"))
+    EngineError::backend("postgres", e)
 }
 
 /// The URL with every password replaced by `****`, for messages and logs: the userinfo's (even
