@@ -95,7 +95,7 @@ pub fn engine(ruby: &Ruby, e: EngineError) -> Error {
     let message = e.to_string();
     match e {
         EngineError::Configuration(_) => configuration(ruby, message),
-        EngineError::Bootstrap(_) => bootstrap(ruby, message),
+        EngineError::Bootstrap(_) | EngineError::StartFailed { .. } => bootstrap(ruby, message),
         EngineError::NotInitialized => not_initialized(
             ruby,
             "worker not initialized: call TaskerCore::FFI.bootstrap_worker (or Worker::Bootstrap.start!) first",

@@ -12,6 +12,15 @@ pub enum EngineError {
     /// The worker could not start, or one is already running.
     #[error("{0}")]
     Bootstrap(String),
+    /// The worker could not start because something underneath failed (connecting to or
+    /// migrating the database). The message is `context: source`; the bridges raise the class
+    /// [`Self::Bootstrap`] maps to.
+    #[error("{context}: {source}")]
+    StartFailed {
+        context: String,
+        #[source]
+        source: Arc<dyn std::error::Error + Send + Sync>,
+    },
     /// A call that needs a running worker was made without one.
     #[error("worker not initialized: no worker is running in this process")]
     NotInitialized,
@@ -46,6 +55,17 @@ impl EngineError {
         Self::Configuration(message.into())
     }
 
+    /// The worker cannot start: `source` failed while doing `context` (see [`Self::StartFailed`]).
+    pub fn start_failed(
+        context: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self::StartFailed {
+            context: context.into(),
+            source: Arc::new(source),
+        }
+    }
+
     /// A database failure while doing `context` (see [`Self::Backend`]).
     pub fn backend(context: impl Into<String>, source: sqlx::Error) -> Self {
         Self::Backend {
@@ -75,5 +95,22 @@ mod tests {
         ));
         // Cloning shares the cause (one failure answers every caller of a group commit).
         assert!(e.clone().source().is_some());
+    }
+
+    #[test]
+    fn a_start_failure_reads_as_before_and_keeps_its_cause() {
+        let e = EngineError::start_failed(
+            "cannot connect to PostgreSQL at db",
+            sqlx::Error::PoolTimedOut,
+        );
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "cannot connect to PostgreSQL at db: {}",
+                sqlx::Error::PoolTimedOut
+            )
+        );
+        let source = e.source().expect("the cause is the source");
+        assert_eq!(source.to_string(), sqlx::Error::PoolTimedOut.to_string());
     }
 }

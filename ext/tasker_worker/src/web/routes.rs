@@ -239,9 +239,10 @@ fn engine_error(e: EngineError) -> Response {
         EngineError::InvalidArgument(_) | EngineError::Configuration(_) => StatusCode::BAD_REQUEST,
         EngineError::UnknownTask(_) => StatusCode::NOT_FOUND,
         EngineError::NotInitialized | EngineError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
-        EngineError::Bootstrap(_) | EngineError::Internal(_) | EngineError::Backend { .. } => {
-            StatusCode::INTERNAL_SERVER_ERROR
-        }
+        EngineError::Bootstrap(_)
+        | EngineError::StartFailed { .. }
+        | EngineError::Internal(_)
+        | EngineError::Backend { .. } => StatusCode::INTERNAL_SERVER_ERROR,
     };
     error(status, e.to_string())
 }

@@ -367,7 +367,7 @@ impl Backend for PostgresBackend {
     async fn start(&mut self, inbox: NotificationSender) -> EngineResult<()> {
         let masked = mask_url(&self.settings.url);
         let options = connect_options(&self.settings.url, &self.settings.worker_id)
-            .map_err(|e| EngineError::Bootstrap(format!("invalid database_url {masked}: {e}")))?;
+            .map_err(|e| EngineError::start_failed(format!("invalid database_url {masked}"), e))?;
         let pool = PgPoolOptions::new()
             .max_connections(self.settings.pool_size)
             .min_connections(1)
@@ -375,7 +375,7 @@ impl Backend for PostgresBackend {
             .connect_with(options.clone())
             .await
             .map_err(|e| {
-                EngineError::Bootstrap(format!("cannot connect to PostgreSQL at {masked}: {e}"))
+                EngineError::start_failed(format!("cannot connect to PostgreSQL at {masked}"), e)
             })?;
         migrate(&pool, &masked).await?;
         self.pool = Some(pool);

@@ -145,7 +145,7 @@ pub(super) async fn migrate(pool: &PgPool, masked: &str) -> EngineResult<()> {
     let migrator = migrator();
     // sqlx serialises concurrent migrators with an advisory lock: simultaneous bootstraps are safe.
     migrator.run(pool).await.map_err(|e| {
-        EngineError::Bootstrap(format!("migrating the schema at {masked} failed: {e}"))
+        EngineError::start_failed(format!("migrating the schema at {masked} failed"), e)
     })?;
     let known = migrator.iter().map(|m| m.version).max().unwrap_or(0);
     let required: i64 =
@@ -153,9 +153,10 @@ pub(super) async fn migrate(pool: &PgPool, masked: &str) -> EngineResult<()> {
             .fetch_one(pool)
             .await
             .map_err(|e| {
-                EngineError::Bootstrap(format!(
-                    "reading the schema's compatibility at {masked} failed: {e}"
-                ))
+                EngineError::start_failed(
+                    format!("reading the schema's compatibility at {masked} failed"),
+                    e,
+                )
             })?;
     if known < required {
         return Err(EngineError::Bootstrap(format!(
