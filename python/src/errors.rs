@@ -65,11 +65,13 @@ pub fn engine(e: EngineError) -> PyErr {
     match e {
         EngineError::Configuration(m) => ConfigurationError::new_err(m),
         EngineError::Bootstrap(m) => WorkerBootstrapError::new_err(m),
+        e @ EngineError::StartFailed { .. } => WorkerBootstrapError::new_err(e.to_string()),
         EngineError::NotInitialized => not_initialized(),
         e @ EngineError::ShuttingDown => WorkerNotInitializedError::new_err(e.to_string()),
         EngineError::InvalidArgument(m) => PyValueError::new_err(m),
         e @ EngineError::UnknownTask(_) => TaskNotFoundError::new_err(e.to_string()),
         EngineError::Internal(m) => FFIError::new_err(m),
+        e @ EngineError::Backend { .. } => FFIError::new_err(e.to_string()),
     }
 }
 

@@ -95,7 +95,7 @@ pub fn engine(ruby: &Ruby, e: EngineError) -> Error {
     let message = e.to_string();
     match e {
         EngineError::Configuration(_) => configuration(ruby, message),
-        EngineError::Bootstrap(_) => bootstrap(ruby, message),
+        EngineError::Bootstrap(_) | EngineError::StartFailed { .. } => bootstrap(ruby, message),
         EngineError::NotInitialized => not_initialized(
             ruby,
             "worker not initialized: call TaskerCore::FFI.bootstrap_worker (or Worker::Bootstrap.start!) first",
@@ -103,7 +103,7 @@ pub fn engine(ruby: &Ruby, e: EngineError) -> Error {
         EngineError::ShuttingDown => not_initialized(ruby, message),
         EngineError::InvalidArgument(_) => argument(ruby, message),
         EngineError::UnknownTask(_) => task_not_found(ruby, message),
-        EngineError::Internal(_) => ffi(ruby, message),
+        EngineError::Internal(_) | EngineError::Backend { .. } => ffi(ruby, message),
     }
 }
 

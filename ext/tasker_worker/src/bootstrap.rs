@@ -3,15 +3,15 @@
 //! waits on [`WorkerSystemHandle::started`] and [`WorkerSystemHandle::stopped`] however
 //! suits it (the Ruby bridge waits with the GVL released).
 
-use crate::backend::memory::NewTask;
-use crate::backend::memory::{LocalTasks, MemoryBackend, TaskTable};
+use crate::attempt::{AttemptOutcome, Phase, MAX_RETRY_AFTER};
+use crate::backend::memory::{self, LocalTasks, MemoryBackend, NewTask};
 use crate::backend::postgres::{PostgresBackend, PostgresSettings};
 use crate::backend::{Backend, Notification};
 use crate::config::{BackendKind, WorkerConfig};
 use crate::dispatch::{self, DispatchPort, InFlightRegistry, InterruptPort};
 use crate::engine::{Engine, EngineMessage};
 use crate::error::{EngineError, EngineResult};
-use crate::events::{AttemptOutcome, Phase, StepExecutionCompletionEvent, TaskSnapshot};
+use crate::events::{StepExecutionCompletionEvent, TaskSnapshot};
 use crate::status::{Shared, WorkerState, WorkerSystemStatus};
 use crate::task_list::{TaskPage, TaskQuery};
 use crate::template::{HandlerReference, TaskTemplate, TemplateKey, TemplateRegistry};
@@ -262,44 +262,6 @@ pub enum TaskEndTake {
     Nothing,
     /// The worker stopped and every end was delivered.
     Closed,
-}
-
-/// The longest delay a completion's `retry_after` may ask for: one year. Longer ones are cut to
-/// it, so that no `Instant + Duration` in either backend can overflow, whatever a handler returns.
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(365 * 24 * 3600);
-
-/// The furthest ahead a task may be scheduled (`run_at`): ten years. Further is taken for a
-/// mistake (seconds given as milliseconds, a sentinel date) and refused by the bridges.
-pub const MAX_SCHEDULE_AHEAD: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-
-/// The furthest in the past a `run_at` may be: one year. A time a little past runs at once (a
-/// job's `wait_until` computed a moment ago); one far past is a mistake (the epoch, a year 1).
-pub const MAX_SCHEDULE_BEHIND: Duration = Duration::from_secs(365 * 24 * 3600);
-
-/// Check a task's `run_at`, given as seconds since the Unix epoch: finite and within
-/// [`MAX_SCHEDULE_BEHIND`] .. [`MAX_SCHEDULE_AHEAD`] of now. The error says what is wrong.
-pub fn schedule_time(epoch_seconds: f64) -> Result<SystemTime, String> {
-    if !epoch_seconds.is_finite() {
-        return Err(format!(
-            "run_at: must be a finite time, got {epoch_seconds}"
-        ));
-    }
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs_f64();
-    if epoch_seconds > now + MAX_SCHEDULE_AHEAD.as_secs_f64() {
-        return Err(format!(
-            "run_at: {epoch_seconds} seconds since the epoch is more than 10 years ahead"
-        ));
-    }
-    if epoch_seconds < now - MAX_SCHEDULE_BEHIND.as_secs_f64() {
-        return Err(format!(
-            "run_at: {epoch_seconds} seconds since the epoch is more than a year in the past"
-        ));
-    }
-    // Within ten years of now: positive and far from any overflow.
-    Ok(SystemTime::UNIX_EPOCH + Duration::from_secs_f64(epoch_seconds))
 }
 
 /// What happened to a completion handed to [`WorkerSystemHandle::complete`].
@@ -700,16 +662,7 @@ impl WorkerSystemHandle {
         contexts: Vec<Value>,
         run_at: Option<SystemTime>,
     ) -> Vec<NewTask> {
-        contexts
-            .into_iter()
-            .map(|context| {
-                let task = TaskTable::prepare(template, context);
-                match run_at {
-                    Some(run_at) => task.scheduled_for(run_at),
-                    None => task,
-                }
-            })
-            .collect()
+        memory::prepare_tasks(template, contexts, run_at)
     }
 
     /// Memory-backend tasks were inserted into the table: wake the engine to claim their steps,

@@ -5,11 +5,16 @@
 //! [`InFlightRegistry`], a lock-free map, so that a completion can be accepted or refused
 //! on the Ruby thread without a lock and without a round trip to the engine.
 
-use crate::events::{InFlight, Phase, StepExecutionEvent, StepInterrupt};
+use crate::attempt::{InFlight, Phase};
+use crate::events::{StepExecutionEvent, StepInterrupt};
 use crossbeam_channel::{Receiver, Select, Sender, TryRecvError};
 use crossbeam_skiplist::SkipMap;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
+
+/// How long the engine polls its inbox before it sleeps while steps are out with Ruby (see
+/// `engine::Spinner`); the dispatch-latency floor ([`WakeShape::Engine`]) polls as long.
+pub(crate) const ENGINE_SPIN: Duration = Duration::from_micros(50);
 
 /// Attempts handed out and not yet completed or timed out, keyed by event id.
 #[derive(Default)]
@@ -311,7 +316,7 @@ pub fn measure_thread_wake(samples: usize, gap: Duration, shape: WakeShape) -> V
                         break;
                     }
                     let _ = reply.send(());
-                    let until = Instant::now() + crate::engine::Spinner::BUDGET;
+                    let until = Instant::now() + ENGINE_SPIN;
                     while Instant::now() < until && inbox.is_empty() {
                         std::thread::yield_now();
                     }

@@ -1,12 +1,13 @@
 //! The engine loop: one task on the engine thread's tokio runtime. It owns the backend,
 //! feeds the dispatch channel, records completions and timeouts, and drives shutdown.
 
-use crate::backend::{Backend, BackendGauges, Notification, SnapshotReply};
-use crate::dispatch::InFlightRegistry;
-use crate::error::{EngineError, EngineResult};
-use crate::events::{
-    fmt_secs, AttemptOutcome, InFlight, InterruptReason, Phase, StepExecutionEvent, StepInterrupt,
+use crate::attempt::{fmt_secs, AttemptOutcome, InFlight, Phase};
+use crate::backend::{
+    Backend, BackendGauges, EngineGone, Notification, NotificationSender, SnapshotReply,
 };
+use crate::dispatch::{InFlightRegistry, ENGINE_SPIN};
+use crate::error::{EngineError, EngineResult};
+use crate::events::{InterruptReason, StepExecutionEvent, StepInterrupt};
 use crate::status::{Shared, WorkerState};
 use crate::task_list::{TaskPage, TaskQuery};
 use crate::template::{OnTimeout, TaskTemplate, TemplateKey};
@@ -92,8 +93,8 @@ pub(crate) struct Spinner {
 }
 
 impl Spinner {
-    /// The longest poll; the dispatch-latency floor (`dispatch::WakeShape::Engine`) polls as long.
-    pub(crate) const BUDGET: Duration = Duration::from_micros(50);
+    /// The longest poll.
+    const BUDGET: Duration = ENGINE_SPIN;
     const MAX_MISSES: u32 = 3;
     const COOLDOWN_PARKS: u32 = 64;
 
@@ -163,7 +164,13 @@ struct LoopState {
 
 impl<B: Backend> Engine<B> {
     pub async fn run(mut self, started: Sender<EngineResult<()>>) {
-        if let Err(e) = self.backend.start(self.inbox_sender.clone()).await {
+        let inbox = self.inbox_sender.clone();
+        let notifications = NotificationSender::new(move |notification| {
+            inbox
+                .send(EngineMessage::Notify(notification))
+                .map_err(|_| EngineGone)
+        });
+        if let Err(e) = self.backend.start(notifications).await {
             self.shared.set_state(WorkerState::Error);
             let _ = started.send(Err(e));
             return;

@@ -307,7 +307,7 @@ pub async fn postgres_page(pool: &PgPool, query: &TaskQuery) -> EngineResult<Tas
         .build()
         .fetch_all(pool)
         .await
-        .map_err(|e| EngineError::Internal(format!("listing tasks failed: {e}")))?;
+        .map_err(|e| EngineError::backend("listing tasks failed", e))?;
     let found = rows
         .iter()
         .map(|row| {
@@ -325,7 +325,7 @@ pub async fn postgres_page(pool: &PgPool, query: &TaskQuery) -> EngineResult<Tas
             })
         })
         .collect::<Result<Vec<_>, sqlx::Error>>()
-        .map_err(|e| EngineError::Internal(format!("reading the task list failed: {e}")))?;
+        .map_err(|e| EngineError::backend("reading the task list failed", e))?;
     Ok(TaskPage::from_newest(found, query.limit))
 }
 

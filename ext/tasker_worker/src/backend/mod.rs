@@ -3,9 +3,9 @@
 pub mod memory;
 pub mod postgres;
 
-use crate::engine::EngineMessage;
+use crate::attempt::{AttemptOutcome, InFlight};
 use crate::error::{EngineError, EngineResult};
-use crate::events::{AttemptOutcome, InFlight, StepExecutionEvent, TaskSnapshot};
+use crate::events::{StepExecutionEvent, TaskSnapshot};
 use crate::metrics::Metrics;
 use crate::task_list::{TaskPage, TaskQuery};
 use crate::template::{TaskTemplate, TemplateKey};
@@ -13,7 +13,6 @@ use crossbeam_channel::Sender;
 use serde_json::Value;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
-use tokio::sync::mpsc::UnboundedSender;
 use uuid::Uuid;
 
 pub type SnapshotReply = Sender<EngineResult<TaskSnapshot>>;
@@ -24,8 +23,8 @@ pub type CreatedReply = Sender<EngineResult<Vec<Uuid>>>;
 #[allow(async_fn_in_trait)]
 pub trait Backend: Send + 'static {
     /// Connect, migrate, load: everything that can fail before the worker is "running".
-    /// `inbox` lets background listeners wake the engine with [`EngineMessage::Notify`].
-    async fn start(&mut self, inbox: UnboundedSender<EngineMessage>) -> EngineResult<()>;
+    /// `inbox` lets background listeners wake the engine with a [`Notification`].
+    async fn start(&mut self, inbox: NotificationSender) -> EngineResult<()>;
 
     /// Create one task per context, all of one template, in order; all or none (one transaction
     /// on a database). `template` is the locally loaded one, if any (a database backend may know
@@ -158,4 +157,26 @@ pub enum Notification {
     /// Work the backend runs off the engine loop (a database write) finished: its results are
     /// taken on the next `tick`.
     BackendWorkDone,
+}
+
+/// Where a backend's background work (listeners, writers) sends its [`Notification`]s: into the
+/// engine's inbox, in order with everything else the engine is sent. The engine makes it (it
+/// alone knows its inbox's message type), so that backends depend on this module, not on the engine.
+#[derive(Clone)]
+pub struct NotificationSender(Arc<dyn Fn(Notification) -> Result<(), EngineGone> + Send + Sync>);
+
+/// The engine stopped: nothing receives notifications any more.
+#[derive(Debug)]
+pub struct EngineGone;
+
+impl NotificationSender {
+    pub fn new(
+        send: impl Fn(Notification) -> Result<(), EngineGone> + Send + Sync + 'static,
+    ) -> Self {
+        Self(Arc::new(send))
+    }
+
+    pub fn send(&self, notification: Notification) -> Result<(), EngineGone> {
+        (self.0)(notification)
+    }
 }

@@ -2,10 +2,10 @@
 //! login; JSON errors for everything else.
 
 use super::{assets, WebState};
+use crate::attempt::Phase;
 use crate::backend::BackendGauges;
 use crate::engine::EngineMessage;
 use crate::error::{EngineError, EngineResult};
-use crate::events::Phase;
 use crate::graph::{self, GraphFormat};
 use crate::metrics::{NamespaceLabels, StateLabels, TaskLabels};
 use crate::status::{WorkerState, WorkerSystemStatus};
@@ -239,7 +239,10 @@ fn engine_error(e: EngineError) -> Response {
         EngineError::InvalidArgument(_) | EngineError::Configuration(_) => StatusCode::BAD_REQUEST,
         EngineError::UnknownTask(_) => StatusCode::NOT_FOUND,
         EngineError::NotInitialized | EngineError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
-        EngineError::Bootstrap(_) | EngineError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        EngineError::Bootstrap(_)
+        | EngineError::StartFailed { .. }
+        | EngineError::Internal(_)
+        | EngineError::Backend { .. } => StatusCode::INTERNAL_SERVER_ERROR,
     };
     error(status, e.to_string())
 }

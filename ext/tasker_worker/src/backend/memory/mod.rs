@@ -13,10 +13,10 @@ mod table;
 
 pub use table::{GroupWait, NewTask, TaskTable};
 
-use super::{Backend, BackendGauges, CreatedReply, SnapshotReply};
-use crate::engine::EngineMessage;
+use super::{Backend, BackendGauges, CreatedReply, NotificationSender, SnapshotReply};
+use crate::attempt::{AttemptOutcome, InFlight};
 use crate::error::EngineResult;
-use crate::events::{AttemptOutcome, InFlight, StepExecutionEvent, TaskSnapshot};
+use crate::events::{StepExecutionEvent, TaskSnapshot};
 use crate::task_list::{TaskPage, TaskQuery};
 use crate::template::{TaskTemplate, TemplateKey};
 use crossbeam_channel::Sender;
@@ -24,7 +24,6 @@ use serde_json::Value;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Instant, SystemTime};
-use tokio::sync::mpsc::UnboundedSender;
 use uuid::Uuid;
 
 /// The memory backend's task table, shared by the engine thread and the threads that call the
@@ -119,8 +118,27 @@ impl MemoryBackend {
     }
 }
 
+/// New tasks, built outside the table's lock (their contexts checked by the caller first).
+/// `run_at`: when their root steps become ready (see [`NewTask::scheduled_for`]).
+pub fn prepare_tasks(
+    template: &Arc<TaskTemplate>,
+    contexts: Vec<Value>,
+    run_at: Option<SystemTime>,
+) -> Vec<NewTask> {
+    contexts
+        .into_iter()
+        .map(|context| {
+            let task = TaskTable::prepare(template, context);
+            match run_at {
+                Some(run_at) => task.scheduled_for(run_at),
+                None => task,
+            }
+        })
+        .collect()
+}
+
 impl Backend for MemoryBackend {
-    async fn start(&mut self, _inbox: UnboundedSender<EngineMessage>) -> EngineResult<()> {
+    async fn start(&mut self, _inbox: NotificationSender) -> EngineResult<()> {
         Ok(())
     }
 
@@ -134,9 +152,7 @@ impl Backend for MemoryBackend {
     ) {
         let result = match template {
             Some(template) => {
-                let prepared = crate::bootstrap::WorkerSystemHandle::prepare_tasks(
-                    &template, contexts, run_at,
-                );
+                let prepared = prepare_tasks(&template, contexts, run_at);
                 self.tasks.access(|table| table.insert(prepared))
             }
             None => Err(crate::error::EngineError::config(format!(

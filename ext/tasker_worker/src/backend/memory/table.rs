@@ -11,12 +11,12 @@
 //! bounded by both numbers, whatever the number of tasks run.
 
 use super::index::FinalStatusIndex;
+use crate::attempt::{AttemptOutcome, InFlight, MAX_RETRY_AFTER};
 use crate::backend::{BackendGauges, SnapshotReply};
-use crate::bootstrap::MAX_RETRY_AFTER;
 use crate::error::{EngineError, EngineResult};
 use crate::events::{
-    unix_ns, AttemptOutcome, InFlight, StepExecutionCompletionEvent, StepExecutionEvent,
-    StepSnapshot, StepStatus, TaskInfo, TaskSnapshot, TaskStatus,
+    unix_ns, StepExecutionCompletionEvent, StepExecutionEvent, StepSnapshot, StepStatus, TaskInfo,
+    TaskSnapshot, TaskStatus,
 };
 use crate::task_list::{TaskPage, TaskQuery, TaskSummary};
 use crate::template::TaskTemplate;
@@ -207,11 +207,11 @@ impl NewTask {
         let Ok(ahead) = run_at.duration_since(SystemTime::now()) else {
             return self;
         };
-        // Callers bound `run_at` (see `bootstrap::MAX_SCHEDULE_AHEAD`); an unchecked one that
+        // Callers bound `run_at` (see `schedule::MAX_SCHEDULE_AHEAD`); an unchecked one that
         // overflows the clock is held back as far as the clock goes, never a panic.
         let now = Instant::now();
         let due = now
-            .checked_add(ahead.min(crate::bootstrap::MAX_SCHEDULE_AHEAD))
+            .checked_add(ahead.min(crate::schedule::MAX_SCHEDULE_AHEAD))
             .unwrap_or(now);
         let run_at_ns = run_at
             .duration_since(SystemTime::UNIX_EPOCH)
