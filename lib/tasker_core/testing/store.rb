@@ -3,8 +3,8 @@
 module TaskerCore
   module Testing
     # Test mode's tasks and templates, and what TaskerCore's client methods do in test mode: the
-    # same checks, Hashes and errors (classes and messages) as the engine's (bridge.rs,
-    # bootstrap.rs, backend/memory.rs).
+    # same checks, Hashes and errors (classes and messages) as the engine's (bootstrap.rs,
+    # backend/memory/ and the Ruby bridge's tasks.rs).
     class Store
       attr_reader :clock
 
