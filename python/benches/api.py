@@ -87,6 +87,8 @@ def thread_cpu_ns() -> dict[int, tuple[str, int]]:
     """CPU time of every thread of this process so far: {tid: (kind, ns)}; Python threads by their
     Python name, the engine's Rust threads (which Python does not know) as "Rust: <kernel name>"."""
     python_names = {thread.native_id: thread.name for thread in threading.enumerate()}
+    # A thread Rust starts without a name keeps the process's name ("python").
+    process_name = pathlib.Path("/proc/self/comm").read_text().strip()
     found = {}
     for entry in pathlib.Path("/proc/self/task").iterdir():
         tid = int(entry.name)
@@ -94,6 +96,8 @@ def thread_cpu_ns() -> dict[int, tuple[str, int]]:
             # schedstat: on-CPU ns first (clock ticks from stat would be 10 ms coarse)
             nanos = int((entry / "schedstat").read_text().split()[0])
             name = python_names.get(tid) or "Rust: " + (entry / "comm").read_text().strip()
+            if name == f"Rust: {process_name}":
+                name = "Rust: unnamed threads"
         except (FileNotFoundError, ProcessLookupError):
             continue
         found[tid] = ("handler threads" if name.startswith("tasker-handler-") else name, nanos)
@@ -324,6 +328,23 @@ class CeleryWorker:
             self.process.wait()
         self.redis.flushdb()
 
+    def cpu_ns(self) -> int:
+        """CPU time so far of the worker process and its pool's child processes (prefork)."""
+        pids = [self.process.pid]
+        try:
+            children = pathlib.Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+            pids += [int(pid) for pid in children.read_text().split()]
+        except FileNotFoundError:
+            pass
+        total = 0
+        for pid in pids:
+            for task in pathlib.Path(f"/proc/{pid}/task").glob("*"):
+                try:
+                    total += int((task / "schedstat").read_text().split()[0])
+                except (FileNotFoundError, ProcessLookupError):
+                    continue
+        return total
+
     def output(self) -> str:
         self.log.seek(0)
         return self.log.read().decode(errors="replace")[-2000:]
@@ -338,10 +359,10 @@ def celery_one_by_one(share: int) -> None:
             raise RuntimeError(f"Celery job {result.id} returned something: not the no-op job")
 
 
-def celery_drain(pool: str, jobs: int) -> float:
+def celery_drain(pool: str, jobs: int) -> tuple[float, float]:
     """The Celery worker alone, as benches/api.rb times Sidekiq: ``jobs`` no-op jobs (results ignored)
     enqueued into an empty queue, then a worker started; jobs/s from the first job taken to the
-    empty queue."""
+    empty queue, and the worker's CPU µs per job over that time."""
     import redis
     from celery_noop import QUEUE, app, noop
 
@@ -359,10 +380,13 @@ def celery_drain(pool: str, jobs: int) -> float:
                 raise RuntimeError(f"the Celery worker took no job in 120 s:\n{worker.output()}")
             time.sleep(0.001)
         started = time.perf_counter()
+        cpu_at_start = worker.cpu_ns()
         taken_at_start = pushed - store.llen(QUEUE)
         while store.llen(QUEUE) > 0:
             time.sleep(0.001)
-        return (pushed - taken_at_start) / (time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        done = pushed - taken_at_start
+        return done / elapsed, (worker.cpu_ns() - cpu_at_start) / done / 1000
     finally:
         worker.stop()
 
@@ -393,11 +417,13 @@ def celery(single: float) -> None:
         label = f"Celery {celery_package.__version__}, {pool} pool, concurrency {CONCURRENCY}, local Redis"
         baseline = report(label, rates, "jobs/s")
         print(f"     ratio: single-step tasks/s (one by one) / Celery {pool} = {single / baseline:.2f}x")
+        runs = [celery_drain(pool, jobs) for _ in range(RUNS)]
         drained = report(
             f"  its worker alone ({jobs:,} jobs queued first, no results)",
-            [celery_drain(pool, jobs) for _ in range(RUNS)],
+            [rate for rate, _ in runs],
             "jobs/s",
         )
+        print(f"     worker CPU per job (process and pool children), µs: {runs_text([c for _, c in runs])}")
         print(f"     ratio: single-step tasks/s (one by one) / that = {single / drained:.2f}x")
 
 
