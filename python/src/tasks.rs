@@ -51,21 +51,31 @@ fn non_empty(value: &str, what: &str) -> PyResult<()> {
     }
 }
 
-/// `_create_tasks(namespace, name, version, contexts: list[dict]) -> list[str]`: one task per
-/// context, in one message to the engine (one transaction on PostgreSQL); their uuids, in order.
+/// `_create_tasks(namespace, name, version, contexts: list[dict], run_at=None) -> list[str]`: one
+/// task per context, in one message to the engine (one transaction on PostgreSQL); their uuids, in
+/// order. `run_at` (seconds since the epoch; the Python client converts a datetime) schedules them:
+/// their first steps become ready then, not before. NaN, infinities and times more than ten years
+/// ahead or a year behind raise ValueError naming `run_at` (`tasker_worker::schedule_time`, the
+/// Ruby bridge's rule).
 #[pyfunction]
+#[pyo3(signature = (namespace, name, version, contexts, run_at=None))]
 fn _create_tasks(
     py: Python<'_>,
     namespace: &str,
     name: &str,
     version: &str,
     contexts: &Bound<'_, PyList>,
+    run_at: Option<f64>,
 ) -> PyResult<Vec<String>> {
     guard(|| {
         let system = require_worker()?;
         non_empty(namespace, "namespace")?;
         non_empty(name, "name")?;
         non_empty(version, "version")?;
+        let run_at = run_at
+            .map(tasker_worker::schedule_time)
+            .transpose()
+            .map_err(errors::value_error)?;
         let mut list = Vec::with_capacity(contexts.len());
         for (i, item) in contexts.iter().enumerate() {
             let what = format!("contexts[{i}]");
@@ -73,9 +83,8 @@ fn _create_tasks(
                 .map_err(|e| errors::ConfigurationError::new_err(e.to_string()))?;
             list.push(serde_json::Value::Object(context));
         }
-        // Scheduled tasks (`run_at`) are not offered to Python yet: the tasks start now.
         let receiver = system
-            .request_create_tasks(namespace, name, version, list, None)
+            .request_create_tasks(namespace, name, version, list, run_at)
             .map_err(errors::engine)?;
         let uuids = answer(py, receiver)?;
         Ok(uuids.into_iter().map(convert::uuid_str).collect())

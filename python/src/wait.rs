@@ -130,6 +130,12 @@ pub fn reply<T: Send>(
     answer: &Receiver<T>,
     timeout: Option<Duration>,
 ) -> PyResult<Option<Result<T, ()>>> {
+    // Answered already (the memory backend answers creations, statuses and waits for finished
+    // tasks on the calling thread): no GIL release, which would let a handler thread take the GIL
+    // and make this caller wait for it back.
+    if let Ok(value) = answer.try_recv() {
+        return Ok(Some(Ok(value)));
+    }
     let waited = wait(
         py,
         timeout,
