@@ -1,5 +1,7 @@
 //! The task API: create tasks, read them, wait for them, cancel and retry them. Every wait runs
-//! with the GIL released (see `wait`); the same calls serve both backends.
+//! with the GIL released (see `wait`); the same calls serve both backends. On the memory backend
+//! the calling thread works on the task table itself, never blocking on its lock while it holds the
+//! GIL (see [`with_table`]).
 
 use crate::convert;
 use crate::errors::{self, guard};
@@ -7,8 +9,12 @@ use crate::wait;
 use crate::worker::require_worker;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
-use std::time::Instant;
-use tasker_worker::{EngineResult, TaskSnapshot, WaitTicket, WorkerSystemHandle};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tasker_worker::{
+    EngineResult, GroupWait, LocalTasks, TaskSnapshot, TaskTable, WaitTicket, WorkerSystemHandle,
+};
 use uuid::Uuid;
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -18,6 +24,20 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_cancel_task, m)?)?;
     m.add_function(wrap_pyfunction!(_retry_task, m)?)?;
     Ok(())
+}
+
+/// Run `work` on the memory backend's task table: at once if its lock is free, else waiting for the
+/// lock with the GIL released (a handler thread or the engine holds it for a moment; blocking on it
+/// with the GIL held would stall every Python thread behind it).
+fn with_table<R: Send>(
+    py: Python<'_>,
+    local: &LocalTasks,
+    work: impl FnOnce(&mut TaskTable) -> R + Send,
+) -> R {
+    match local.try_access(work) {
+        Ok(result) => result,
+        Err(work) => py.allow_threads(|| local.access(work)),
+    }
 }
 
 /// Wait for an engine answer that always comes (no timeout).
@@ -83,10 +103,24 @@ fn _create_tasks(
                 .map_err(|e| errors::ConfigurationError::new_err(e.to_string()))?;
             list.push(serde_json::Value::Object(context));
         }
-        let receiver = system
-            .request_create_tasks(namespace, name, version, list, run_at)
-            .map_err(errors::engine)?;
-        let uuids = answer(py, receiver)?;
+        let uuids = match system.local_tasks() {
+            Some(local) => {
+                let prepared = WorkerSystemHandle::check_contexts(&list)
+                    .and_then(|()| system.local_template(namespace, name, version))
+                    .map(|template| WorkerSystemHandle::prepare_tasks(&template, list, run_at))
+                    .map_err(errors::engine)?;
+                let uuids = with_table(py, local, move |table| table.insert(prepared))
+                    .map_err(errors::engine)?;
+                system.tasks_inserted();
+                uuids
+            }
+            None => {
+                let receiver = system
+                    .request_create_tasks(namespace, name, version, list, run_at)
+                    .map_err(errors::engine)?;
+                answer(py, receiver)?
+            }
+        };
         Ok(uuids.into_iter().map(convert::uuid_str).collect())
     })
 }
@@ -96,8 +130,15 @@ fn _task_status<'py>(py: Python<'py>, task_uuid_text: &str) -> PyResult<Bound<'p
     guard(|| {
         let system = require_worker()?;
         let uuid = task_uuid(task_uuid_text)?;
-        let receiver = system.request_task_status(uuid).map_err(errors::engine)?;
-        let snapshot = answer(py, receiver)?;
+        let snapshot = match system.local_tasks() {
+            Some(local) => {
+                with_table(py, local, |table| table.snapshot(uuid)).map_err(errors::engine)?
+            }
+            None => answer(
+                py,
+                system.request_task_status(uuid).map_err(errors::engine)?,
+            )?,
+        };
         convert::snapshot_to_py(py, &snapshot)
     })
 }
@@ -126,48 +167,155 @@ fn _wait_for_tasks<'py>(
             .iter()
             .map(|text| task_uuid(text))
             .collect::<PyResult<Vec<_>>>()?;
-        let deadline = timeout.map(|t| Instant::now() + t);
-        let mut tickets = Vec::with_capacity(parsed.len());
-        for uuid in &parsed {
-            match system.request_wait_for_task(*uuid) {
-                Ok(ticket) => tickets.push(ticket),
-                Err(e) => {
-                    abandon(&system, tickets);
-                    return Err(errors::engine(e));
-                }
-            }
-        }
-        let mut done: Vec<TaskSnapshot> = Vec::with_capacity(tickets.len());
-        let mut pending = tickets.into_iter();
-        while let Some(ticket) = pending.next() {
-            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            let outcome = wait::reply(py, &ticket.answer, left);
-            let result = match outcome {
-                Ok(Some(Ok(result))) => result,
-                Ok(Some(Err(()))) => Err(tasker_worker::EngineError::NotInitialized),
-                Ok(None) => {
-                    abandon(&system, std::iter::once(ticket).chain(pending).collect());
-                    return Ok(None);
-                }
-                Err(interrupt) => {
-                    abandon(&system, std::iter::once(ticket).chain(pending).collect());
-                    return Err(interrupt);
-                }
-            };
-            match result {
-                Ok(snapshot) => done.push(snapshot),
-                Err(e) => {
-                    abandon(&system, pending.collect());
-                    return Err(errors::engine(e));
-                }
-            }
-        }
+        let done = match system.local_tasks() {
+            Some(local) => wait_local(py, local, &parsed, timeout)?,
+            None => wait_remote(py, &system, &parsed, timeout)?,
+        };
+        let Some(done) = done else {
+            return Ok(None);
+        };
         let list = PyList::empty(py);
         for snapshot in &done {
             list.append(convert::snapshot_to_py(py, snapshot)?)?;
         }
         Ok(Some(list))
     })
+}
+
+/// Tasks looked up (or waited for) per lock section: a long list never holds the table long.
+const WAIT_CHUNK: usize = 64;
+
+/// Memory backend: the final statuses of `uuids`, in order, or `None` past `timeout`. Finished
+/// tasks answer from the table at once; the unfinished ones answer one [`GroupWait`] when they
+/// finish (no engine round trip), which wakes this thread once, when the last answers.
+fn wait_local(
+    py: Python<'_>,
+    local: &LocalTasks,
+    uuids: &[Uuid],
+    timeout: Option<Duration>,
+) -> PyResult<Option<Vec<TaskSnapshot>>> {
+    let mut found: Vec<Option<TaskSnapshot>> = vec![None; uuids.len()];
+    // Made at the first unfinished task: a wait on finished tasks allocates nothing for it.
+    let mut group: Option<Arc<GroupWait>> = None;
+    let mut awaited: Vec<usize> = Vec::new();
+    for (chunk_index, chunk) in uuids.chunks(WAIT_CHUNK).enumerate() {
+        let answers = with_table(py, local, |table| {
+            chunk
+                .iter()
+                .map(|&uuid| match table.snapshot_if_finished(uuid) {
+                    Some(answer) => Some(answer),
+                    None => {
+                        let group = group.get_or_insert_with(GroupWait::new);
+                        table.wait_in_group(uuid, group)
+                    }
+                })
+                .collect::<Vec<_>>()
+        });
+        for (offset, answer) in answers.into_iter().enumerate() {
+            let index = chunk_index * WAIT_CHUNK + offset;
+            match answer {
+                Some(Ok(snapshot)) => found[index] = Some(snapshot),
+                Some(Err(e)) => {
+                    forget_group(py, local, uuids, &awaited, group.as_ref());
+                    return Err(errors::engine(e));
+                }
+                None => awaited.push(index),
+            }
+        }
+    }
+    let Some(group) = group else {
+        return Ok(Some(found.into_iter().flatten().collect()));
+    };
+    group.registered();
+    match wait::reply(py, group.done(), timeout) {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            forget_group(py, local, uuids, &awaited, Some(&group));
+            return Ok(None);
+        }
+        Err(interrupt) => {
+            forget_group(py, local, uuids, &awaited, Some(&group));
+            return Err(interrupt);
+        }
+    }
+    // Each awaited position takes its task's answer (a uuid listed twice answered twice).
+    let mut by_task: HashMap<Uuid, Vec<TaskSnapshot>> = HashMap::new();
+    for snapshot in group.take_answers() {
+        by_task
+            .entry(snapshot.task_uuid)
+            .or_default()
+            .push(snapshot);
+    }
+    for index in awaited {
+        found[index] = by_task.get_mut(&uuids[index]).and_then(Vec::pop);
+    }
+    Ok(Some(found.into_iter().flatten().collect()))
+}
+
+/// The caller stopped waiting: the tasks it waited for forget its group.
+fn forget_group(
+    py: Python<'_>,
+    local: &LocalTasks,
+    uuids: &[Uuid],
+    awaited: &[usize],
+    group: Option<&Arc<GroupWait>>,
+) {
+    let Some(group) = group else {
+        return;
+    };
+    for chunk in awaited.chunks(WAIT_CHUNK) {
+        with_table(py, local, |table| {
+            for &index in chunk {
+                table.forget_group(uuids[index], group);
+            }
+        });
+    }
+}
+
+/// PostgreSQL: one engine request per task, all sent before any is awaited.
+fn wait_remote(
+    py: Python<'_>,
+    system: &WorkerSystemHandle,
+    parsed: &[Uuid],
+    timeout: Option<Duration>,
+) -> PyResult<Option<Vec<TaskSnapshot>>> {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let mut tickets = Vec::with_capacity(parsed.len());
+    for uuid in parsed {
+        match system.request_wait_for_task(*uuid) {
+            Ok(ticket) => tickets.push(ticket),
+            Err(e) => {
+                abandon(system, tickets);
+                return Err(errors::engine(e));
+            }
+        }
+    }
+    let mut done: Vec<TaskSnapshot> = Vec::with_capacity(tickets.len());
+    let mut pending = tickets.into_iter();
+    while let Some(ticket) = pending.next() {
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let outcome = wait::reply(py, &ticket.answer, left);
+        let result = match outcome {
+            Ok(Some(Ok(result))) => result,
+            Ok(Some(Err(()))) => Err(tasker_worker::EngineError::NotInitialized),
+            Ok(None) => {
+                abandon(system, std::iter::once(ticket).chain(pending).collect());
+                return Ok(None);
+            }
+            Err(interrupt) => {
+                abandon(system, std::iter::once(ticket).chain(pending).collect());
+                return Err(interrupt);
+            }
+        };
+        match result {
+            Ok(snapshot) => done.push(snapshot),
+            Err(e) => {
+                abandon(system, pending.collect());
+                return Err(errors::engine(e));
+            }
+        }
+    }
+    Ok(Some(done))
 }
 
 /// `_cancel_task(uuid) -> bool`: True if the task was unfinished (it is now cancelling).

@@ -44,7 +44,16 @@ RSpec.describe "Interrupts at the step hand-off" do
         Thread.pass
       end
     end
-    uuids = Array.new(200) { create_adversarial_task }
+    # In batches with pauses: a handler that never runs out of work never sleeps, and is never
+    # poked (all 200 at once left it asleep too rarely on a fast run). Each batch reaches a handler
+    # being poked.
+    uuids = []
+    20.times do
+      batch = Array.new(10) { create_adversarial_task }
+      uuids.concat(batch)
+      TaskerCore::FFI.wait_for_task(batch.last, 10)
+      sleep 0.02
+    end
     finals = uuids.map { |uuid| TaskerCore::FFI.wait_for_task(uuid, 10) }
     stop = true
     poker.join(5)
