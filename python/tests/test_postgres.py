@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 import subprocess
@@ -49,6 +50,22 @@ WORKER = textwrap.dedent(
     tasker_core.Worker.start({config!r}).run()
     """
 )
+
+
+def test_a_scheduled_task_waits_for_run_at_on_postgres(database):
+    with Worker.start(config(database)):
+        run_at = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=1.5)
+        uuid = tasker_core.create_task("python_demo", "diamond", context={"start": 1}, run_at=run_at)
+        time.sleep(0.7)
+        early = tasker_core.task_status(uuid)
+        final = tasker_core.wait_for_task(uuid, timeout=30)
+    assert early["status"] == "pending"
+    assert all(s["attempts"] == 0 for s in early["steps"])
+    assert final["status"] == "complete"
+    started = min(s["started_at"] for s in final["steps"])
+    assert datetime.datetime.fromisoformat(started.replace("Z", "+00:00")) >= run_at.replace(
+        microsecond=run_at.microsecond // 1000 * 1000
+    )
 
 
 def test_a_worker_killed_mid_step_loses_nothing(database):
