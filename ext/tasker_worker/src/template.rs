@@ -270,8 +270,19 @@ impl TaskTemplate {
             .filter(|s| namespaces.contains(&s.namespace))
         {
             if let Err(expected) = rule(&step.callable) {
+                // A step with a namespace of its own is most likely another language's: say how
+                // to leave it to those workers.
+                let hint = if step.namespace != self.namespace {
+                    format!(
+                        "; this worker runs its namespace {:?}: if other workers (another language's) run it, \
+                         leave it out of this worker's namespaces",
+                        step.namespace
+                    )
+                } else {
+                    String::new()
+                };
                 return Err(EngineError::config(format!(
-                    "template {}: step `{}`: handler.callable {:?} {expected}",
+                    "template {}: step `{}`: handler.callable {:?} {expected}{hint}",
                     self.source.display(),
                     step.name,
                     step.callable
@@ -876,7 +887,9 @@ steps:
             .to_string();
         assert_eq!(
             e,
-            "template t.yml: step `score`: handler.callable \"ml.steps.Score\" is not a Ruby class name"
+            "template t.yml: step `score`: handler.callable \"ml.steps.Score\" is not a Ruby class name; \
+             this worker runs its namespace \"ml\": if other workers (another language's) run it, leave it out \
+             of this worker's namespaces"
         );
     }
 
