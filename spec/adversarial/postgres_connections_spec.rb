@@ -72,7 +72,7 @@ RSpec.describe "PostgreSQL backend (adversarial): connections" do
   describe "client calls on connections the server closes (pg_terminate_backend while they run)" do
     # Every 50 ms the client's sessions are terminated, some while a call uses them: each call must
     # get a new connection and answer, never raise FFIError for a connection that a retry cures.
-    it "create_task, task_status, wait_for_task and cancel_task answer, and no task is created twice" do
+    it "create_task, task_status, wait_for_task, cancel_task and retry_task answer, and no task is created twice" do
       start_pg_worker(db)
       start_client(db, worker_id: "terminated-client")
       before = psql_count("SELECT count(*) FROM tasker_tasks", db: db)
@@ -89,15 +89,22 @@ RSpec.describe "PostgreSQL backend (adversarial): connections" do
       end
       errors = []
       uuids = []
-      cancelled = 0
+      retried = []
       deadline = pg_monotonic + 6
       while pg_monotonic < deadline
         begin
-          uuid = create_pg_task("single")
+          # Every fifth task sleeps a moment, is cancelled while it runs, then retried.
+          cancel = (uuids.size % 5).zero?
+          uuid = create_pg_task("single", cancel ? { "plan" => { "only" => { "sleep" => 0.2 } } } : {})
           uuids << uuid
           TaskerCore.task_status(uuid)
-          cancelled += 1 if uuids.size % 5 == 1 && TaskerCore.cancel_task(uuid)
-          TaskerCore.wait_for_task(uuid, timeout: 10)
+          TaskerCore.cancel_task(uuid) if cancel
+          final = TaskerCore.wait_for_task(uuid, timeout: 10)
+          if final[:status] == "cancelled"
+            TaskerCore.retry_task(uuid)
+            retried << uuid
+            TaskerCore.wait_for_task(uuid, timeout: 10)
+          end
         rescue TaskerCore::Error => e
           errors << "#{e.class}: #{e.message}"
         end
@@ -112,6 +119,8 @@ RSpec.describe "PostgreSQL backend (adversarial): connections" do
       finished = psql_count("SELECT count(*) FROM tasker_tasks WHERE task_uuid = ANY(#{uuid_array(uuids)}) " \
                             "AND status IN ('complete', 'cancelled')", db: db)
       expect(finished).to eq(uuids.size)
+      expect(retried).not_to be_empty
+      expect(retried.map { |retried_uuid| TaskerCore.task_status(retried_uuid)[:status] }.uniq).to eq(["complete"])
     end
   end
 

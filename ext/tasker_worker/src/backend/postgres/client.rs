@@ -3,12 +3,13 @@
 
 use super::snapshot::task_status;
 use super::statements::{halt_tasks, notify_finished, notify_halted, settle_tasks};
+use crate::error::EngineError;
 use sqlx::PgPool;
 use std::time::{Duration, Instant};
 use tracing::debug;
 use uuid::Uuid;
 
-/// How long a client call (create, status, wait, cancel) keeps trying after the connection it
+/// How long a client call (create, status, wait, cancel, retry) keeps trying after the connection it
 /// used was closed by the server (a terminated session, a restart, a failover): sqlx drops such a
 /// connection, and the next try gets a new one. A restarting server is back within about this long;
 /// after it the call raises, naming the cause.
@@ -83,6 +84,25 @@ pub(super) fn sqlstate(e: &sqlx::Error) -> Option<String> {
     match e {
         sqlx::Error::Database(d) => d.code().map(|c| c.into_owned()),
         _ => None,
+    }
+}
+
+/// How a `retry_task` transaction failed: in the database (see [`TxFailure`]), or for a reason of
+/// the engine's (an unknown task, one still running) that no second try changes.
+pub(super) enum RetryFailure {
+    Tx(TxFailure),
+    Engine(EngineError),
+}
+
+impl From<sqlx::Error> for RetryFailure {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Tx(TxFailure::Before(e))
+    }
+}
+
+impl From<EngineError> for RetryFailure {
+    fn from(e: EngineError) -> Self {
+        Self::Engine(e)
     }
 }
 

@@ -61,7 +61,7 @@ use crate::metrics::Metrics;
 use crate::task_list::{TaskPage, TaskQuery};
 use crate::template::{TaskTemplate, TemplateKey, TemplateRegistry};
 use claims::renewal_every;
-use client::{cancel_transaction, Cancel, ClientRetry, TxFailure};
+use client::{cancel_transaction, Cancel, ClientRetry, RetryFailure, TxFailure};
 use create::{create_in_groups, CreateRequest, NewTaskRows};
 use listen::{listen, STEPS_READY};
 use schema::migrate;
@@ -205,6 +205,126 @@ pub struct PostgresBackend {
 }
 
 impl PostgresBackend {
+    /// `retry_task` in one transaction, the task's row locked first; whether nothing was left to
+    /// run (the task is complete at once). A failure before COMMIT wrote nothing: it may be tried
+    /// again.
+    async fn retry_transaction(&mut self, task_uuid: Uuid) -> Result<bool, RetryFailure> {
+        let pool = self.pool()?.clone();
+        let mut tx = pool.begin().await?;
+        let Some(task) = sqlx::query(
+            "SELECT namespace, name, version, status FROM tasker_tasks WHERE task_uuid = $1 FOR UPDATE",
+        )
+        .bind(task_uuid)
+        .fetch_optional(&mut *tx)
+        .await?
+        else {
+            return Err(deleted_task(task_uuid).into());
+        };
+        let status = task_status(task.get("status"));
+        if !matches!(status, TaskStatus::Error | TaskStatus::Cancelled) {
+            return Err(RetryFailure::Engine(EngineError::config(format!(
+                "task {task_uuid} is {}: only a task that ended in error or was cancelled can be retried",
+                if status.is_finished() {
+                    status.as_str()
+                } else {
+                    "still running"
+                }
+            ))));
+        }
+        let key = TemplateKey {
+            namespace: task.get("namespace"),
+            name: task.get("name"),
+            version: task.get("version"),
+        };
+        let template = self.template(&key).await?;
+        let steps = sqlx::query(
+            "SELECT step_uuid, step_index, status FROM tasker_steps WHERE task_uuid = $1 ORDER BY step_index",
+        )
+        .bind(task_uuid)
+        .fetch_all(&mut *tx)
+        .await?;
+        let complete: HashSet<usize> = steps
+            .iter()
+            .filter(|r| r.get::<&str, _>("status") == "complete")
+            .map(|r| r.get::<i32, _>("step_index") as usize)
+            .collect();
+        let mut again = Vec::new();
+        let mut waiting = Vec::new();
+        let mut ready = Vec::new();
+        let mut ready_timeouts = Vec::new();
+        let mut ready_namespaces = Vec::new();
+        for row in &steps {
+            let index = row.get::<i32, _>("step_index") as usize;
+            if complete.contains(&index) {
+                continue;
+            }
+            let Some(deps) = template.dependencies.get(index) else {
+                return Err(RetryFailure::Engine(EngineError::config(format!(
+                    "task {task_uuid} cannot be retried: its template {key} has no step #{index} (the stored \
+                     template was changed under the same version)"
+                ))));
+            };
+            let step_uuid: Uuid = row.get("step_uuid");
+            let waiting_on = deps.iter().filter(|d| !complete.contains(d)).count();
+            again.push(step_uuid);
+            waiting.push(waiting_on as i32);
+            if waiting_on == 0 {
+                ready.push(step_uuid);
+                ready_timeouts.push(ms(template.steps[index].timeout));
+                ready_namespaces.push(template.steps[index].namespace.as_str());
+            }
+        }
+        // Each step gets its retry budget again, counted from the attempts it has had so far.
+        sqlx::query(
+            "UPDATE tasker_steps s
+             SET status = CASE WHEN i.waiting_on = 0 THEN 'enqueued' ELSE 'pending' END,
+                 waiting_on = i.waiting_on, attempt_base = s.attempts, ready_at = now()
+             FROM unnest($1::uuid[], $2::int4[]) AS i(step_uuid, waiting_on)
+             WHERE s.step_uuid = i.step_uuid",
+        )
+        .bind(&again)
+        .bind(&waiting)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO tasker_ready_steps (step_uuid, task_uuid, namespace, timeout_ms)
+             SELECT u, $2, ns, ms FROM unnest($1::uuid[], $3::text[], $4::int4[]) AS x(u, ns, ms)
+             ON CONFLICT (step_uuid) DO UPDATE SET visible_at = now(), claimed_by = NULL",
+        )
+        .bind(&ready)
+        .bind(task_uuid)
+        .bind(&ready_namespaces)
+        .bind(&ready_timeouts)
+        .execute(&mut *tx)
+        .await?;
+        // A cancelled task whose every step completed anyway (successes that came after the
+        // cancel) has nothing left to run: it is complete at once.
+        let nothing_left = again.is_empty();
+        sqlx::query(
+            "UPDATE tasker_tasks
+             SET status = CASE WHEN $2 THEN 'complete' ELSE 'in_progress' END, ending = NULL,
+                 finished_at = CASE WHEN $2 THEN now() END
+             WHERE task_uuid = $1",
+        )
+        .bind(task_uuid)
+        .bind(nothing_left)
+        .execute(&mut *tx)
+        .await?;
+        if nothing_left {
+            notify_finished(&mut tx, &[task_uuid]).await?;
+        } else {
+            sqlx::query("SELECT pg_notify($1, '')")
+                .bind(STEPS_READY)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        tx.commit()
+            .await
+            .map_err(|e| RetryFailure::Tx(TxFailure::AtCommit(e)))?;
+        Ok(nothing_left)
+    }
+
     pub fn new(settings: PostgresSettings, local: Arc<TemplateRegistry>) -> Self {
         let templates = local.iter().map(|t| (t.key(), Arc::clone(t))).collect();
         let scope = Arc::new(ClaimScope {
@@ -510,129 +630,41 @@ impl Backend for PostgresBackend {
     }
 
     async fn retry_task(&mut self, task_uuid: Uuid) -> EngineResult<()> {
-        let pool = self.pool()?.clone();
-        let mut tx = pool.begin().await.map_err(db)?;
-        let Some(task) = sqlx::query(
-            "SELECT namespace, name, version, status FROM tasker_tasks WHERE task_uuid = $1 FOR UPDATE",
-        )
-        .bind(task_uuid)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(db)?
-        else {
-            return Err(deleted_task(task_uuid));
-        };
-        let status = task_status(task.get("status"));
-        if !matches!(status, TaskStatus::Error | TaskStatus::Cancelled) {
-            return Err(EngineError::config(format!(
-                "task {task_uuid} is {}: only a task that ended in error or was cancelled can be retried",
-                if status.is_finished() {
-                    status.as_str()
-                } else {
-                    "still running"
-                }
-            )));
-        }
-        let key = TemplateKey {
-            namespace: task.get("namespace"),
-            name: task.get("name"),
-            version: task.get("version"),
-        };
-        let template = self.template(&key).await?;
-        let steps = sqlx::query(
-            "SELECT step_uuid, step_index, status FROM tasker_steps WHERE task_uuid = $1 ORDER BY step_index",
-        )
-        .bind(task_uuid)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db)?;
-        let complete: HashSet<usize> = steps
-            .iter()
-            .filter(|r| r.get::<&str, _>("status") == "complete")
-            .map(|r| r.get::<i32, _>("step_index") as usize)
-            .collect();
-        let mut again = Vec::new();
-        let mut waiting = Vec::new();
-        let mut ready = Vec::new();
-        let mut ready_timeouts = Vec::new();
-        let mut ready_namespaces = Vec::new();
-        for row in &steps {
-            let index = row.get::<i32, _>("step_index") as usize;
-            if complete.contains(&index) {
-                continue;
-            }
-            let Some(deps) = template.dependencies.get(index) else {
-                return Err(EngineError::config(format!(
-                    "task {task_uuid} cannot be retried: its template {key} has no step #{index} (the stored \
-                     template was changed under the same version)"
-                )));
-            };
-            let step_uuid: Uuid = row.get("step_uuid");
-            let waiting_on = deps.iter().filter(|d| !complete.contains(d)).count();
-            again.push(step_uuid);
-            waiting.push(waiting_on as i32);
-            if waiting_on == 0 {
-                ready.push(step_uuid);
-                ready_timeouts.push(ms(template.steps[index].timeout));
-                ready_namespaces.push(template.steps[index].namespace.as_str());
-            }
-        }
-        // Each step gets its retry budget again, counted from the attempts it has had so far.
-        sqlx::query(
-            "UPDATE tasker_steps s
-             SET status = CASE WHEN i.waiting_on = 0 THEN 'enqueued' ELSE 'pending' END,
-                 waiting_on = i.waiting_on, attempt_base = s.attempts, ready_at = now()
-             FROM unnest($1::uuid[], $2::int4[]) AS i(step_uuid, waiting_on)
-             WHERE s.step_uuid = i.step_uuid",
-        )
-        .bind(&again)
-        .bind(&waiting)
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
-        sqlx::query(
-            "INSERT INTO tasker_ready_steps (step_uuid, task_uuid, namespace, timeout_ms)
-             SELECT u, $2, ns, ms FROM unnest($1::uuid[], $3::text[], $4::int4[]) AS x(u, ns, ms)
-             ON CONFLICT (step_uuid) DO UPDATE SET visible_at = now(), claimed_by = NULL",
-        )
-        .bind(&ready)
-        .bind(task_uuid)
-        .bind(&ready_namespaces)
-        .bind(&ready_timeouts)
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
-        // A cancelled task whose every step completed anyway (successes that came after the
-        // cancel) has nothing left to run: it is complete at once.
-        let nothing_left = again.is_empty();
-        sqlx::query(
-            "UPDATE tasker_tasks
-             SET status = CASE WHEN $2 THEN 'complete' ELSE 'in_progress' END, ending = NULL,
-                 finished_at = CASE WHEN $2 THEN now() END
-             WHERE task_uuid = $1",
-        )
-        .bind(task_uuid)
-        .bind(nothing_left)
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
-        if nothing_left {
-            notify_finished(&mut tx, &[task_uuid]).await.map_err(db)?;
-        } else {
-            sqlx::query("SELECT pg_notify($1, '')")
-                .bind(STEPS_READY)
-                .execute(&mut *tx)
+        let mut retry = ClientRetry::new();
+        let nothing_left = loop {
+            let attempt = tokio::time::timeout(WRITE_TIMEOUT, self.retry_transaction(task_uuid))
                 .await
-                .map_err(db)?;
-        }
-        tx.commit().await.map_err(db)?;
+                .unwrap_or_else(|_| {
+                    Err(RetryFailure::Tx(TxFailure::Before(sqlx::Error::Io(
+                        std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "retrying took longer than 30s",
+                        ),
+                    ))))
+                });
+            match attempt {
+                Ok(nothing_left) => break nothing_left,
+                Err(RetryFailure::Tx(TxFailure::Before(e)))
+                    if retry.again(&e, "retrying a task").await => {}
+                Err(RetryFailure::Tx(TxFailure::Before(e))) => return Err(db(e)),
+                Err(RetryFailure::Tx(TxFailure::AtCommit(e))) => {
+                    return Err(EngineError::backend(
+                        format!(
+                            "postgres: the connection failed while committing the retry of task {task_uuid}, so \
+                             whether it runs again is unknown (task_status tells; a retry of a task that runs is refused)"
+                        ),
+                        e,
+                    ))
+                }
+                Err(RetryFailure::Engine(e)) => return Err(e),
+            }
+        };
         self.maybe_ready = true;
         if nothing_left {
             self.announce_ended(&[task_uuid]).await;
         }
         Ok(())
     }
-
     async fn tick(&mut self, now: Instant) {
         self.take_write_results(now).await;
         self.release_halted_prefetched().await;
