@@ -3,7 +3,7 @@
 use super::listen::STEPS_READY;
 use super::statements::{lock_tasks, notify_finished, settle_tasks};
 use super::write::{Effect, Entry, WRITE_TIMEOUT};
-use super::{db, Owned, PostgresBackend, RETRY_WRITE_AFTER};
+use super::{db, within, Owned, PostgresBackend, RETRY_WRITE_AFTER};
 use crate::attempt::{AttemptOutcome, InFlight};
 use crate::backend::{Notification, NotificationSender};
 use crate::error::EngineResult;
@@ -204,17 +204,12 @@ impl PostgresBackend {
         let Ok(pool) = self.pool().cloned() else {
             return;
         };
-        let released = tokio::time::timeout(
+        let released = within(
             WRITE_TIMEOUT,
+            "releasing",
             release_transaction(&pool, tasks, &steps, &attempts),
         )
-        .await
-        .unwrap_or_else(|_| {
-            Err(sqlx::Error::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "releasing took longer than 30s",
-            )))
-        });
+        .await;
         match released {
             Ok(finished) => {
                 self.announce_ended(&finished).await;

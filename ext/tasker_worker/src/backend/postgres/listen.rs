@@ -1,5 +1,6 @@
 //! LISTEN/NOTIFY: the channels, and the listener that forwards notifications to the engine.
 
+use super::within;
 use crate::backend::{Notification, NotificationSender};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use std::time::Duration;
@@ -112,12 +113,5 @@ pub(super) async fn connect_listener(
             .await?;
         Ok(listener)
     };
-    tokio::time::timeout(Duration::from_secs(10), connect)
-        .await
-        .unwrap_or_else(|_| {
-            Err(sqlx::Error::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "connecting took longer than 10s",
-            )))
-        })
+    within(Duration::from_secs(10), "connecting", connect).await
 }

@@ -589,14 +589,12 @@ impl Backend for PostgresBackend {
         let pool = self.pool()?.clone();
         let mut retry = ClientRetry::new();
         let cancelled = loop {
-            let attempt = tokio::time::timeout(WRITE_TIMEOUT, cancel_transaction(&pool, task_uuid))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(TxFailure::Before(sqlx::Error::Io(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "cancelling took longer than 30s",
-                    ))))
-                });
+            let attempt = within(
+                WRITE_TIMEOUT,
+                "cancelling",
+                cancel_transaction(&pool, task_uuid),
+            )
+            .await;
             match attempt {
                 Ok(cancel) => break cancel,
                 Err(TxFailure::Before(e)) if retry.again(&e, "cancelling a task").await => {}
@@ -632,16 +630,8 @@ impl Backend for PostgresBackend {
     async fn retry_task(&mut self, task_uuid: Uuid) -> EngineResult<()> {
         let mut retry = ClientRetry::new();
         let nothing_left = loop {
-            let attempt = tokio::time::timeout(WRITE_TIMEOUT, self.retry_transaction(task_uuid))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(RetryFailure::Tx(TxFailure::Before(sqlx::Error::Io(
-                        std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            "retrying took longer than 30s",
-                        ),
-                    ))))
-                });
+            let attempt =
+                within(WRITE_TIMEOUT, "retrying", self.retry_transaction(task_uuid)).await;
             match attempt {
                 Ok(nothing_left) => break nothing_left,
                 Err(RetryFailure::Tx(TxFailure::Before(e)))
@@ -698,13 +688,12 @@ impl Backend for PostgresBackend {
         let pool = self.pool()?.clone();
         if room > 0 {
             // Bounded: a connection that died silently must not hold up the engine thread.
-            let claim = tokio::time::timeout(WRITE_TIMEOUT, claim_rows(&pool, &self.scope, room));
-            let fresh = claim.await.unwrap_or_else(|_| {
-                Err(sqlx::Error::Io(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "claiming took longer than 30s",
-                )))
-            });
+            let fresh = within(
+                WRITE_TIMEOUT,
+                "claiming",
+                claim_rows(&pool, &self.scope, room),
+            )
+            .await;
             match fresh.map_err(db) {
                 Ok(fresh) => {
                     self.claimed(&pool, room, fresh.len(), now).await;
@@ -893,6 +882,21 @@ fn connect_options(url: &str, worker_id: &str) -> Result<PgConnectOptions, sqlx:
         options = options.application_name(&format!("tasker {worker_id}"));
     }
     Ok(options)
+}
+
+/// `work`, or past `limit` an I/O error "`what` took longer than N s" (the kind a retry may cure):
+/// a connection that died silently must not hold anything up.
+pub(super) async fn within<T, E: From<sqlx::Error>>(
+    limit: Duration,
+    what: &str,
+    work: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    tokio::time::timeout(limit, work).await.unwrap_or_else(|_| {
+        Err(E::from(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("{what} took longer than {}s", limit.as_secs()),
+        ))))
+    })
 }
 
 fn db(e: sqlx::Error) -> EngineError {

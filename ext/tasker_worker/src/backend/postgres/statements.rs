@@ -12,20 +12,7 @@ pub(super) async fn notify_finished(
     tx: &mut Transaction<'static, Postgres>,
     finished: &[Uuid],
 ) -> Result<(), sqlx::Error> {
-    // A NOTIFY payload holds < 8000 bytes: 200 uuids (37 bytes each with the comma) per message.
-    for chunk in finished.chunks(200) {
-        let payload = chunk
-            .iter()
-            .map(Uuid::to_string)
-            .collect::<Vec<_>>()
-            .join(",");
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(TASKS_FINISHED)
-            .bind(payload)
-            .execute(&mut **tx)
-            .await?;
-    }
-    Ok(())
+    notify_tasks(tx, TASKS_FINISHED, "", finished).await
 }
 
 /// Announce tasks that stopped starting steps, so that the processes holding their attempts
@@ -35,7 +22,18 @@ pub(super) async fn notify_halted(
     tasks: &[Uuid],
     cancelled: bool,
 ) -> Result<(), sqlx::Error> {
-    let kind = if cancelled { "cancelled" } else { "error" };
+    let kind = if cancelled { "cancelled:" } else { "error:" };
+    notify_tasks(tx, TASKS_HALTED, kind, tasks).await
+}
+
+/// NOTIFY `channel` of `tasks`, as `<prefix><uuid>,<uuid>,...`.
+async fn notify_tasks(
+    tx: &mut Transaction<'static, Postgres>,
+    channel: &str,
+    prefix: &str,
+    tasks: &[Uuid],
+) -> Result<(), sqlx::Error> {
+    // A NOTIFY payload holds < 8000 bytes: 200 uuids (37 bytes each with the comma) per message.
     for chunk in tasks.chunks(200) {
         let payload = chunk
             .iter()
@@ -43,8 +41,8 @@ pub(super) async fn notify_halted(
             .collect::<Vec<_>>()
             .join(",");
         sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(TASKS_HALTED)
-            .bind(format!("{kind}:{payload}"))
+            .bind(channel)
+            .bind(format!("{prefix}{payload}"))
             .execute(&mut **tx)
             .await?;
     }

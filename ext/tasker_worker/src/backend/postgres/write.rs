@@ -4,7 +4,7 @@
 use super::client::{is_transient, sqlstate};
 use super::listen::STEPS_READY;
 use super::statements::{claim_rows, halt_tasks, notify_finished, notify_halted, settle_tasks};
-use super::{ms, ClaimScope};
+use super::{ms, within, ClaimScope};
 use crate::attempt::InFlight;
 use crate::template::TaskTemplate;
 use serde_json::Value;
@@ -228,20 +228,12 @@ pub(super) async fn write_transaction(
 ) -> Result<Written, sqlx::Error> {
     let mut tries = 0;
     loop {
-        let attempt = tokio::time::timeout(
+        let attempt = within(
             WRITE_TIMEOUT,
+            "the transaction",
             write_once(pool, scope, entries, subset, claim, locking),
         )
-        .await
-        .unwrap_or_else(|_| {
-            Err(sqlx::Error::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!(
-                    "the transaction took longer than {}s",
-                    WRITE_TIMEOUT.as_secs()
-                ),
-            )))
-        });
+        .await;
         match attempt {
             Err(e) if tries < 3 && sqlstate(&e).is_some_and(|c| c == "40P01" || c == "40001") => {
                 tries += 1;
