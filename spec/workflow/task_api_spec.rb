@@ -102,7 +102,11 @@ module WorkflowTaskApiSpec
 
       expect(finals.map { |f| f[:status] }.uniq).to eq(["complete"])
       expect(finals.count { |f| f[:steps_retained] }).to eq(5)
-      expect(finals.first).to include(task_uuid: uuids.first, steps: [], steps_retained: false)
+      # Which tasks finished last (and keep their steps) depends on the handler threads' order: the
+      # other 35, whichever they are, answer from the index, without steps.
+      evicted = finals.reject { |f| f[:steps_retained] }
+      expect(evicted.size).to eq(35)
+      expect(evicted.map { |f| [f[:steps], f[:steps_retained]] }.uniq).to eq([[[], false]])
     end
 
     describe "task events on the EventBridge" do
