@@ -38,6 +38,35 @@ RSpec.describe "Step semantics" do
     end
   end
 
+  describe "a step's timeout counts from when a handler thread takes it" do
+    before { start_worker(concurrency: 1) }
+
+    it "does not time out steps that wait behind others for the only thread" do
+      # 0.2 s allowed per attempt, 0.15 s each: the fourth waits 0.45 s before it starts.
+      uuids = Array.new(4) { create_workflow_task("timeout", plan("slow" => { sleep: 0.15 })) }
+      finals = uuids.map { |uuid| TaskerCore.wait_for_task(uuid, timeout: 5) }
+
+      expect(finals.map { |f| f[:status] }).to eq(%w[complete] * 4)
+      expect(finals.map { |f| step_status(f, "slow")[:attempts] }).to eq([1] * 4)
+      expect(uuids.map { |uuid| runs_of(uuid).map(&:outcome) }).to eq([[:success]] * 4)
+    end
+
+    it "hands a step back unrun when it waited a whole timeout, and does not count the attempt" do
+      # The only thread is held 0.6 s by a handler that must not be interrupted...
+      held = create_workflow_task("wait_timeout", plan("careful" => { sleep: 0.6, sleep_attempts: [1] }))
+      eventually { runs_of(held).any? }
+      # ...so this step (0.2 s allowed) waits longer than its timeout, queued, and goes back.
+      waiting = create_workflow_task("timeout", plan("slow" => {}))
+
+      final = TaskerCore.wait_for_task(waiting, timeout: 5)
+      expect(final[:status]).to eq("complete")
+      expect(step_status(final, "slow")).to include(attempts: 1, error_message: nil)
+      expect(runs_of(waiting).map(&:attempt)).to eq([1])
+      expect(runs_of(waiting).first.started_at).to be >= runs_of(held).first.finished_at
+      expect(TaskerCore.wait_for_task(held, timeout: 5)[:status]).to eq("complete")
+    end
+  end
+
   describe "a handler that ignores StepTimeoutError" do
     before { start_worker(concurrency: 1) }
 

@@ -30,7 +30,14 @@ pub enum Phase {
 }
 
 #[derive(Debug, Default)]
-pub struct AttemptPhase(AtomicU8, AtomicU64);
+pub struct AttemptPhase {
+    phase: AtomicU8,
+    /// When a handler thread began running it (Unix ns, for the step duration metric); 0 before.
+    started_unix_ns: AtomicU64,
+    /// How long after its claim a handler thread took it, plus one ns (so that 0 means "not yet"):
+    /// a running attempt's timeout counts from here, not from its claim.
+    started_after_claim_ns: AtomicU64,
+}
 
 impl AttemptPhase {
     fn decode(value: u8) -> Phase {
@@ -44,17 +51,27 @@ impl AttemptPhase {
     }
 
     pub fn get(&self) -> Phase {
-        Self::decode(self.0.load(Ordering::Acquire))
+        Self::decode(self.phase.load(Ordering::Acquire))
     }
 
-    /// A handler thread began running the attempt now (for the step duration metric).
-    pub fn mark_started(&self) {
-        self.1.store(unix_ns(), Ordering::Relaxed);
+    /// A handler thread is taking the attempt, `after` its claim. Stored before the move to
+    /// `Running`, so that whoever sees `Running` also sees the deadline that comes with it.
+    fn mark_taken(&self, after: Duration) {
+        let ns = u64::try_from(after.as_nanos()).unwrap_or(u64::MAX - 1);
+        self.started_after_claim_ns
+            .store(ns.saturating_add(1), Ordering::Release);
+    }
+
+    fn taken_after_claim(&self) -> Option<Duration> {
+        match self.started_after_claim_ns.load(Ordering::Acquire) {
+            0 => None,
+            ns => Some(Duration::from_nanos(ns - 1)),
+        }
     }
 
     /// How long the handler has run, if it started.
     pub fn running_for(&self) -> Option<Duration> {
-        match self.1.load(Ordering::Relaxed) {
+        match self.started_unix_ns.load(Ordering::Relaxed) {
             0 => None,
             started => Some(Duration::from_nanos(unix_ns().saturating_sub(started))),
         }
@@ -62,13 +79,13 @@ impl AttemptPhase {
 
     /// Move to `Done` from wherever it is; the phase it was in, or `None` if already done.
     pub fn finish(&self) -> Option<Phase> {
-        let previous = Self::decode(self.0.swap(Phase::Done as u8, Ordering::AcqRel));
+        let previous = Self::decode(self.phase.swap(Phase::Done as u8, Ordering::AcqRel));
         (previous != Phase::Done).then_some(previous)
     }
 
     /// Move from `from` to `to`; false if the attempt was not in `from`.
     pub fn advance(&self, from: Phase, to: Phase) -> bool {
-        self.0
+        self.phase
             .compare_exchange(from as u8, to as u8, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
     }
@@ -83,7 +100,8 @@ pub struct InFlight {
     pub step_index: usize,
     pub step_name: Arc<str>,
     pub attempt: u32,
-    pub deadline: Instant,
+    /// When it was claimed: a queued attempt's timeout counts from here (see [`Self::deadline`]).
+    pub claimed_at: Instant,
     pub timeout: Duration,
     pub on_timeout: OnTimeout,
     pub phase: Arc<AttemptPhase>,
@@ -109,8 +127,7 @@ impl InFlight {
             step_index,
             step_name: Arc::clone(&definition.name),
             attempt,
-            // A timeout is at most a day (template validation): no overflow.
-            deadline: now + definition.timeout,
+            claimed_at: now,
             timeout: definition.timeout,
             on_timeout: definition.on_timeout,
             phase: Arc::new(AttemptPhase::default()),
@@ -134,13 +151,36 @@ impl InFlight {
             step_index,
             step_name: Arc::from(format!("#{step_index}")),
             attempt,
-            deadline: now,
+            claimed_at: now,
             timeout: Duration::ZERO,
             on_timeout: OnTimeout::Raise,
             phase: Arc::new(AttemptPhase::default()),
             metrics: None,
             ready_at_ns: 0,
         }
+    }
+
+    /// When the attempt is over if it has not completed. Running: its timeout after a handler
+    /// thread took it. Still queued: its timeout after its claim; the engine then hands it back
+    /// unrun (the attempt does not count), so a worker may claim ahead of its handler threads
+    /// without the steps waiting behind slow handlers using up their attempts.
+    pub fn deadline(&self) -> Instant {
+        // A timeout is at most a day (template validation), the wait for a thread far less than
+        // a century: no overflow.
+        self.claimed_at + self.phase.taken_after_claim().unwrap_or_default() + self.timeout
+    }
+
+    /// A handler thread takes the attempt now. False if it must not run (it was handed back,
+    /// withdrawn, or already taken).
+    pub fn begin_running(&self) -> bool {
+        self.phase.mark_taken(self.claimed_at.elapsed());
+        let began = self.phase.advance(Phase::Queued, Phase::Running);
+        if began {
+            self.phase
+                .started_unix_ns
+                .store(unix_ns(), Ordering::Relaxed);
+        }
+        began
     }
 
     /// The message an attempt that outlived its timeout is recorded with.

@@ -78,7 +78,10 @@ impl WorkerBootstrap {
                     poll_interval: config.poll_interval,
                     finished_task_ttl: config.finished_task_ttl,
                     claim_lease: config.claim_lease,
-                    max_in_flight: config.concurrency * 2,
+                    // Each thread's next step waiting, at least; at most every queued attempt
+                    // plus one running on each thread.
+                    min_in_flight: config.concurrency * 2,
+                    max_in_flight: dispatch_capacity(&config) + config.concurrency,
                     task_ends: task_ends.0.clone(),
                     announce_ends: Arc::clone(&announce_ends),
                 };
@@ -165,14 +168,7 @@ impl WorkerBootstrap {
         local: Option<Arc<LocalTasks>>,
         (_task_ends_tx, task_ends): (Sender<TaskSnapshot>, Receiver<TaskSnapshot>),
     ) -> EngineResult<WorkerSystemHandle> {
-        // Room for every handler thread to find its next step waiting, and no more: steps
-        // stay in the backend (ordered, recallable) until a thread is about to need them.
-        // A database round trip claims a batch: give it room to amortise (up to the step timeout,
-        // a claimed step waits here; on shutdown it is released at once).
-        let capacity = match config.backend {
-            BackendKind::Memory => config.concurrency * 2,
-            BackendKind::Postgres => (config.concurrency * 4).max(32),
-        };
+        let capacity = dispatch_capacity(&config);
         backend.set_metrics(Arc::clone(&shared.metrics));
         let (dispatch_tx, dispatch_rx) = dispatch::channel(capacity);
         let (closed_tx, closed_rx) = crossbeam_channel::bounded::<()>(0);
@@ -409,15 +405,14 @@ impl WorkerSystemHandle {
         self.registry.contains(event_id)
     }
 
-    /// A handler thread took `event_id` and is about to run it. False if it must not run: it
-    /// timed out while queued (already recorded as a failed attempt, so running it would run
-    /// the step twice), or was withdrawn (its task was cancelled or failed).
+    /// A handler thread took `event_id` and is about to run it; its timeout counts from now.
+    /// False if it must not run: it waited its whole timeout for a thread and was handed back
+    /// (it may already run elsewhere), or was withdrawn (its task was cancelled or failed).
     pub fn begin_running(&self, event_id: Uuid) -> bool {
         self.registry
             .with(event_id, |flight| {
-                let began = flight.phase.advance(Phase::Queued, Phase::Running);
+                let began = flight.begin_running();
                 if began {
-                    flight.phase.mark_started();
                     if let Some(metrics) =
                         flight.metrics.as_ref().filter(|_| flight.ready_at_ns > 0)
                     {
@@ -485,7 +480,7 @@ impl WorkerSystemHandle {
             // A handler that returns after its deadline has timed out, whether or not the engine's
             // sweep got there first (a busy engine thread, a slow database call): its success
             // must not count.
-            if Instant::now() >= flight.deadline {
+            if Instant::now() >= flight.deadline() {
                 flight.phase.advance(Phase::Running, Phase::TimedOut);
             }
             // Exactly one of completion, timeout sweep, cancel and recall moves the phase on.
@@ -802,5 +797,21 @@ impl Drop for WorkerSystemHandle {
         if self.pid == std::process::id() {
             self.request_stop();
         }
+    }
+}
+
+/// How many claimed attempts may wait in the dispatch channel for a handler thread.
+///
+/// Memory: room for every handler thread to find its next step waiting, and no more: steps stay
+/// in the backend (ordered, recallable) until a thread is about to need them. PostgreSQL: a
+/// database round trip claims a batch, so give it room to amortise: each transaction then
+/// carries up to this many claims and completions (how many the backend claims follows how fast
+/// steps finish, up to this). An attempt's timeout runs from when a thread
+/// takes it; one that waited a whole timeout for a thread goes back unrun, its attempt not counted
+/// (see `InFlight::deadline`). On shutdown the queued ones are released at once.
+fn dispatch_capacity(config: &WorkerConfig) -> usize {
+    match config.backend {
+        BackendKind::Memory => config.concurrency * 2,
+        BackendKind::Postgres => (config.concurrency * 4).max(128),
     }
 }

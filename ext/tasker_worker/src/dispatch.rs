@@ -70,10 +70,11 @@ impl InFlightRegistry {
             if !matches!(flight.phase.get(), Phase::Queued | Phase::Running) {
                 continue;
             }
-            if flight.deadline <= now {
+            let deadline = flight.deadline();
+            if deadline <= now {
                 expired.push((Uuid::from_u128(*entry.key()), flight.clone()));
             } else {
-                next = Some(next.map_or(flight.deadline, |n| n.min(flight.deadline)));
+                next = Some(next.map_or(deadline, |n| n.min(deadline)));
             }
         }
         (expired, next)

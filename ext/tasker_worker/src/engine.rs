@@ -224,7 +224,7 @@ impl<B: Backend> Engine<B> {
             }
             self.backend.tick(Instant::now()).await;
             self.shared.set_pool_stats(self.backend.pool_stats());
-            self.sweep_timeouts(&mut st);
+            self.sweep_timeouts(&mut st).await;
             self.flush(&mut st).await;
             if st.accepting && !st.quiet {
                 self.fill(&mut st).await;
@@ -435,22 +435,30 @@ impl<B: Backend> Engine<B> {
         }
     }
 
-    fn sweep_timeouts(&mut self, st: &mut LoopState) {
+    async fn sweep_timeouts(&mut self, st: &mut LoopState) {
         let now = Instant::now();
         if st.next_sweep.is_none_or(|at| at > now) {
             return;
         }
         let (expired, next) = self.registry.expired(now);
         st.next_sweep = next;
+        let mut unstarted = Vec::new();
         for (event_id, flight) in expired {
             let timeout = fmt_secs(flight.timeout);
             if flight.phase.advance(Phase::Queued, Phase::Done) {
-                // Never taken: nothing runs, so the attempt ends now.
+                // Never taken: nothing ran, so the attempt does not count. The step goes back to
+                // the backend (on PostgreSQL, for any worker with a free thread).
                 if let Some(flight) = self.registry.take(event_id) {
                     warn!(task_uuid = %flight.task_uuid, step = %flight.step_name, attempt = flight.attempt,
-                          timeout_seconds = %timeout, "step attempt timed out before a handler thread took it");
-                    st.outcomes.push((flight, AttemptOutcome::TimedOut));
+                          timeout_seconds = %timeout,
+                          "step waited its whole timeout for a free handler thread; handed back unrun (the attempt does not count)");
+                    unstarted.push(flight);
                 }
+            } else if now < flight.deadline() {
+                // A handler thread took it after `expired` saw it queued: its timeout counts from
+                // there, and the sweep must come back for it.
+                let deadline = flight.deadline();
+                st.next_sweep = Some(st.next_sweep.map_or(deadline, |at| at.min(deadline)));
             } else if flight.phase.advance(Phase::Running, Phase::TimedOut) {
                 // The attempt is over, but its handler still runs: the next attempt waits for it to
                 // return (the completion then records the timeout), so two never run at once.
@@ -468,6 +476,12 @@ impl<B: Backend> Engine<B> {
                 }
                 self.interrupt(event_id, &flight, InterruptReason::Timeout);
             }
+        }
+        if !unstarted.is_empty() {
+            self.shared
+                .in_flight
+                .fetch_sub(unstarted.len() as u64, Ordering::AcqRel);
+            self.backend.release(unstarted).await;
         }
     }
 
@@ -492,7 +506,7 @@ impl<B: Backend> Engine<B> {
             flight.ready_at_ns = event.ready_at_ns;
             st.next_sweep = Some(
                 st.next_sweep
-                    .map_or(flight.deadline, |at| at.min(flight.deadline)),
+                    .map_or(flight.deadline(), |at| at.min(flight.deadline())),
             );
             self.registry.insert(event.event_id, flight);
             self.shared.in_flight.fetch_add(1, Ordering::AcqRel);

@@ -224,7 +224,7 @@ impl PostgresBackend {
     }
 
     /// How many steps a claim may take now: none unless something may be ready (a notification,
-    /// our own enqueue, a poll or wake-up falling due), and no more than `max_in_flight` allows.
+    /// our own enqueue, a poll or wake-up falling due), and no more than [`ClaimAhead`] allows.
     pub(super) fn claim_room(&mut self, now: Instant) -> usize {
         if self.stopping {
             return 0;
@@ -239,7 +239,7 @@ impl PostgresBackend {
         if !self.maybe_ready {
             return 0;
         }
-        self.settings.max_in_flight.saturating_sub(self.outstanding)
+        self.claim_ahead.limit().saturating_sub(self.outstanding)
     }
 
     /// After a claim of `room` that took `got`: whether anything visible may be left.
@@ -298,6 +298,55 @@ impl PostgresBackend {
         self.renewal = Some(tokio::spawn(renew_leases(
             pool, steps, attempts, lease, every, wake,
         )));
+    }
+}
+
+/// How much work a worker claims ahead of its handler threads: steps to last about this long at
+/// the rate it has recently finished them.
+const CLAIM_AHEAD: Duration = Duration::from_millis(50);
+/// How often that rate is measured.
+const RATE_WINDOW: Duration = Duration::from_millis(100);
+
+/// How many claimed attempts a worker holds at most (running, or queued for a thread), from how
+/// fast it finishes them. Fast steps: many, so that each transaction carries many claims and
+/// completions (a commit is what each one waits for). Slow steps: little more than one per thread,
+/// so that the rest stay claimable by workers with free threads.
+pub(super) struct ClaimAhead {
+    /// Never fewer (twice the handler threads: each finds its next step waiting).
+    fewest: usize,
+    /// Never more (what the dispatch channel holds, plus one running per thread).
+    most: usize,
+    window_began: Instant,
+    finished_in_window: usize,
+    per_sec: f64,
+}
+
+impl ClaimAhead {
+    pub(super) fn new(fewest: usize, most: usize, now: Instant) -> Self {
+        Self {
+            fewest,
+            most: most.max(fewest),
+            window_began: now,
+            finished_in_window: 0,
+            per_sec: 0.0,
+        }
+    }
+
+    /// `count` attempts ended here (recorded, whatever their outcome).
+    pub(super) fn finished(&mut self, count: usize, now: Instant) {
+        self.finished_in_window += count;
+        let elapsed = now.saturating_duration_since(self.window_began);
+        if elapsed >= RATE_WINDOW {
+            self.per_sec = self.finished_in_window as f64 / elapsed.as_secs_f64();
+            self.finished_in_window = 0;
+            self.window_began = now;
+        }
+    }
+
+    pub(super) fn limit(&self) -> usize {
+        // Saturating float-to-int cast: a huge rate is `most`.
+        let ahead = (self.per_sec * CLAIM_AHEAD.as_secs_f64()) as usize;
+        ahead.clamp(self.fewest, self.most)
     }
 }
 
@@ -395,5 +444,37 @@ pub(super) async fn renew_leases(
             attempts = steps.len(),
             "renewing the claim lease took longer than the renewal interval; will try again"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claims_ahead_by_how_fast_steps_finish() {
+        let start = Instant::now();
+        let mut ahead = ClaimAhead::new(8, 132, start);
+        // Nothing measured yet: one step waiting per thread.
+        assert_eq!(ahead.limit(), 8);
+        // 1,000 steps in 100 ms (10,000/s): 50 ms of them is 500, capped at the channel's room.
+        ahead.finished(1_000, start + Duration::from_millis(100));
+        assert_eq!(ahead.limit(), 132);
+        // 40 steps in the next 100 ms (400/s): 20 steps ahead.
+        ahead.finished(40, start + Duration::from_millis(200));
+        assert_eq!(ahead.limit(), 20);
+        // Slow steps (4 in a second): back to the floor.
+        ahead.finished(4, start + Duration::from_millis(1_200));
+        assert_eq!(ahead.limit(), 8);
+    }
+
+    #[test]
+    fn measures_a_window_only_once_it_is_long_enough() {
+        let start = Instant::now();
+        let mut ahead = ClaimAhead::new(8, 132, start);
+        ahead.finished(500, start + Duration::from_millis(10));
+        assert_eq!(ahead.limit(), 8, "10 ms is too short to judge a rate");
+        ahead.finished(500, start + Duration::from_millis(100));
+        assert_eq!(ahead.limit(), 132);
     }
 }

@@ -26,8 +26,11 @@
 //!   paused worker) records what is not locked and keeps the rest for later.
 //! - Every connection sets `lock_timeout`, `idle_in_transaction_session_timeout` and TCP
 //!   keepalives, so a paused or partitioned worker holds its row locks for seconds, not hours.
-//! - A worker holds at most `max_in_flight` claimed steps (twice its handler threads): a claimed
-//!   attempt's timeout runs from the claim, so it must not wait long for a free thread.
+//! - A worker claims ahead of its handler threads about 50 ms of work at the rate it finishes
+//!   steps (`ClaimAhead`): with fast steps each transaction carries many claims and completions,
+//!   with slow ones little more than one step per thread is held, the rest left to other workers.
+//!   An attempt's timeout runs from when a thread takes it; one that waited a whole timeout for a
+//!   thread is released unrun (the engine's sweep), for any worker to claim.
 //! - Wake-ups: LISTEN/NOTIFY (EventDriven), a periodic claim (Polling), or both (Hybrid). One
 //!   NOTIFY per transaction at most, and only for steps the sender did not claim itself.
 //!   EventDriven workers also wake when the earliest hidden row becomes visible (a retry's
@@ -60,7 +63,7 @@ use crate::events::{StepExecutionEvent, TaskSnapshot, TaskStatus};
 use crate::metrics::Metrics;
 use crate::task_list::{TaskPage, TaskQuery};
 use crate::template::{TaskTemplate, TemplateKey, TemplateRegistry};
-use claims::renewal_every;
+use claims::{renewal_every, ClaimAhead};
 use client::{cancel_transaction, Cancel, ClientRetry, RetryFailure, TxFailure};
 use create::{create_in_groups, CreateRequest, NewTaskRows};
 use listen::{listen, STEPS_READY};
@@ -122,9 +125,10 @@ pub struct PostgresSettings {
     /// How long a claim holds without renewal (renewed every third of it while the attempt is
     /// out here).
     pub claim_lease: Duration,
-    /// Most attempts claimed and not yet recorded or released (running or queued for Ruby).
-    /// A claimed attempt's timeout runs from the claim: steps must not wait in this process
-    /// longer than they take to run, or they time out unstarted.
+    /// Fewest and most attempts claimed and not yet recorded or released (running or queued for
+    /// Ruby) that this worker may hold; between the two, it follows how fast steps finish
+    /// ([`ClaimAhead`]).
+    pub min_in_flight: usize,
     pub max_in_flight: usize,
     /// Where the tasks this process finishes are announced (`task.completed` and the like),
     /// while `announce_ends` is set (something observes them).
@@ -182,6 +186,8 @@ pub struct PostgresBackend {
     cleanup: Option<JoinHandle<()>>,
     /// Attempts claimed here and not yet recorded or released (`prefetched` included).
     outstanding: usize,
+    /// How many of those it may hold now.
+    claim_ahead: ClaimAhead,
     /// Claimed in a record transaction, not yet handed to the engine.
     prefetched: Vec<PgRow>,
     /// The worker is shutting down: claim nothing more.
@@ -334,6 +340,7 @@ impl PostgresBackend {
         });
         let (write_results_sender, write_results) = unbounded_channel();
         let now = Instant::now();
+        let claim_ahead = ClaimAhead::new(settings.min_in_flight, settings.max_in_flight, now);
         let first_renewal = renewal_every(settings.claim_lease);
         Self {
             settings,
@@ -360,6 +367,7 @@ impl PostgresBackend {
             next_cleanup: now,
             cleanup: None,
             outstanding: 0,
+            claim_ahead,
             prefetched: Vec::new(),
             stopping: false,
             owned: HashMap::new(),

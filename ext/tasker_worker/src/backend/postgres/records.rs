@@ -77,7 +77,7 @@ impl PostgresBackend {
         let room = if self.stopping {
             0
         } else {
-            self.settings.max_in_flight.saturating_sub(self.outstanding)
+            self.claim_ahead.limit().saturating_sub(self.outstanding)
         };
         let claim = Claim {
             room,
@@ -116,6 +116,7 @@ impl PostgresBackend {
         now: Instant,
     ) {
         self.outstanding = self.outstanding.saturating_sub(outcomes.len());
+        self.claim_ahead.finished(outcomes.len(), now);
         let entries = self.prepare(outcomes).await;
         self.pending.extend(entries);
         self.start_write(now);
