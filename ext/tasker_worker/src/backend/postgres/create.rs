@@ -211,7 +211,7 @@ pub(super) fn answer_create(request: &CreateRequest, result: Result<(), sqlx::Er
         .try_send(result.map(|()| request.rows.task_uuids.clone()).map_err(db));
 }
 
-/// Insert `rows` in one transaction. A connection the server closed (a terminated session, a
+/// Insert `rows` in one statement (one transaction). A connection the server closed (a terminated session, a
 /// restart) fails the transaction before anything is written, and it is tried again. A failure
 /// at COMMIT leaves the outcome unknown: the next try first looks for the tasks (their uuids were
 /// chosen beforehand), so a task is never created twice.
@@ -223,12 +223,30 @@ pub(super) async fn insert_tasks(pool: &PgPool, rows: &NewTaskRows) -> Result<()
             if look_first && tasks_exist(pool, &rows.task_uuids).await? {
                 return Ok(());
             }
-            let mut tx = pool.begin().await?;
+            // One statement, so one round trip and its own transaction (autocommit): the rows of
+            // a sibling CTE are there for the foreign-key checks, which run at its end, and the
+            // NOTIFY goes out at its commit.
             sqlx::query(
-                "INSERT INTO tasker_tasks (task_uuid, namespace, name, version, context, status, incomplete_steps)
-                 SELECT u, ns, nm, v, c, 'pending', n
-                 FROM unnest($1::uuid[], $2::jsonb[], $3::text[], $4::text[], $5::text[], $6::int4[])
-                      AS x(u, c, ns, nm, v, n)",
+                "WITH tasks AS (
+                   INSERT INTO tasker_tasks (task_uuid, namespace, name, version, context, status, incomplete_steps)
+                   SELECT u, ns, nm, v, c, 'pending', n
+                   FROM unnest($1::uuid[], $2::jsonb[], $3::text[], $4::text[], $5::text[], $6::int4[])
+                        AS x(u, c, ns, nm, v, n)
+                 ), steps AS (
+                   INSERT INTO tasker_steps (step_uuid, task_uuid, step_index, name, status, waiting_on, ready_at)
+                   SELECT u, t, i, nm,
+                          CASE WHEN w = 0 AND coalesce(to_timestamp(ra) <= now(), true) THEN 'enqueued'
+                               ELSE 'pending' END, w,
+                          CASE WHEN w = 0 THEN greatest(now(), coalesce(to_timestamp(ra), now())) END
+                   FROM unnest($7::uuid[], $8::uuid[], $9::int4[], $10::text[], $11::int4[], $12::float8[])
+                        AS x(u, t, i, nm, w, ra)
+                 ), ready AS (
+                   INSERT INTO tasker_ready_steps (step_uuid, task_uuid, namespace, timeout_ms, visible_at)
+                   SELECT u, t, ns, ms, greatest(now(), coalesce(to_timestamp(ra), now()))
+                   FROM unnest($13::uuid[], $14::uuid[], $15::text[], $16::int4[], $17::float8[])
+                        AS x(u, t, ns, ms, ra)
+                 )
+                 SELECT pg_notify($18, '')",
             )
             .bind(&rows.task_uuids)
             .bind(&rows.contexts)
@@ -236,42 +254,21 @@ pub(super) async fn insert_tasks(pool: &PgPool, rows: &NewTaskRows) -> Result<()
             .bind(&rows.names)
             .bind(&rows.versions)
             .bind(&rows.step_counts)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(
-                "INSERT INTO tasker_steps (step_uuid, task_uuid, step_index, name, status, waiting_on, ready_at)
-                 SELECT u, t, i, nm,
-                        CASE WHEN w = 0 AND coalesce(to_timestamp(ra) <= now(), true) THEN 'enqueued'
-                             ELSE 'pending' END, w,
-                        CASE WHEN w = 0 THEN greatest(now(), coalesce(to_timestamp(ra), now())) END
-                 FROM unnest($1::uuid[], $2::uuid[], $3::int4[], $4::text[], $5::int4[], $6::float8[])
-                      AS x(u, t, i, nm, w, ra)",
-            )
             .bind(&rows.step_uuids)
             .bind(&rows.step_tasks)
             .bind(&rows.step_indices)
             .bind(&rows.step_names)
             .bind(&rows.step_waiting)
             .bind(&rows.step_run_at)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(
-                "INSERT INTO tasker_ready_steps (step_uuid, task_uuid, namespace, timeout_ms, visible_at)
-                 SELECT u, t, ns, ms, greatest(now(), coalesce(to_timestamp(ra), now()))
-                 FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int4[], $5::float8[]) AS x(u, t, ns, ms, ra)",
-            )
             .bind(&rows.root_uuids)
             .bind(&rows.root_tasks)
             .bind(&rows.root_namespaces)
             .bind(&rows.root_timeouts)
             .bind(&rows.root_run_at)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query("SELECT pg_notify($1, '')")
-                .bind(STEPS_READY)
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await
+            .bind(STEPS_READY)
+            .execute(pool)
+            .await
+            .map(|_| ())
         };
         match attempt.await {
             Ok(()) => return Ok(()),
