@@ -55,11 +55,16 @@ impl AttemptPhase {
     }
 
     /// A handler thread is taking the attempt, `after` its claim. Stored before the move to
-    /// `Running`, so that whoever sees `Running` also sees the deadline that comes with it.
+    /// `Running`, so that whoever sees `Running` also sees the deadline that comes with it; only
+    /// the first take is stored (a later call must not move a running attempt's deadline).
     fn mark_taken(&self, after: Duration) {
         let ns = u64::try_from(after.as_nanos()).unwrap_or(u64::MAX - 1);
-        self.started_after_claim_ns
-            .store(ns.saturating_add(1), Ordering::Release);
+        let _ = self.started_after_claim_ns.compare_exchange(
+            0,
+            ns.saturating_add(1),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
     }
 
     fn taken_after_claim(&self) -> Option<Duration> {
@@ -217,3 +222,43 @@ pub enum AttemptOutcome {
 /// The longest delay a completion's `retry_after` may ask for: one year. Longer ones are cut to
 /// it, so that no `Instant + Duration` in either backend can overflow, whatever a handler returns.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(365 * 24 * 3600);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::template::TaskTemplate;
+
+    fn step_with_timeout(seconds: f64) -> Arc<StepDefinition> {
+        let yaml = format!(
+            "namespace: t\nname: t\nversion: 1.0.0\nsteps:\n  - {{ name: a, handler: {{ callable: H }}, timeout_seconds: {seconds} }}\n"
+        );
+        let template =
+            TaskTemplate::from_yaml(&yaml, std::path::Path::new("t.yml")).expect("template");
+        Arc::clone(&template.steps[0])
+    }
+
+    #[test]
+    fn a_queued_attempt_times_out_from_its_claim_a_running_one_from_its_start() {
+        let definition = step_with_timeout(1.0);
+        let claimed = Instant::now() - Duration::from_secs(10);
+        let flight = InFlight::new(Uuid::nil(), Uuid::nil(), 0, &definition, 1, claimed);
+        // Queued for ten seconds: a second past its claim, long gone.
+        assert_eq!(flight.deadline(), claimed + Duration::from_secs(1));
+        assert!(flight.begin_running());
+        let deadline = flight.deadline();
+        assert!(deadline > Instant::now() + Duration::from_millis(900));
+        assert!(deadline <= Instant::now() + Duration::from_secs(1));
+        // Taken once only.
+        assert!(!flight.begin_running());
+        assert_eq!(flight.deadline(), deadline);
+    }
+
+    #[test]
+    fn an_attempt_handed_back_never_begins() {
+        let definition = step_with_timeout(1.0);
+        let flight = InFlight::new(Uuid::nil(), Uuid::nil(), 0, &definition, 1, Instant::now());
+        assert!(flight.phase.advance(Phase::Queued, Phase::Done));
+        assert!(!flight.begin_running());
+        assert_eq!(flight.phase.get(), Phase::Done);
+    }
+}

@@ -493,38 +493,41 @@ fn unknown_templates_and_bad_context_are_configuration_errors() {
 }
 
 #[test]
-fn an_event_that_timed_out_in_the_queue_is_no_longer_in_flight() {
-    // No handler threads: the step's only attempt times out while its event waits in the channel.
+fn an_event_that_waited_its_whole_timeout_in_the_queue_goes_back_unrun() {
+    // No handler threads: the step's attempt waits in the channel past its timeout (0.1 s).
     let h = start(SLOW, json!({}), 0, |_| Ok(json!({})));
     let task = h.create("slow", json!({}));
+    let (_never, cancel) = crossbeam_channel::bounded::<()>(1);
+    let Take::Event(stale) = h.system.port().take(&cancel, Some(Duration::from_secs(5))) else {
+        panic!("no event was dispatched")
+    };
+    // Taken from the channel but not begun: the engine still counts it as queued.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while h.system.status().steps_failed < 1 {
+    while h.system.is_in_flight(stale.event_id) {
         assert!(
             Instant::now() < deadline,
-            "the queued attempt never timed out"
+            "the queued attempt was never handed back"
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    let Take::Event(stale) = h.system.port().try_take() else {
-        panic!("the stale event was not queued")
-    };
-    assert_eq!(stale.attempt, 1);
     assert!(
-        !h.system.is_in_flight(stale.event_id),
-        "a timed-out attempt is still handed out"
+        !h.system.begin_running(stale.event_id),
+        "an attempt handed back may still begin"
     );
-    // The retry (attempt 2) is current.
-    let (_never, cancel) = crossbeam_channel::bounded::<()>(1);
-    let Take::Event(retry) = h.system.port().take(&cancel, Some(Duration::from_secs(5))) else {
-        panic!("no retry was dispatched")
+    // The step is handed out again as the same attempt: the one that never ran does not count.
+    let Take::Event(again) = h.system.port().take(&cancel, Some(Duration::from_secs(5))) else {
+        panic!("the step was not dispatched again")
     };
-    assert_eq!(retry.attempt, 2);
-    assert!(h.system.is_in_flight(retry.event_id));
+    assert_eq!((stale.attempt, again.attempt), (1, 1));
+    assert_ne!(again.event_id, stale.event_id);
+    assert!(h.system.begin_running(again.event_id));
     assert_eq!(
-        h.system.complete(completion(&retry, Ok(json!({})))),
+        h.system.complete(completion(&again, Ok(json!({})))),
         CompletionVerdict::Accepted
     );
-    assert_eq!(h.wait(task).status.as_str(), "complete");
+    let done = h.wait(task);
+    assert_eq!(done.status.as_str(), "complete");
+    assert_eq!(h.system.status().steps_failed, 0);
     h.stop();
 }
 
