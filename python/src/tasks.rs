@@ -7,13 +7,13 @@ use crate::convert;
 use crate::errors::{self, guard};
 use crate::wait;
 use crate::worker::require_worker;
+use crossbeam_channel::Receiver;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
-use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tasker_worker::{
-    EngineResult, GroupWait, LocalTasks, TaskSnapshot, TaskTable, WaitTicket, WorkerSystemHandle,
+    CallerThread, EngineError, EngineResult, LocalTasks, TaskSnapshot, TaskTable, WaitTicket,
+    WorkerSystemHandle,
 };
 use uuid::Uuid;
 
@@ -26,18 +26,38 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     Ok(())
 }
 
+/// A Python thread working on the memory backend's task table ([`LocalTasks::access_from`],
+/// [`LocalTasks::wait_for_tasks`]): it waits for the table's lock, and for a group of tasks, with
+/// the GIL released (a group wait on the main thread checks for signals, see `wait`).
+struct PyCaller<'py>(Python<'py>);
+
+impl CallerThread for PyCaller<'_> {
+    type Error = PyErr;
+
+    fn released<R: Send>(&self, work: impl FnOnce() -> R + Send) -> PyResult<R> {
+        Ok(self.0.allow_threads(work))
+    }
+
+    fn await_group(&self, done: &Receiver<()>, timeout: Option<Duration>) -> PyResult<bool> {
+        // The engine stopped (`Some(Err(()))`) ends the wait as an answer does.
+        wait::reply(self.0, done, timeout).map(|answered| answered.is_some())
+    }
+
+    fn engine_error(&self, error: EngineError) -> PyErr {
+        errors::engine(error)
+    }
+}
+
 /// Run `work` on the memory backend's task table: at once if its lock is free, else waiting for the
 /// lock with the GIL released (a handler thread or the engine holds it for a moment; blocking on it
-/// with the GIL held would stall every Python thread behind it).
+/// with the GIL held would stall every Python thread behind it). Never fails: the `Err` is only
+/// [`CallerThread`]'s shape.
 fn with_table<R: Send>(
     py: Python<'_>,
     local: &LocalTasks,
     work: impl FnOnce(&mut TaskTable) -> R + Send,
-) -> R {
-    match local.try_access(work) {
-        Ok(result) => result,
-        Err(work) => py.allow_threads(|| local.access(work)),
-    }
+) -> PyResult<R> {
+    local.access_from(&PyCaller(py), work)
 }
 
 /// Wait for an engine answer that always comes (no timeout).
@@ -109,7 +129,7 @@ fn _create_tasks(
                     .and_then(|()| system.local_template(namespace, name, version))
                     .map(|template| WorkerSystemHandle::prepare_tasks(&template, list, run_at))
                     .map_err(errors::engine)?;
-                let uuids = with_table(py, local, move |table| table.insert(prepared))
+                let uuids = with_table(py, local, move |table| table.insert(prepared))?
                     .map_err(errors::engine)?;
                 system.tasks_inserted();
                 uuids
@@ -132,7 +152,7 @@ fn _task_status<'py>(py: Python<'py>, task_uuid_text: &str) -> PyResult<Bound<'p
         let uuid = task_uuid(task_uuid_text)?;
         let snapshot = match system.local_tasks() {
             Some(local) => {
-                with_table(py, local, |table| table.snapshot(uuid)).map_err(errors::engine)?
+                with_table(py, local, |table| table.snapshot(uuid))?.map_err(errors::engine)?
             }
             None => answer(
                 py,
@@ -182,94 +202,15 @@ fn _wait_for_tasks<'py>(
     })
 }
 
-/// Tasks looked up (or waited for) per lock section: a long list never holds the table long.
-const WAIT_CHUNK: usize = 64;
-
-/// Memory backend: the final statuses of `uuids`, in order, or `None` past `timeout`. Finished
-/// tasks answer from the table at once; the unfinished ones answer one [`GroupWait`] when they
-/// finish (no engine round trip), which wakes this thread once, when the last answers.
+/// Memory backend: the final statuses of `uuids`, in order, or `None` past `timeout` (see
+/// [`LocalTasks::wait_for_tasks`]; no engine round trip).
 fn wait_local(
     py: Python<'_>,
     local: &LocalTasks,
     uuids: &[Uuid],
     timeout: Option<Duration>,
 ) -> PyResult<Option<Vec<TaskSnapshot>>> {
-    let mut found: Vec<Option<TaskSnapshot>> = vec![None; uuids.len()];
-    // Made at the first unfinished task: a wait on finished tasks allocates nothing for it.
-    let mut group: Option<Arc<GroupWait>> = None;
-    let mut awaited: Vec<usize> = Vec::new();
-    for (chunk_index, chunk) in uuids.chunks(WAIT_CHUNK).enumerate() {
-        let answers = with_table(py, local, |table| {
-            chunk
-                .iter()
-                .map(|&uuid| match table.snapshot_if_finished(uuid) {
-                    Some(answer) => Some(answer),
-                    None => {
-                        let group = group.get_or_insert_with(GroupWait::new);
-                        table.wait_in_group(uuid, group)
-                    }
-                })
-                .collect::<Vec<_>>()
-        });
-        for (offset, answer) in answers.into_iter().enumerate() {
-            let index = chunk_index * WAIT_CHUNK + offset;
-            match answer {
-                Some(Ok(snapshot)) => found[index] = Some(snapshot),
-                Some(Err(e)) => {
-                    forget_group(py, local, uuids, &awaited, group.as_ref());
-                    return Err(errors::engine(e));
-                }
-                None => awaited.push(index),
-            }
-        }
-    }
-    let Some(group) = group else {
-        return Ok(Some(found.into_iter().flatten().collect()));
-    };
-    group.registered();
-    match wait::reply(py, group.done(), timeout) {
-        Ok(Some(_)) => {}
-        Ok(None) => {
-            forget_group(py, local, uuids, &awaited, Some(&group));
-            return Ok(None);
-        }
-        Err(interrupt) => {
-            forget_group(py, local, uuids, &awaited, Some(&group));
-            return Err(interrupt);
-        }
-    }
-    // Each awaited position takes its task's answer (a uuid listed twice answered twice).
-    let mut by_task: HashMap<Uuid, Vec<TaskSnapshot>> = HashMap::new();
-    for snapshot in group.take_answers() {
-        by_task
-            .entry(snapshot.task_uuid)
-            .or_default()
-            .push(snapshot);
-    }
-    for index in awaited {
-        found[index] = by_task.get_mut(&uuids[index]).and_then(Vec::pop);
-    }
-    Ok(Some(found.into_iter().flatten().collect()))
-}
-
-/// The caller stopped waiting: the tasks it waited for forget its group.
-fn forget_group(
-    py: Python<'_>,
-    local: &LocalTasks,
-    uuids: &[Uuid],
-    awaited: &[usize],
-    group: Option<&Arc<GroupWait>>,
-) {
-    let Some(group) = group else {
-        return;
-    };
-    for chunk in awaited.chunks(WAIT_CHUNK) {
-        with_table(py, local, |table| {
-            for &index in chunk {
-                table.forget_group(uuids[index], group);
-            }
-        });
-    }
+    local.wait_for_tasks(&PyCaller(py), uuids, timeout)
 }
 
 /// PostgreSQL: one engine request per task, all sent before any is awaited.

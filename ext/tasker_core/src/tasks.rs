@@ -11,12 +11,11 @@ use crate::bridge::{await_reply, current, require_worker, seconds};
 use crate::convert::{self, fetch};
 use crate::errors;
 use crate::gvl::{check_interrupts, without_gvl, without_gvl_retrying};
+use crossbeam_channel::Receiver;
 use magnus::{function, prelude::*, Error, RArray, RHash, RModule, RString, Ruby, Value};
-use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tasker_worker::{
-    GroupWait, LocalTasks, TaskEndTake, TaskSnapshot, TaskTable, WorkerSystemHandle,
+    CallerThread, EngineError, LocalTasks, TaskEndTake, TaskSnapshot, TaskTable, WorkerSystemHandle,
 };
 use uuid::Uuid;
 
@@ -33,6 +32,30 @@ pub fn init(ffi: RModule) -> Result<(), Error> {
     Ok(())
 }
 
+/// A Ruby thread working on the memory backend's task table ([`LocalTasks::access_from`],
+/// [`LocalTasks::wait_for_tasks`]): it waits for the table's lock, and for a group of tasks, with
+/// the GVL released, interruptibly.
+struct RubyCaller<'a>(&'a Ruby);
+
+impl CallerThread for RubyCaller<'_> {
+    type Error = Error;
+
+    fn released<R: Send>(&self, work: impl FnOnce() -> R + Send) -> Result<R, Error> {
+        let mut work = Some(work);
+        // `work` runs once: a retry only happens when it did not run (an interrupt that raised
+        // nothing was pending on entry).
+        without_gvl_retrying(self.0, |_| work.take().map(|work| work()))
+    }
+
+    fn await_group(&self, done: &Receiver<()>, timeout: Option<Duration>) -> Result<bool, Error> {
+        await_reply(self.0, done.clone(), timeout).map(|answered| answered.is_some())
+    }
+
+    fn engine_error(&self, error: EngineError) -> Error {
+        errors::engine(self.0, error)
+    }
+}
+
 /// Run `work` on the memory backend's task table: at once if its lock is free, else waiting for
 /// the lock with the GVL released (another Ruby thread, or the engine, holds it for a moment).
 fn with_table<R: Send>(
@@ -40,15 +63,7 @@ fn with_table<R: Send>(
     local: &LocalTasks,
     work: impl FnOnce(&mut TaskTable) -> R + Send,
 ) -> Result<R, Error> {
-    match local.try_access(work) {
-        Ok(result) => Ok(result),
-        Err(work) => {
-            let mut work = Some(work);
-            // `work` runs once: a retry only happens when it did not run (an interrupt that
-            // raised nothing was pending on entry).
-            without_gvl_retrying(ruby, |_| work.take().map(|work| local.access(work)))
-        }
-    }
+    local.access_from(&RubyCaller(ruby), work)
 }
 
 /// Create one task per context; their uuids, in order. Memory backend: validated and inserted
@@ -293,95 +308,15 @@ fn wait_for_tasks(ruby: &Ruby, task_uuids: Value, timeout: Value) -> Result<Opti
     })
 }
 
-/// Tasks looked up (or waited for) per lock section: a long list never holds the table long.
-const WAIT_CHUNK: usize = 64;
-
-/// Memory backend: the final statuses of `uuids`, in order, or `None` past `timeout`. Finished
-/// tasks answer from the table at once; the unfinished ones are told to answer one [`GroupWait`]
-/// when they finish (no engine round trip), which wakes this thread once, when the last answers.
+/// Memory backend: the final statuses of `uuids`, in order, or `None` past `timeout` (see
+/// [`LocalTasks::wait_for_tasks`]; no engine round trip).
 fn wait_local(
     ruby: &Ruby,
     local: &LocalTasks,
     uuids: &[Uuid],
     timeout: Option<Duration>,
 ) -> Result<Option<Vec<TaskSnapshot>>, Error> {
-    let mut found: Vec<Option<TaskSnapshot>> = vec![None; uuids.len()];
-    // Made at the first unfinished task: a wait on finished tasks allocates nothing for it.
-    let mut group: Option<Arc<GroupWait>> = None;
-    let mut awaited: Vec<usize> = Vec::new();
-    for (chunk_index, chunk) in uuids.chunks(WAIT_CHUNK).enumerate() {
-        let answers = with_table(ruby, local, |table| {
-            chunk
-                .iter()
-                .map(|&uuid| match table.snapshot_if_finished(uuid) {
-                    Some(answer) => Some(answer),
-                    None => {
-                        let group = group.get_or_insert_with(GroupWait::new);
-                        table.wait_in_group(uuid, group)
-                    }
-                })
-                .collect::<Vec<_>>()
-        })?;
-        for (offset, answer) in answers.into_iter().enumerate() {
-            let index = chunk_index * WAIT_CHUNK + offset;
-            match answer {
-                Some(Ok(snapshot)) => found[index] = Some(snapshot),
-                Some(Err(e)) => {
-                    forget_group(ruby, local, uuids, &awaited, group.as_ref())?;
-                    return Err(errors::engine(ruby, e));
-                }
-                None => awaited.push(index),
-            }
-        }
-    }
-    let Some(group) = group else {
-        return Ok(Some(found.into_iter().flatten().collect()));
-    };
-    group.registered();
-    match await_reply(ruby, group.done().clone(), timeout) {
-        Ok(Some(())) => {}
-        Ok(None) => {
-            forget_group(ruby, local, uuids, &awaited, Some(&group))?;
-            return Ok(None);
-        }
-        Err(interrupt) => {
-            forget_group(ruby, local, uuids, &awaited, Some(&group))?;
-            return Err(interrupt);
-        }
-    }
-    // Each awaited position takes its task's answer (a uuid listed twice answered twice).
-    let mut by_task: HashMap<Uuid, Vec<TaskSnapshot>> = HashMap::new();
-    for snapshot in group.take_answers() {
-        by_task
-            .entry(snapshot.task_uuid)
-            .or_default()
-            .push(snapshot);
-    }
-    for index in awaited {
-        found[index] = by_task.get_mut(&uuids[index]).and_then(Vec::pop);
-    }
-    Ok(Some(found.into_iter().flatten().collect()))
-}
-
-/// The caller stopped waiting: the tasks it waited for forget its group.
-fn forget_group(
-    ruby: &Ruby,
-    local: &LocalTasks,
-    uuids: &[Uuid],
-    awaited: &[usize],
-    group: Option<&Arc<GroupWait>>,
-) -> Result<(), Error> {
-    let Some(group) = group else {
-        return Ok(());
-    };
-    for chunk in awaited.chunks(WAIT_CHUNK) {
-        with_table(ruby, local, |table| {
-            for &index in chunk {
-                table.forget_group(uuids[index], group);
-            }
-        })?;
-    }
-    Ok(())
+    local.wait_for_tasks(&RubyCaller(ruby), uuids, timeout)
 }
 
 /// PostgreSQL: one engine request per task, all sent before any is awaited.

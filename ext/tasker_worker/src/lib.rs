@@ -38,7 +38,7 @@ pub mod template;
 pub mod web;
 
 pub use attempt::MAX_RETRY_AFTER;
-pub use backend::memory::{GroupWait, LocalTasks, NewTask, TaskTable};
+pub use backend::memory::{CallerThread, GroupWait, LocalTasks, NewTask, TaskTable};
 pub use bootstrap::{
     CompletionVerdict, TaskEndTake, WaitTicket, WorkerBootstrap, WorkerSystemHandle,
 };

@@ -10,8 +10,10 @@
 
 mod index;
 mod table;
+mod wait;
 
 pub use table::{GroupWait, NewTask, TaskTable};
+pub use wait::CallerThread;
 
 use super::{Backend, BackendGauges, CreatedReply, NotificationSender, SnapshotReply};
 use crate::attempt::{AttemptOutcome, InFlight};
@@ -240,7 +242,8 @@ mod tests {
     use crate::events::TaskStatus;
     use crossbeam_channel::TryRecvError;
 
-    fn new_tasks(local: &LocalTasks, n: usize) -> Vec<Uuid> {
+    /// `n` new tasks of a one-step template.
+    pub(super) fn new_tasks(local: &LocalTasks, n: usize) -> Vec<Uuid> {
         let yaml = "namespace: n\nname: t\nversion: 1.0.0\nsteps:\n  - { name: a, handler: { callable: A } }\n";
         let template = Arc::new(TaskTemplate::from_yaml(yaml, "t.yml".as_ref()).unwrap());
         let prepared = (0..n)

@@ -649,6 +649,14 @@ impl TaskTable {
         }
     }
 
+    /// How many waiters a task has (0 for an unknown task).
+    #[cfg(test)]
+    pub(super) fn waiter_count(&self, task_uuid: Uuid) -> usize {
+        self.tasks
+            .get(&task_uuid)
+            .map_or(0, |task| task.waiters.len())
+    }
+
     /// Up to `max` ready attempts, marked in progress.
     pub(super) fn claim(
         &mut self,
