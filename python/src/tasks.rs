@@ -39,8 +39,14 @@ impl CallerThread for PyCaller<'_> {
     }
 
     fn await_group(&self, done: &Receiver<()>, timeout: Option<Duration>) -> PyResult<bool> {
-        // The engine stopped (`Some(Err(()))`) ends the wait as an answer does.
-        wait::reply(self.0, done, timeout).map(|answered| answered.is_some())
+        match wait::reply(self.0, done, timeout)? {
+            Some(Ok(())) => Ok(true),
+            // As in Ruby: the engine stopped before every task answered.
+            Some(Err(())) => Err(errors::WorkerNotInitializedError::new_err(
+                "the worker stopped before answering",
+            )),
+            None => Ok(false),
+        }
     }
 
     fn engine_error(&self, error: EngineError) -> PyErr {

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import threading
 import time
 from decimal import Decimal
 
@@ -122,3 +123,29 @@ def test_a_bad_run_at_is_refused_naming_it_and_the_worker_goes_on(worker, value,
         tasker_core.create_tasks("default", "noop", [{}], run_at=value)
     uuid = tasker_core.create_task("default", "noop")
     assert tasker_core.wait_for_task(uuid, timeout=10)["status"] == "complete"
+
+
+def test_a_wait_cut_short_by_the_worker_stopping_raises(templates):
+    # A task scheduled an hour ahead never finishes; stopping the worker ends the wait for it, and
+    # the caller is told so (never given a shorter list than it asked for).
+    outcome: list[object] = []
+    with Worker.start({"templates": [templates], "concurrency": 1, "shutdown_timeout": 1}) as running:
+        later = datetime.datetime.now(UTC) + datetime.timedelta(hours=1)
+        uuids = [tasker_core.create_task("default", "noop", run_at=later)]
+        uuids.append(tasker_core.create_task("default", "noop"))
+        tasker_core.wait_for_task(uuids[1], timeout=10)
+
+        def wait() -> None:
+            try:
+                outcome.append(tasker_core.wait_for_tasks(uuids, timeout=30))
+            except Exception as error:  # the test looks at which one
+                outcome.append(error)
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        time.sleep(0.3)
+        running.stop()
+        waiter.join(10)
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], tasker_core.WorkerNotInitializedError), outcome
+    assert "stopped before answering" in str(outcome[0])

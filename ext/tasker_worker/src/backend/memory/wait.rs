@@ -25,9 +25,8 @@ pub trait CallerThread {
     fn released<R: Send>(&self, work: impl FnOnce() -> R + Send) -> Result<R, Self::Error>;
 
     /// Wait, with the interpreter's lock released, for `done` to receive (every task of a group
-    /// answered) or disconnect (the engine stopped): `Ok(true)` when the wait ends that way
-    /// (a bridge may also make an engine stopped its `Err`); `Ok(false)` past `timeout`. An
-    /// interrupt that raises is the `Err`.
+    /// answered): `Ok(true)`; `Ok(false)` past `timeout`. An interrupt that raises, and a
+    /// disconnect (the engine stopped first), are the `Err`.
     fn await_group(
         &self,
         done: &Receiver<()>,
@@ -60,8 +59,7 @@ impl LocalTasks {
     /// once, when the last answers. A uuid never created (or the engine stopped) is the caller's
     /// [`CallerThread::engine_error`], before anything is waited for. A wait that ends without
     /// its answers (timed out, interrupted, refused) makes the tasks it waited for forget its
-    /// group. If [`CallerThread::await_group`] reports the engine stopped as `Ok(true)`, the
-    /// positions never answered are left out of the list.
+    /// group.
     pub fn wait_for_tasks<C: CallerThread>(
         &self,
         caller: &C,
