@@ -16,8 +16,8 @@ module TaskerCore
     # @param name [String] the thread's name
     # @param take [Proc] the engine's next answer; nil ends the thread
     # @param on_error [Proc, nil] given, a StandardError raised by `take` or the block ends the
-    #   thread and is passed to it; otherwise the exception ends the thread and is reported
-    #   (report_on_exception)
+    #   thread and is passed to it (other exceptions are reported as Thread.report_on_exception
+    #   says); without it, any exception ends the thread and is reported (report_on_exception)
     def initialize(name, take:, on_error: nil, &handle)
       @name = name
       @take = take
@@ -26,11 +26,13 @@ module TaskerCore
     end
 
     def start
+      # Named before it runs and as soon as `start` returns.
       @thread = Thread.new do
         Thread.current.name = @name
-        Thread.current.report_on_exception = true
+        Thread.current.report_on_exception = true unless @on_error
         run
       end
+      @thread.name = @name
       self
     end
 

@@ -38,11 +38,6 @@ module TaskerCore
         end
       end
 
-      # The thread that waits for the engine's notices (nil when not started).
-      def thread
-        @relay.thread
-      end
-
       # Runs the handler (the block) for `event_id`, interruptible by the engine's notice for it.
       def guard(event_id, &)
         thread = Thread.current
@@ -64,6 +59,9 @@ module TaskerCore
           discard_pending_interrupt
         end
       end
+
+      # The thread that waits for the engine's notices (nil when not started).
+      def thread = @relay.thread
 
       # Starts the thread that waits for the engine's notices; it ends when the worker stops.
       def start

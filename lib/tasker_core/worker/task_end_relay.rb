@@ -17,9 +17,7 @@ module TaskerCore
       end
 
       # The thread that delivers task ends (nil when not started).
-      def thread
-        @relay.thread
-      end
+      def thread = @relay.thread
 
       def start
         @relay.start
