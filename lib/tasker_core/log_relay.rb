@@ -48,27 +48,28 @@ module TaskerCore
       @logger = logger
       @stopping = false
       @pid = Process.pid
+      # Takes until `stop` (an empty take, after WAIT, looks at `@stopping` again).
+      @relay = RelayThread.new("tasker-log-relay", take: -> { FFI.take_log_lines(BATCH, WAIT) unless @stopping },
+                                                   on_error: method(:relay_failed)) { |lines| write_all(lines) }
     end
 
     def start
-      @thread = Thread.new { run }
-      @thread.name = "tasker-log-relay"
+      @relay.start
       # A relay of a parent process does not run in a forked child: start one there if needed.
       at_exit { stop if @pid == Process.pid }
       self
     end
 
     def alive?
-      @thread&.alive? || false
+      @relay.alive?
     end
 
     # Flush the engine's writer into the queue, then write every queued line before returning.
     def stop
-      return unless @thread && @pid == Process.pid
+      return unless @relay.thread && @pid == Process.pid
 
       @stopping = true
-      @thread.join(5)
-      @thread = nil
+      @relay.join(5)
       FFI.flush_logs
       loop do
         lines = FFI.take_log_lines(BATCH, 0)
@@ -80,10 +81,8 @@ module TaskerCore
 
     private
 
-    def run
-      write_all(FFI.take_log_lines(BATCH, WAIT)) until @stopping
-    rescue StandardError => e
-      warn "tasker_core: the log relay to #{@logger.class} stopped: #{e.class}: #{e.message}"
+    def relay_failed(error)
+      warn "tasker_core: the log relay to #{@logger.class} stopped: #{error.class}: #{error.message}"
     end
 
     def write_all(lines)

@@ -22,8 +22,6 @@ module TaskerCore
       # How often the waiting thread wakes to look for runaways.
       CHECK_EVERY = 0.5
 
-      attr_reader :thread
-
       # @param on_runaway [Proc] called with the runaway's thread (the pool retires it and starts a
       #   replacement)
       def initialize(logger:, on_runaway: nil)
@@ -33,6 +31,11 @@ module TaskerCore
         @running = {} # event_id => Thread running its handler
         @early = {}   # event_id => [notice, received at]: arrived before the handler started
         @raised = {}  # event_id => [Thread, notice, raised at]: waiting to see the handler return
+        @relay = RelayThread.new("tasker-interrupter",
+                                 take: -> { TaskerCore::FFI.next_step_interrupt(CHECK_EVERY) }) do |notice|
+          deliver(notice) if notice # false: the wait ran out, time to look for runaways
+          check_runaways
+        end
       end
 
       # Runs the handler (the block) for `event_id`, interruptible by the engine's notice for it.
@@ -57,29 +60,19 @@ module TaskerCore
         end
       end
 
+      # The thread that waits for the engine's notices (nil when not started).
+      def thread = @relay.thread
+
       # Starts the thread that waits for the engine's notices; it ends when the worker stops.
       def start
-        @thread = Thread.new do
-          Thread.current.name = "tasker-interrupter"
-          Thread.current.report_on_exception = true
-          loop do
-            notice = TaskerCore::FFI.next_step_interrupt(CHECK_EVERY)
-            break if notice.nil?
-
-            deliver(notice) if notice
-            check_runaways
-          end
-        end
+        @relay.start
         self
       end
 
       # Waits for the thread to leave (it does once the engine has stopped: the wait for notices
       # then answers nil). Never raises.
       def stop(timeout = 2)
-        @thread&.join(timeout)
-        @thread = nil
-      rescue Exception # rubocop:disable Lint/RescueException
-        @thread = nil
+        @relay.stop(timeout)
       end
 
       # Handler threads currently inside `#guard` (for status and specs).

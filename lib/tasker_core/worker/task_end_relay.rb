@@ -8,33 +8,25 @@ module TaskerCore
     # Ruby thread delivers them, in the order the tasks finished; it leaves once the worker has
     # stopped and every task end announced before the stop was delivered.
     class TaskEndRelay
-      attr_reader :thread
-
       def initialize(logger:, bridge: EventBridge.instance)
         @logger = logger
         @bridge = bridge
+        @relay = RelayThread.new("tasker-task-ends", take: -> { TaskerCore::FFI.next_task_end(nil) }) do |status|
+          deliver(status) if status # false: the wait was cut short
+        end
       end
 
-      def start
-        @thread = Thread.new do
-          Thread.current.name = "tasker-task-ends"
-          Thread.current.report_on_exception = true
-          loop do
-            status = TaskerCore::FFI.next_task_end(nil)
-            break if status.nil?
+      # The thread that delivers task ends (nil when not started).
+      def thread = @relay.thread
 
-            deliver(status) if status
-          end
-        end
+      def start
+        @relay.start
         self
       end
 
       # Waits for the thread to leave (it does once the engine has stopped). Never raises.
       def stop(timeout = 2)
-        @thread&.join(timeout)
-        @thread = nil
-      rescue Exception # rubocop:disable Lint/RescueException
-        @thread = nil
+        @relay.stop(timeout)
       end
 
       private
