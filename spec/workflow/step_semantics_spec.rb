@@ -42,8 +42,8 @@ RSpec.describe "Step semantics" do
     before { start_worker(concurrency: 1) }
 
     it "does not time out steps that wait behind others for the only thread" do
-      # 0.2 s allowed per attempt, 0.15 s each: the fourth waits 0.45 s before it starts.
-      uuids = Array.new(4) { create_workflow_task("timeout", plan("slow" => { sleep: 0.15 })) }
+      # 0.5 s allowed per attempt, 0.3 s each: the third and fourth wait 0.6 s before they start.
+      uuids = Array.new(4) { create_workflow_task("patient", plan("slow" => { sleep: 0.3 })) }
       finals = uuids.map { |uuid| TaskerCore.wait_for_task(uuid, timeout: 5) }
 
       expect(finals.map { |f| f[:status] }).to eq(%w[complete] * 4)
