@@ -31,6 +31,7 @@ RSpec.describe "test mode and the engine agree" do
       ["workflow", "edge_timeout", {}, :task],
       ["workflow", "fanout", {}, :steps],
       ["workflow", "pair", {}, :steps],
+      ["workflow", "patient", { "plan" => { "slow" => { "sleep" => 0.05 } } }, :steps],
       ["workflow", "quick", { "plan" => { "work" => { "raise" => "retryable", "until_attempt" => 3 } } }, :steps],
       ["workflow", "quick", { "plan" => { "work" => { "raise" => "standard" } } }, :steps],
       ["workflow", "quick", { "plan" => { "work" => { "raise" => "not_implemented" } } }, :steps],
