@@ -17,7 +17,8 @@ RSpec.describe "test mode and the engine agree" do
 
   # [namespace, name, context, compare] — compare :steps (every step's status, attempts, result,
   # error), :task (the task's final status only), or the named steps (and the task's status).
-  def self.scenarios
+  # A table, one scenario per line.
+  def self.scenarios # rubocop:disable Metrics/MethodLength
     [
       ["test", "linear", { "value" => 1 }, :steps],
       ["test", "diamond", {}, :steps],
