@@ -19,14 +19,16 @@ RSpec.describe "PostgreSQL backend: claiming ahead" do
     handler_log(log).count { |l| l[:pid] == pid && l[:event] == "start" }
   end
 
-  it "with slow steps holds twice its threads at most, and a second worker gets the rest at once" do
+  it "with slow steps holds about twice its threads, and a second worker gets the rest at once" do
     first = start_pg_worker(db, worker_id: "ahead-first", concurrency: 2)
     start_client(db)
     uuids = Array.new(30) { create_pg_task("slow", "log" => log) }
     eventually(timeout: 10) { started_by(first.pid) >= 2 }
 
+    # 2 x concurrency held, plus (in the table) one per thread whose finished step's record is still
+    # being written: a worker that hoarded would hold all 30 first steps.
     held = Array.new(8) { claimed_by("ahead-first").tap { sleep 0.1 } }
-    expect(held.max).to be <= 4
+    expect(held.max).to be <= 6
 
     second = start_pg_worker(db, worker_id: "ahead-second", concurrency: 2)
     # Not after the first worker's claims time out: the second starts steps within a second or two.
