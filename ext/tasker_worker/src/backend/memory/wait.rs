@@ -83,16 +83,20 @@ impl LocalTasks {
                     })
                     .collect::<Vec<_>>()
             })?;
+            // Every position of the chunk registered with the group is noted before an error is
+            // acted on, so that all of them forget it (not only those before the unknown uuid).
+            let mut refused = None;
             for (offset, answer) in answers.into_iter().enumerate() {
                 let index = chunk_index * WAIT_CHUNK + offset;
                 match answer {
                     Some(Ok(snapshot)) => found[index] = Some(snapshot),
-                    Some(Err(e)) => {
-                        self.forget_group(caller, uuids, &awaited, group.as_ref())?;
-                        return Err(caller.engine_error(e));
-                    }
+                    Some(Err(e)) => refused = refused.or(Some(e)),
                     None => awaited.push(index),
                 }
+            }
+            if let Some(e) = refused {
+                self.forget_group(caller, uuids, &awaited, group.as_ref())?;
+                return Err(caller.engine_error(e));
             }
         }
         let Some(group) = group else {
@@ -301,6 +305,23 @@ mod tests {
         let mut asked = uuids.clone();
         asked.push(Uuid::new_v4());
         asked.push(uuids[0]);
+        let caller = Plain::then(|| panic!("no wait expected"));
+
+        let outcome = local.wait_for_tasks(&caller, &asked, None);
+
+        assert!(
+            matches!(outcome, Err(ref e) if e.starts_with("engine: ")),
+            "{outcome:?}"
+        );
+        assert_eq!(waiters(&local, &uuids), 0);
+    }
+
+    #[test]
+    fn the_tasks_listed_after_an_unknown_uuid_forget_the_group_too() {
+        let local = local();
+        let uuids = new_tasks(&local, 3);
+        let mut asked = vec![Uuid::new_v4()];
+        asked.extend(&uuids);
         let caller = Plain::then(|| panic!("no wait expected"));
 
         let outcome = local.wait_for_tasks(&caller, &asked, None);
