@@ -806,9 +806,9 @@ impl Drop for WorkerSystemHandle {
 /// in the backend (ordered, recallable) until a thread is about to need them. PostgreSQL: a
 /// database round trip claims a batch, so give it room to amortise: each transaction then
 /// carries up to this many claims and completions (how many the backend claims follows how fast
-/// steps finish, up to this). An attempt's timeout runs from when a thread
-/// takes it; one that waited a whole timeout for a thread goes back unrun, its attempt not counted
-/// (see `InFlight::deadline`). On shutdown the queued ones are released at once.
+/// steps finish, up to this). An attempt's timeout runs from when a thread takes it; one that
+/// waited a whole timeout for a thread goes back unrun, its attempt not counted (see
+/// `InFlight::deadline`). On shutdown the queued ones are released at once.
 fn dispatch_capacity(config: &WorkerConfig) -> usize {
     match config.backend {
         BackendKind::Memory => config.concurrency * 2,

@@ -351,10 +351,7 @@ impl<B: Backend> Engine<B> {
                     info!("resumed: steps start again");
                 }
             }
-            EngineMessage::Release(flight) => {
-                self.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
-                self.backend.release(vec![flight]).await;
-            }
+            EngineMessage::Release(flight) => self.release_unstarted(vec![flight]).await,
             EngineMessage::Stop => {
                 self.begin_shutdown(st).await;
                 st.stop_by
@@ -477,12 +474,7 @@ impl<B: Backend> Engine<B> {
                 self.interrupt(event_id, &flight, InterruptReason::Timeout);
             }
         }
-        if !unstarted.is_empty() {
-            self.shared
-                .in_flight
-                .fetch_sub(unstarted.len() as u64, Ordering::AcqRel);
-            self.backend.release(unstarted).await;
-        }
+        self.release_unstarted(unstarted).await;
     }
 
     /// Claim as many ready attempts as the dispatch channel has room for.
@@ -525,12 +517,19 @@ impl<B: Backend> Engine<B> {
                 unstarted.push(flight);
             }
         }
-        if !unstarted.is_empty() {
-            self.shared
-                .in_flight
-                .fetch_sub(unstarted.len() as u64, Ordering::AcqRel);
-            self.backend.release(unstarted).await;
+        self.release_unstarted(unstarted).await;
+    }
+
+    /// Attempts taken out of the registry that never ran go back to the backend; their attempts
+    /// do not count.
+    async fn release_unstarted(&mut self, unstarted: Vec<InFlight>) {
+        if unstarted.is_empty() {
+            return;
         }
+        self.shared
+            .in_flight
+            .fetch_sub(unstarted.len() as u64, Ordering::AcqRel);
+        self.backend.release(unstarted).await;
     }
 
     /// Stop taking new work; attempts still queued for Ruby go back to the backend.
