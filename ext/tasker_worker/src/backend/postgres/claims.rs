@@ -239,7 +239,7 @@ impl PostgresBackend {
         if !self.maybe_ready {
             return 0;
         }
-        self.claim_ahead.limit().saturating_sub(self.outstanding)
+        self.claim_ahead.limit(now).saturating_sub(self.outstanding)
     }
 
     /// After a claim of `room` that took `got`: whether anything visible may be left.
@@ -343,9 +343,18 @@ impl ClaimAhead {
         }
     }
 
-    pub(super) fn limit(&self) -> usize {
+    /// How many may be held `now`. A window running late (steps stopped finishing, or slowed
+    /// down) already lowers the rate: what it has seen so far over how long it has run.
+    pub(super) fn limit(&self, now: Instant) -> usize {
+        let elapsed = now.saturating_duration_since(self.window_began);
+        let per_sec = if elapsed > RATE_WINDOW {
+            self.per_sec
+                .min(self.finished_in_window as f64 / elapsed.as_secs_f64())
+        } else {
+            self.per_sec
+        };
         // Saturating float-to-int cast: a huge rate is `most`.
-        let ahead = (self.per_sec * CLAIM_AHEAD.as_secs_f64()) as usize;
+        let ahead = (per_sec * CLAIM_AHEAD.as_secs_f64()) as usize;
         ahead.clamp(self.fewest, self.most)
     }
 }
@@ -454,27 +463,46 @@ mod tests {
     #[test]
     fn claims_ahead_by_how_fast_steps_finish() {
         let start = Instant::now();
+        let at = |ms| start + Duration::from_millis(ms);
         let mut ahead = ClaimAhead::new(8, 132, start);
         // Nothing measured yet: one step waiting per thread.
-        assert_eq!(ahead.limit(), 8);
+        assert_eq!(ahead.limit(at(0)), 8);
         // 1,000 steps in 100 ms (10,000/s): 50 ms of them is 500, capped at the channel's room.
-        ahead.finished(1_000, start + Duration::from_millis(100));
-        assert_eq!(ahead.limit(), 132);
+        ahead.finished(1_000, at(100));
+        assert_eq!(ahead.limit(at(100)), 132);
         // 40 steps in the next 100 ms (400/s): 20 steps ahead.
-        ahead.finished(40, start + Duration::from_millis(200));
-        assert_eq!(ahead.limit(), 20);
+        ahead.finished(40, at(200));
+        assert_eq!(ahead.limit(at(200)), 20);
         // Slow steps (4 in a second): back to the floor.
-        ahead.finished(4, start + Duration::from_millis(1_200));
-        assert_eq!(ahead.limit(), 8);
+        ahead.finished(4, at(1_200));
+        assert_eq!(ahead.limit(at(1_200)), 8);
     }
 
     #[test]
     fn measures_a_window_only_once_it_is_long_enough() {
         let start = Instant::now();
+        let at = |ms| start + Duration::from_millis(ms);
         let mut ahead = ClaimAhead::new(8, 132, start);
-        ahead.finished(500, start + Duration::from_millis(10));
-        assert_eq!(ahead.limit(), 8, "10 ms is too short to judge a rate");
-        ahead.finished(500, start + Duration::from_millis(100));
-        assert_eq!(ahead.limit(), 132);
+        ahead.finished(500, at(10));
+        assert_eq!(ahead.limit(at(10)), 8, "10 ms is too short to judge a rate");
+        ahead.finished(500, at(100));
+        assert_eq!(ahead.limit(at(100)), 132);
+    }
+
+    #[test]
+    fn a_window_running_late_lowers_the_rate_before_it_closes() {
+        let start = Instant::now();
+        let at = |ms| start + Duration::from_millis(ms);
+        let mut ahead = ClaimAhead::new(8, 132, start);
+        ahead.finished(1_000, at(100));
+        assert_eq!(
+            ahead.limit(at(150)),
+            132,
+            "within the window: the last rate holds"
+        );
+        // Steps turned slow: nothing finished for 400 ms, so nothing more is claimed ahead.
+        assert_eq!(ahead.limit(at(500)), 8);
+        ahead.finished(10, at(500));
+        assert_eq!(ahead.limit(at(500)), 8);
     }
 }

@@ -77,7 +77,7 @@ impl PostgresBackend {
         let room = if self.stopping {
             0
         } else {
-            self.claim_ahead.limit().saturating_sub(self.outstanding)
+            self.claim_ahead.limit(now).saturating_sub(self.outstanding)
         };
         let claim = Claim {
             room,
